@@ -1,0 +1,8 @@
+"""cmi-fused: the Conditional Mutual Information regulariser as fused Triton kernels."""
+
+from .loss import cmi_loss
+from .options import CMIOptions, CMIOutput, validate_labels
+
+__version__ = "0.1.0"
+
+__all__ = ["cmi_loss", "CMIOptions", "CMIOutput", "validate_labels", "__version__"]

@@ -1,0 +1,126 @@
+"""Argument checking for :func:`cmi_fused.cmi_loss`, shared by every backend.
+
+All checks read shapes, dtypes and devices only, so none of them synchronises with the GPU. The one
+value check (labels inside ``[0, num_classes)``) needs the label values on the host: it runs for CPU
+tensors (free) and, on CUDA, only when asked (``check_labels=True``); without it the kernels still
+never touch memory out of bounds and give such rows a NaN loss (see the README).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Optional
+
+import torch
+
+REDUCTIONS = ("mean", "sum", "none")
+BACKENDS = ("auto", "triton", "torch")
+
+
+class CMIOutput(NamedTuple):
+    """What :func:`cmi_fused.cmi_loss` returns.
+
+    ``loss``: scalar (``mean``/``sum``) or ``(N,)`` (``none``), float32 (float64 for float64 features
+    on the torch backend), differentiable w.r.t. the features only.
+    ``class_sums``: ``(C, d)`` float32, the sum of ``softmax(h_i / T)`` over the rows of each class.
+    ``class_counts``: ``(C,)`` float32, the number of rows of each class.
+    """
+
+    loss: torch.Tensor
+    class_sums: torch.Tensor
+    class_counts: torch.Tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class CMIOptions:
+    """The scalar options of one ``cmi_loss`` call, validated."""
+
+    num_classes: int
+    temperature: float = 1.0
+    reduction: str = "mean"
+    eps: float = 1e-12
+    deterministic: Optional[bool] = None
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def validate_labels(labels: torch.Tensor, num_classes: int) -> None:
+    """Raise ``ValueError`` if any label is outside ``[0, num_classes)``. Synchronises on CUDA."""
+    if labels.numel() == 0:
+        return
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= num_classes:
+        bad = low if low < 0 else high
+        raise ValueError(f"labels must lie in [0, num_classes={num_classes}); found label {bad}")
+
+
+def check_inputs(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes,
+    centroids: Optional[torch.Tensor],
+    *,
+    temperature,
+    reduction,
+    eps,
+    backend,
+    deterministic,
+    check_labels,
+) -> tuple[CMIOptions, str]:
+    """Validate every argument; return the options and the resolved backend name."""
+    if not isinstance(features, torch.Tensor):
+        raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
+    if not features.is_floating_point():
+        raise TypeError(f"features must be a floating-point tensor, got dtype {features.dtype}")
+    if features.dim() != 2:
+        raise ValueError(f"features must be 2-D (N, d), got shape {tuple(features.shape)}")
+    n_rows, dim = features.shape
+    if n_rows == 0 or dim == 0:
+        raise ValueError(f"features must have at least one row and one column, got shape {tuple(features.shape)}")
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+    if labels.dim() != 1 or labels.shape[0] != n_rows:
+        raise ValueError(f"labels must have shape ({n_rows},) to match features, got {tuple(labels.shape)}")
+    if labels.device != features.device:
+        raise ValueError(f"labels are on {labels.device} but features on {features.device}")
+    if not _is_int(num_classes) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    if centroids is not None:
+        if not isinstance(centroids, torch.Tensor) or not centroids.is_floating_point():
+            raise TypeError("centroids must be a floating-point tensor of shape (num_classes, d) or None")
+        if tuple(centroids.shape) != (num_classes, dim):
+            raise ValueError(
+                f"centroids must have shape (num_classes, d) = ({num_classes}, {dim}), got {tuple(centroids.shape)}"
+            )
+        if centroids.device != features.device:
+            raise ValueError(f"centroids are on {centroids.device} but features on {features.device}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"eps must be a number > 0, got {eps!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if deterministic not in (None, True, False):
+        raise ValueError(f"deterministic must be None, True or False, got {deterministic!r}")
+    if check_labels not in (None, True, False):
+        raise ValueError(f"check_labels must be None, True or False, got {check_labels!r}")
+
+    if check_labels or (check_labels is None and labels.device.type == "cpu"):
+        validate_labels(labels, num_classes)
+
+    if backend == "auto":
+        backend = "triton" if features.is_cuda else "torch"
+    options = CMIOptions(
+        num_classes=num_classes,
+        temperature=float(temperature),
+        reduction=reduction,
+        eps=float(eps),
+        deterministic=deterministic,
+    )
+    return options, backend

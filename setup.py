@@ -1,0 +1,24 @@
+from setuptools import setup
+
+setup(
+    name="cmi-fused",
+    version="0.1.0",
+    description="Fused Triton kernels for the Conditional Mutual Information (CMI) regulariser, with a GLUE driver",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # Only the library: tests/ and bench/ stay in the checkout, never in site-packages.
+    packages=["cmi_fused", "cmi_fused.glue", "kernels"],
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0; platform_system == 'Linux'",
+        "transformers>=4.46",
+        "datasets>=2.19",
+        "scikit-learn>=1.3",
+        "accelerate>=0.26",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "matplotlib>=3.7"],
+    },
+    entry_points={"console_scripts": ["cmi-glue=cmi_fused.glue.cli:main"]},
+)

@@ -1,0 +1,8 @@
+"""Without a GPU, run the Triton kernels in the interpreter. Must happen before triton is imported."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
