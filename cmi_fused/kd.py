@@ -1,0 +1,171 @@
+"""Hinton knowledge-distillation loss: :func:`kd_loss` and the module :class:`KDLoss`.
+
+With student logits ``s``, teacher logits ``t``, labels ``y``, weight ``alpha`` and temperature ``T``:
+
+    p_t    = softmax(t / T),   log p_s = log_softmax(s / T)
+    CE_i   = -log softmax(s_i)[y_i]
+    KL_i   = sum_c p_t,ic (log p_t,ic - log p_s,ic)
+    loss_i = (1 - alpha) * CE_i + alpha * T^2 * KL_i
+    loss   = mean_i loss_i | sum_i loss_i | loss_i          (reduction; "mean" is KL's "batchmean")
+
+The ``T^2`` factor keeps the soft-target gradient on the scale of the hard-target one when ``T`` changes
+(Hinton et al., 2015). The teacher logits are detached: the teacher never receives a gradient.
+Computed in float32 (float64 for float64 student logits).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+from torch import nn
+
+from .options import REDUCTIONS, validate_labels
+from .reference import reduce_rows
+
+
+class KDOutput(NamedTuple):
+    """What :func:`kd_loss` returns; every field is reduced the same way (scalar, or ``(N,)`` for ``"none"``).
+
+    ``loss``: ``(1 - alpha) * ce + alpha * T^2 * kl``, differentiable w.r.t. the student logits only.
+    ``ce``: cross-entropy of the student at temperature 1 (zero when ``labels`` is ``None``).
+    ``kl``: ``KL(softmax(t / T) || softmax(s / T))``, without the ``T^2`` factor.
+    """
+
+    loss: torch.Tensor
+    ce: torch.Tensor
+    kl: torch.Tensor
+
+
+def _check_number(name: str, value, low: float, high: float, low_open: bool) -> float:
+    in_range = (low < value if low_open else low <= value) and value <= high
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not in_range:
+        bracket = "(" if low_open else "["
+        raise ValueError(f"{name} must be a number in {bracket}{low}, {high}], got {value!r}")
+    return float(value)
+
+
+def check_kd_inputs(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: Optional[torch.Tensor],
+    *,
+    alpha,
+    temperature,
+    reduction,
+    check_labels,
+) -> tuple[float, float]:
+    """Validate every argument of :func:`kd_loss`; return ``(alpha, temperature)`` as floats."""
+    for name, logits in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
+        if not isinstance(logits, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
+        if not logits.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {logits.dtype}")
+        if logits.dim() != 2 or logits.shape[0] == 0 or logits.shape[1] < 2:
+            raise ValueError(f"{name} must be 2-D (N, C) with N >= 1 and C >= 2, got shape {tuple(logits.shape)}")
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(
+            f"teacher_logits must have the shape of student_logits {tuple(student_logits.shape)}, "
+            f"got {tuple(teacher_logits.shape)}"
+        )
+    if teacher_logits.device != student_logits.device:
+        raise ValueError(f"teacher_logits are on {teacher_logits.device} but student_logits on {student_logits.device}")
+    alpha = _check_number("alpha", alpha, 0.0, 1.0, low_open=False)
+    temperature = _check_number("temperature", temperature, 0.0, float("inf"), low_open=True)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if check_labels not in (None, True, False):
+        raise ValueError(f"check_labels must be None, True or False, got {check_labels!r}")
+    if labels is None:
+        if alpha != 1.0:
+            raise ValueError(f"labels may be None only when alpha == 1 (pure distillation), got alpha={alpha}")
+        return alpha, temperature
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+    n_rows, num_classes = student_logits.shape
+    if labels.dim() != 1 or labels.shape[0] != n_rows:
+        raise ValueError(f"labels must have shape ({n_rows},) to match student_logits, got {tuple(labels.shape)}")
+    if labels.device != student_logits.device:
+        raise ValueError(f"labels are on {labels.device} but student_logits on {student_logits.device}")
+    if check_labels or (check_labels is None and labels.device.type == "cpu"):
+        validate_labels(labels, num_classes)
+    return alpha, temperature
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: Optional[torch.Tensor],
+    *,
+    alpha: float = 0.5,
+    temperature: float = 2.0,
+    reduction: str = "mean",
+    check_labels: Optional[bool] = None,
+) -> KDOutput:
+    """``(1 - alpha) * CE(s, y) + alpha * T^2 * KL(softmax(t / T) || softmax(s / T))``.
+
+    Args:
+        student_logits: (N, C) float tensor.
+        teacher_logits: (N, C) float tensor; detached here, so the teacher never receives a gradient.
+        labels: (N,) integer tensor with values in ``[0, C)``; may be ``None`` only when ``alpha == 1``.
+        alpha: weight of the distillation term, in ``[0, 1]``.
+        temperature: T > 0, applied to both logits in the KL term only.
+        reduction: ``"mean"`` (``batchmean`` KL, mean CE), ``"sum"`` or ``"none"`` (per row).
+        check_labels: as in :func:`cmi_fused.cmi_loss` (``None``: only for CPU tensors).
+
+    Returns:
+        :class:`KDOutput` ``(loss, ce, kl)``.
+    """
+    alpha, temperature = check_kd_inputs(
+        student_logits,
+        teacher_logits,
+        labels,
+        alpha=alpha,
+        temperature=temperature,
+        reduction=reduction,
+        check_labels=check_labels,
+    )
+    compute_dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    student = student_logits.to(compute_dtype)
+    teacher = teacher_logits.detach().to(compute_dtype)
+
+    log_p_teacher = torch.log_softmax(teacher / temperature, dim=-1)
+    log_p_student = torch.log_softmax(student / temperature, dim=-1)
+    row_kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=-1)
+    if labels is None:
+        row_ce = torch.zeros_like(row_kl)
+    else:
+        row_ce = nn.functional.cross_entropy(student, labels.long(), reduction="none")
+    row_loss = (1.0 - alpha) * row_ce + (alpha * temperature**2) * row_kl
+    return KDOutput(
+        reduce_rows(row_loss, reduction), reduce_rows(row_ce, reduction), reduce_rows(row_kl, reduction)
+    )
+
+
+class KDLoss(nn.Module):
+    """Module form of :func:`kd_loss` with fixed ``alpha``, ``temperature`` and ``reduction``."""
+
+    def __init__(self, alpha: float = 0.5, temperature: float = 2.0, reduction: str = "mean"):
+        super().__init__()
+        self.alpha = _check_number("alpha", alpha, 0.0, 1.0, low_open=False)
+        self.temperature = _check_number("temperature", temperature, 0.0, float("inf"), low_open=True)
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        self.reduction = reduction
+
+    def forward(
+        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: Optional[torch.Tensor] = None
+    ) -> KDOutput:
+        return kd_loss(
+            student_logits,
+            teacher_logits,
+            labels,
+            alpha=self.alpha,
+            temperature=self.temperature,
+            reduction=self.reduction,
+        )
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, temperature={self.temperature}, reduction={self.reduction!r}"

@@ -1,0 +1,128 @@
+"""The Hinton KD loss against a float64 reference written from the formula, its gradients and its errors."""
+
+import math
+
+import pytest
+import torch
+
+from cmi_fused import KDLoss, kd_loss
+
+
+def reference_rows(student, teacher, labels, alpha, temperature):
+    """Per-row (loss, ce, kl) in float64, element by element from the definition."""
+    rows = []
+    for s_row, t_row, y in zip(student.double().tolist(), teacher.double().tolist(), labels.tolist()):
+        z_t = sum(math.exp(v / temperature) for v in t_row)
+        z_s = sum(math.exp(v / temperature) for v in s_row)
+        p_t = [math.exp(v / temperature) / z_t for v in t_row]
+        p_s = [math.exp(v / temperature) / z_s for v in s_row]
+        kl = sum(a * (math.log(a) - math.log(b)) for a, b in zip(p_t, p_s))
+        ce = -(s_row[y] - math.log(sum(math.exp(v) for v in s_row)))
+        rows.append(((1 - alpha) * ce + alpha * temperature**2 * kl, ce, kl))
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def make_inputs(n=7, c=3, seed=0, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(seed)
+    student = (3 * torch.randn(n, c, generator=generator)).to(dtype)
+    teacher = (3 * torch.randn(n, c, generator=generator)).to(dtype)
+    labels = torch.randint(0, c, (n,), generator=generator)
+    return student, teacher, labels
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("temperature", [1.0, 2.5, 5.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_matches_float64_reference(alpha, temperature, dtype):
+    student, teacher, labels = make_inputs(dtype=dtype)
+    expected = reference_rows(student, teacher, labels, alpha, temperature)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    rows = kd_loss(student, teacher, labels, alpha=alpha, temperature=temperature, reduction="none")
+    for got, column in zip(rows, range(3)):
+        torch.testing.assert_close(got.double(), expected[:, column], **tol)
+    mean = kd_loss(student, teacher, labels, alpha=alpha, temperature=temperature)
+    torch.testing.assert_close(mean.loss.double(), expected[:, 0].mean(), **tol)
+    total = kd_loss(student, teacher, labels, alpha=alpha, temperature=temperature, reduction="sum")
+    torch.testing.assert_close(total.loss.double(), expected[:, 0].sum(), **tol)
+
+
+def test_mean_is_batchmean_kl():
+    student, teacher, labels = make_inputs(n=5, c=4, seed=1, dtype=torch.float64)
+    temperature = 3.0
+    out = kd_loss(student, teacher, labels, alpha=1.0, temperature=temperature)
+    expected = torch.nn.functional.kl_div(
+        torch.log_softmax(student / temperature, -1), torch.softmax(teacher / temperature, -1), reduction="batchmean"
+    )
+    torch.testing.assert_close(out.kl, expected)
+    torch.testing.assert_close(out.loss, temperature**2 * expected)
+
+
+def test_gradient_float64_gradcheck():
+    student, teacher, labels = make_inputs(n=4, c=3, seed=2, dtype=torch.float64)
+    student.requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda s: kd_loss(s, teacher, labels, alpha=0.4, temperature=2.0).loss, (student,)
+    )
+
+
+def test_teacher_never_receives_gradient():
+    student, teacher, labels = make_inputs()
+    student.requires_grad_(True)
+    teacher.requires_grad_(True)
+    kd_loss(student, teacher, labels, alpha=0.7, temperature=2.0).loss.backward()
+    assert teacher.grad is None
+    assert student.grad is not None and student.grad.abs().sum() > 0
+
+
+def test_pure_distillation_without_labels_and_module_form():
+    student, teacher, labels = make_inputs(seed=3)
+    module = KDLoss(alpha=1.0, temperature=2.0)
+    without_labels = module(student, teacher)
+    with_labels = module(student, teacher, labels)
+    torch.testing.assert_close(without_labels.loss, with_labels.loss)
+    assert float(without_labels.ce) == 0.0
+    assert "alpha=1.0" in repr(module)
+
+
+def test_identical_logits_have_zero_kl():
+    student, _, labels = make_inputs(seed=4)
+    out = kd_loss(student, student.clone(), labels, alpha=0.5, temperature=4.0, reduction="none")
+    torch.testing.assert_close(out.kl, torch.zeros_like(out.kl), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(alpha=1.5), ValueError, "alpha"),
+        (dict(alpha=True), ValueError, "alpha"),
+        (dict(temperature=0.0), ValueError, "temperature"),
+        (dict(reduction="batchmean"), ValueError, "reduction"),
+        (dict(check_labels="yes"), ValueError, "check_labels"),
+    ],
+)
+def test_bad_options(kwargs, error, match):
+    student, teacher, labels = make_inputs()
+    with pytest.raises(error, match=match):
+        kd_loss(student, teacher, labels, **kwargs)
+
+
+def test_bad_tensors():
+    student, teacher, labels = make_inputs()
+    with pytest.raises(TypeError, match="student_logits"):
+        kd_loss(student.tolist(), teacher, labels)
+    with pytest.raises(TypeError, match="teacher_logits"):
+        kd_loss(student, teacher.long(), labels)
+    with pytest.raises(ValueError, match="teacher_logits"):
+        kd_loss(student, teacher[:, :2], labels)
+    with pytest.raises(ValueError, match="student_logits"):
+        kd_loss(student[0], teacher[0], labels)
+    with pytest.raises(TypeError, match="labels"):
+        kd_loss(student, teacher, labels.float())
+    with pytest.raises(ValueError, match="labels must have shape"):
+        kd_loss(student, teacher, labels[:-1])
+    with pytest.raises(ValueError, match="num_classes=3"):
+        kd_loss(student, teacher, torch.full_like(labels, 3))
+    with pytest.raises(ValueError, match="labels may be None only when alpha == 1"):
+        kd_loss(student, teacher, None, alpha=0.5)
+    with pytest.raises(ValueError, match="alpha"):
+        KDLoss(alpha=-0.1)
