@@ -61,6 +61,6 @@ def cmi_loss(
     )
     if backend == "torch":
         return cmi_loss_torch(features, labels, centroids, options)
-    from kernels.cmi import cmi_loss_triton
+    from .fused import cmi_loss_triton
 
     return cmi_loss_triton(features, labels, centroids, options)

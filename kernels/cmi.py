@@ -1,0 +1,229 @@
+"""Launchers, custom ops and the autograd Function of the fused CMI loss.
+
+Forward (see ``cmi_forward.py`` for the math):
+
+* fixed centroids: one kernel launch computes lse_i, KL_i and the class statistics;
+* per-batch centroids: phase 1 (lse_i, class statistics), a fixed-order sum of the per-program slots, phase 2
+  (KL_i against S_c / n_c read on the fly).
+
+The kernels return per-row KL; the reduction (mean/sum/none) is a torch op on an (N,) vector, so autograd hands
+the backward kernel a per-row gradient whatever the reduction and grad_output are.
+
+The launchers are registered as ``torch.library`` custom ops with fake (meta) implementations, so a model that
+calls ``cmi_loss`` compiles with ``torch.compile(fullgraph=True)``; the autograd Function calls those ops.
+Nothing here reads tensor values on the host: no ``.item()``, no synchronisation.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import torch
+
+from .cmi_backward import cmi_backward_kernel
+from .cmi_forward import cmi_forward_kernel
+
+# Programs per SM of the persistent forward grid.
+PROGRAMS_PER_SM = 4
+# Programs of the forward grid under TRITON_INTERPRET=1 (CPU): each one is a Python loop, keep it small.
+INTERPRETER_PROGRAMS = 4
+# Smallest partial-sum budget; beyond it the per-program slots may take 1/16 of the features' bytes, so that
+# they stay a small fraction of the op's memory (the gradient itself is N x d).
+MIN_PARTIALS_BYTES = 4 << 20
+# With deterministic=None, per-program slots are used when at least this many programs (or all of them) fit.
+MIN_PARTIAL_PROGRAMS = 64
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _check_device(features: torch.Tensor) -> None:
+    if features.is_cuda:
+        return
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors (features are on {features.device}); "
+            "on the CPU set TRITON_INTERPRET=1 before importing triton, or use backend='torch'"
+        )
+
+
+def _forward_programs(features: torch.Tensor) -> int:
+    n_rows = features.shape[0]
+    if features.is_cuda:
+        return min(n_rows, _num_sms(features.device.index or 0) * PROGRAMS_PER_SM)
+    return min(n_rows, INTERPRETER_PROGRAMS)
+
+
+def accumulator_slots(features: torch.Tensor, num_classes: int, programs: int, accumulate: str) -> int:
+    """Per-program slots of the class-statistics accumulator; 1 means fp32 atomics into one slot.
+
+    ``accumulate``: "partials" (always slots: deterministic), "atomics", or "auto" (slots when enough fit in the
+    budget, which is the case for every classification-sized C; atomics for vocabulary-sized C).
+    """
+    if accumulate == "atomics":
+        return 1
+    slot_bytes = num_classes * (features.shape[1] + 1) * 4
+    budget = max(MIN_PARTIALS_BYTES, features.numel() * features.element_size() // 16)
+    fitting = max(1, min(programs, budget // slot_bytes))
+    if accumulate == "partials":
+        return fitting
+    return fitting if fitting >= min(programs, MIN_PARTIAL_PROGRAMS) and fitting > 1 else 1
+
+
+@torch.library.custom_op("cmi_fused::cmi_forward", mutates_args=())
+def cmi_forward(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    centroids: Optional[torch.Tensor],
+    num_classes: int,
+    temperature: float,
+    eps: float,
+    accumulate: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns ``(row_kl (N,), lse (N,), stats (C, d + 1))``, all fp32; stats = [class_sums | class_counts]."""
+    _check_device(features)
+    n_rows, dim = features.shape
+    programs = _forward_programs(features)
+    slots = accumulator_slots(features, num_classes, programs, accumulate)
+    use_atomics = slots == 1
+    if not use_atomics:
+        programs = slots
+    accum = torch.zeros(slots, num_classes, dim + 1, dtype=torch.float32, device=features.device)
+    lse = torch.empty(n_rows, dtype=torch.float32, device=features.device)
+    row_kl = torch.empty(n_rows, dtype=torch.float32, device=features.device)
+    inv_temperature = 1.0 / temperature
+    common = dict(
+        features_ptr=features,
+        stride_feat_row=features.stride(0),
+        stride_feat_col=features.stride(1),
+        labels_ptr=labels,
+        stride_label=labels.stride(0),
+        n_rows=n_rows,
+        dim=dim,
+        num_classes=num_classes,
+        inv_temperature=inv_temperature,
+        eps=eps,
+        USE_ATOMICS=use_atomics,
+    )
+    if centroids is not None:
+        cmi_forward_kernel[(programs,)](
+            centroids_ptr=centroids,
+            stride_cent_row=centroids.stride(0),
+            stride_cent_col=centroids.stride(1),
+            stats_ptr=None,
+            stride_stats_row=0,
+            accum_ptr=accum,
+            lse_in_ptr=None,
+            lse_out_ptr=lse,
+            row_kl_ptr=row_kl,
+            **common,
+        )
+        stats = accum.sum(0) if slots > 1 else accum[0]
+        return row_kl, lse, stats
+
+    cmi_forward_kernel[(programs,)](
+        centroids_ptr=None,
+        stride_cent_row=0,
+        stride_cent_col=0,
+        stats_ptr=None,
+        stride_stats_row=0,
+        accum_ptr=accum,
+        lse_in_ptr=None,
+        lse_out_ptr=lse,
+        row_kl_ptr=None,
+        **common,
+    )
+    stats = accum.sum(0) if slots > 1 else accum[0]
+    cmi_forward_kernel[(programs,)](
+        centroids_ptr=None,
+        stride_cent_row=0,
+        stride_cent_col=0,
+        stats_ptr=stats,
+        stride_stats_row=stats.stride(0),
+        accum_ptr=None,
+        lse_in_ptr=lse,
+        lse_out_ptr=None,
+        row_kl_ptr=row_kl,
+        **common,
+    )
+    return row_kl, lse, stats
+
+
+@cmi_forward.register_fake
+def _(features, labels, centroids, num_classes, temperature, eps, accumulate):
+    n_rows, dim = features.shape
+    row_kl = features.new_empty(n_rows, dtype=torch.float32)
+    lse = features.new_empty(n_rows, dtype=torch.float32)
+    stats = features.new_empty(num_classes, dim + 1, dtype=torch.float32)
+    return row_kl, lse, stats
+
+
+@torch.library.custom_op("cmi_fused::cmi_backward", mutates_args=())
+def cmi_backward(
+    grad_rows: torch.Tensor,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    centroids: Optional[torch.Tensor],
+    stats: torch.Tensor,
+    lse: torch.Tensor,
+    row_kl: torch.Tensor,
+    temperature: float,
+    eps: float,
+) -> torch.Tensor:
+    """Gradient w.r.t. the features (contiguous, features' dtype) given the gradient w.r.t. each KL_i."""
+    n_rows, dim = features.shape
+    grad_features = torch.empty((n_rows, dim), dtype=features.dtype, device=features.device)
+    cmi_backward_kernel[(n_rows,)](
+        features_ptr=features,
+        stride_feat_row=features.stride(0),
+        stride_feat_col=features.stride(1),
+        labels_ptr=labels,
+        stride_label=labels.stride(0),
+        centroids_ptr=centroids,
+        stride_cent_row=0 if centroids is None else centroids.stride(0),
+        stride_cent_col=0 if centroids is None else centroids.stride(1),
+        stats_ptr=stats,
+        stride_stats_row=stats.stride(0),
+        lse_ptr=lse,
+        row_kl_ptr=row_kl,
+        grad_rows_ptr=grad_rows,
+        stride_grad=grad_rows.stride(0),
+        grad_features_ptr=grad_features,
+        dim=dim,
+        num_classes=stats.shape[0],
+        inv_temperature=1.0 / temperature,
+        eps=eps,
+    )
+    return grad_features
+
+
+@cmi_backward.register_fake
+def _(grad_rows, features, labels, centroids, stats, lse, row_kl, temperature, eps):
+    return torch.empty(features.shape, dtype=features.dtype, device=features.device)
+
+
+class CMIFunction(torch.autograd.Function):
+    """Per-row KL_i(features) with the class statistics as a non-differentiable side output."""
+
+    @staticmethod
+    def forward(ctx, features, labels, centroids, num_classes, temperature, eps, accumulate):
+        row_kl, lse, stats = torch.ops.cmi_fused.cmi_forward(
+            features, labels, centroids, num_classes, temperature, eps, accumulate
+        )
+        ctx.save_for_backward(features, labels, centroids, stats, lse, row_kl)
+        ctx.temperature = temperature
+        ctx.eps = eps
+        ctx.mark_non_differentiable(stats)
+        return row_kl, stats
+
+    @staticmethod
+    def backward(ctx, grad_row_kl, grad_stats):
+        features, labels, centroids, stats, lse, row_kl = ctx.saved_tensors
+        grad_features = torch.ops.cmi_fused.cmi_backward(
+            grad_row_kl, features, labels, centroids, stats, lse, row_kl, ctx.temperature, ctx.eps
+        )
+        return grad_features, None, None, None, None, None, None

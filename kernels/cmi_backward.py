@@ -1,0 +1,93 @@
+"""Backward kernel of the CMI loss: one streaming pass that recomputes f from the saved row log-sum-exp.
+
+Gradient of KL_i = sum_j f_ij (log f_ij - a_j) with a_j = log max(G_{y_i j}, eps) held constant and
+f_i = softmax(z_i), z_i = h_i / T. Since d f_j / d z_k = f_j (delta_jk - f_k):
+
+    d KL_i / d z_ik = sum_j f_j (delta_jk - f_k) (log f_j - a_j + 1)
+                    = f_k (log f_k - a_k + 1) - f_k sum_j f_j (log f_j - a_j + 1)
+                    = f_k (log f_k - a_k - KL_i)                      (sum_j f_j = 1)
+    d KL_i / d h_ik = f_ik (log f_ik - log max(G_{y_i k}, eps) - KL_i) / T
+
+For per-batch centroids G_c = S_c / n_c this is also the gradient of the un-detached loss: the centroid's own
+term is -sum_{i in c} sum_j f_ij d(log G_cj) = -n_c sum_j dG_cj = -n_c d(sum_j G_cj) = 0.
+
+The caller's gradient enters per row (``grad_rows[i]``, stride 0 for a broadcast scalar), so every reduction
+(mean, sum, none) and any grad_output are honoured without a host-side check for "grad_output == 1".
+
+Recomputing here instead of storing dKL/dh in the forward moves fewer bytes: forward reads h once, backward
+reads h and writes dh (three passes over N x d); storing the gradient in the forward and scaling it by
+grad_output in the backward would take four (write in forward, read + write in backward) and keep an extra
+N x d buffer alive between the passes.
+
+A row with a label outside [0, C) has KL_i = NaN from the forward, so its gradient is NaN; its centroid loads are
+masked off and never address memory outside the centroid matrix.
+"""
+
+import triton
+import triton.language as tl
+
+from .cmi_forward import block_d, num_warps_for
+
+
+@triton.heuristics(
+    {
+        "HAS_CENTROIDS": lambda args: args["centroids_ptr"] is not None,
+        "BLOCK_D": lambda args: block_d(args["dim"]),
+        "num_warps": lambda args: num_warps_for(block_d(args["dim"])),
+    }
+)
+@triton.jit
+def cmi_backward_kernel(
+    features_ptr,
+    stride_feat_row,
+    stride_feat_col,
+    labels_ptr,
+    stride_label,
+    centroids_ptr,  # (C, d) given centroids, or None: centroids from stats
+    stride_cent_row,
+    stride_cent_col,
+    stats_ptr,  # (C, d + 1) class sums and counts (used when centroids_ptr is None)
+    stride_stats_row,
+    lse_ptr,  # (N,) fp32
+    row_kl_ptr,  # (N,) fp32
+    grad_rows_ptr,  # (N,) gradient of the loss w.r.t. KL_i
+    stride_grad,
+    grad_features_ptr,  # (N, d) contiguous, the features' dtype
+    dim,
+    num_classes,
+    inv_temperature,
+    eps,
+    HAS_CENTROIDS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    label = tl.load(labels_ptr + row * stride_label).to(tl.int64)
+    label_ok = (label >= 0) & (label < num_classes)
+    class_idx = tl.where(label_ok, label, 0)
+
+    lse = tl.load(lse_ptr + row)
+    row_kl = tl.load(row_kl_ptr + row)
+    scale = tl.load(grad_rows_ptr + row * stride_grad).to(tl.float32) * inv_temperature
+    if not HAS_CENTROIDS:
+        class_count = tl.load(stats_ptr + class_idx * stride_stats_row + dim, mask=label_ok, other=1.0)
+
+    row_ptr = features_ptr + row * stride_feat_row
+    out_ptr = grad_features_ptr + row * dim
+    for start in tl.range(0, dim, BLOCK_D):
+        offs = start + cols
+        in_row = offs < dim
+        # A scalar-and-vector `&` gives int32 under TRITON_INTERPRET (rejected as a mask): use tl.where.
+        class_mask = tl.where(label_ok, in_row, False)
+        z = tl.load(row_ptr + offs * stride_feat_col, mask=in_row, other=0.0).to(tl.float32)
+        log_f = z * inv_temperature - lse
+        f = tl.exp(log_f)
+        if HAS_CENTROIDS:
+            g = tl.load(
+                centroids_ptr + class_idx * stride_cent_row + offs * stride_cent_col, mask=class_mask, other=1.0
+            ).to(tl.float32)
+        else:
+            g = tl.load(stats_ptr + class_idx * stride_stats_row + offs, mask=class_mask, other=1.0) / class_count
+        log_g = tl.log(tl.maximum(g, eps))
+        grad = scale * f * (log_f - log_g - row_kl)
+        tl.store(out_ptr + offs, grad.to(grad_features_ptr.dtype.element_ty), mask=in_row)

@@ -1,0 +1,157 @@
+"""Forward kernel of the CMI loss: row softmax, KL to the class centroid, per-class statistics.
+
+Math (per row i, z_i = h_i / T, all in fp32):
+
+    lse_i  = log sum_j exp(z_ij)                       (online over chunks of BLOCK_D columns)
+    log f_ij = z_ij - lse_i,     f_ij = exp(log f_ij)
+    KL_i   = sum_j f_ij (log f_ij - log max(G_{y_i j}, eps))
+    S_c    = sum_{i: y_i = c} f_i,   n_c = |{i: y_i = c}|
+
+Nothing of size N x d is written: softmax, log-softmax and the gathered centroid rows live in registers.
+
+One kernel, three uses (flags derived from which pointers are given, see ``triton.heuristics``):
+
+* fixed centroids (one launch): lse, KL (``centroids_ptr`` given) and the class statistics;
+* per-batch centroids, phase 1: lse and the class statistics;
+* per-batch centroids, phase 2 (``lse_in_ptr`` given): KL against ``G_c = S_c / n_c`` read on the fly from the
+  reduced statistics of phase 1 (``stats_ptr``), so the centroid matrix is never materialised.
+
+Class statistics go to an accumulator of shape (slots, C, d + 1): columns [0, d) hold S_c, column d holds n_c.
+With ``USE_ATOMICS`` every program adds into slot 0 with fp32 atomics (vocabulary-sized C: rows spread over many
+classes, so atomics rarely collide). Otherwise each program owns slot ``pid`` and accumulates there with plain
+load/add/store (it is the only writer, and the same thread touches the same column on every row, so no barrier is
+needed); the caller then sums the slots in a fixed order, which is bit-identical from run to run and never
+serialises on a handful of hot class rows when C is 2 or 3.
+
+The grid is persistent: ``num_programs`` programs walk the rows ``pid, pid + P, ...`` so that a program's slot
+collects many rows. Row offsets are int64: ``row * stride`` overflows int32 beyond 2**31 elements.
+
+Labels outside [0, C) are never used as an index (class 0 is addressed with every access masked off): such a
+row adds nothing to the statistics and gets KL = NaN, so a bad label shows in the loss instead of corrupting memory.
+"""
+
+import triton
+import triton.language as tl
+
+# Columns per chunk. 4096 fp32 values over 16 warps is 8 registers per thread per live tensor: larger rows loop.
+MAX_BLOCK_D = 4096
+
+
+def block_d(dim: int) -> int:
+    return min(triton.next_power_of_2(dim), MAX_BLOCK_D)
+
+
+def num_warps_for(block: int) -> int:
+    # 256 columns per warp (8 per thread): 4 warps up to 1024 columns, 16 at the 4096 cap.
+    return max(4, min(16, block // 256))
+
+
+@triton.heuristics(
+    {
+        "HAS_LSE": lambda args: args["lse_in_ptr"] is not None,
+        "HAS_CENTROIDS": lambda args: args["centroids_ptr"] is not None,
+        "COMPUTE_KL": lambda args: args["row_kl_ptr"] is not None,
+        "ACCUMULATE": lambda args: args["accum_ptr"] is not None,
+        "BLOCK_D": lambda args: block_d(args["dim"]),
+        "num_warps": lambda args: num_warps_for(block_d(args["dim"])),
+    }
+)
+@triton.jit
+def cmi_forward_kernel(
+    features_ptr,
+    stride_feat_row,
+    stride_feat_col,
+    labels_ptr,
+    stride_label,
+    centroids_ptr,  # (C, d) any float dtype, or None: per-batch centroids
+    stride_cent_row,
+    stride_cent_col,
+    stats_ptr,  # (C, d + 1) reduced class statistics of phase 1, or None
+    stride_stats_row,
+    accum_ptr,  # (slots, C, d + 1) fp32 accumulator, zero-initialised, or None
+    lse_in_ptr,  # (N,) lse from phase 1, or None
+    lse_out_ptr,  # (N,) or None
+    row_kl_ptr,  # (N,) or None
+    n_rows,
+    dim,
+    num_classes,
+    inv_temperature,
+    eps,
+    USE_ATOMICS: tl.constexpr,
+    HAS_LSE: tl.constexpr,
+    HAS_CENTROIDS: tl.constexpr,
+    COMPUTE_KL: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    num_programs = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK_D)
+    accum_row_len = dim + 1
+    if USE_ATOMICS:
+        slot = 0
+    else:
+        slot = pid
+
+    for row in tl.range(pid, n_rows, num_programs):
+        label = tl.load(labels_ptr + row * stride_label).to(tl.int64)
+        label_ok = (label >= 0) & (label < num_classes)
+        class_idx = tl.where(label_ok, label, 0)
+        row_ptr = features_ptr + row * stride_feat_row
+
+        if HAS_LSE:
+            lse = tl.load(lse_in_ptr + row)
+        else:
+            # Online log-sum-exp over the chunks (one read of the row).
+            run_max = -float("inf")
+            run_sum = 0.0
+            for start in tl.range(0, dim, BLOCK_D):
+                offs = start + cols
+                z = tl.load(row_ptr + offs * stride_feat_col, mask=offs < dim, other=-float("inf"))
+                z = z.to(tl.float32) * inv_temperature
+                new_max = tl.maximum(run_max, tl.max(z, axis=0))
+                run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max), axis=0)
+                run_max = new_max
+            lse = run_max + tl.log(run_sum)
+            tl.store(lse_out_ptr + row, lse)
+
+        if COMPUTE_KL or ACCUMULATE:
+            if COMPUTE_KL and not HAS_CENTROIDS:
+                class_count = tl.load(stats_ptr + class_idx * stride_stats_row + dim, mask=label_ok, other=1.0)
+            kl_terms = tl.zeros([BLOCK_D], dtype=tl.float32)
+            # Second sweep over the row: it was just read, so these loads hit L1/L2, not DRAM.
+            for start in tl.range(0, dim, BLOCK_D):
+                offs = start + cols
+                in_row = offs < dim
+                # A scalar-and-vector `&` gives int32 under TRITON_INTERPRET (rejected as a mask): use tl.where.
+                class_mask = tl.where(label_ok, in_row, False)
+                z = tl.load(row_ptr + offs * stride_feat_col, mask=in_row, other=0.0).to(tl.float32)
+                log_f = z * inv_temperature - lse
+                f = tl.where(in_row, tl.exp(log_f), 0.0)
+                if COMPUTE_KL:
+                    if HAS_CENTROIDS:
+                        g = tl.load(
+                            centroids_ptr + class_idx * stride_cent_row + offs * stride_cent_col,
+                            mask=class_mask,
+                            other=1.0,
+                        ).to(tl.float32)
+                    else:
+                        g = tl.load(stats_ptr + class_idx * stride_stats_row + offs, mask=class_mask, other=1.0)
+                        g = g / class_count
+                    log_g = tl.log(tl.maximum(g, eps))
+                    kl_terms += tl.where(in_row, f * (log_f - log_g), 0.0)
+                if ACCUMULATE:
+                    sums_ptrs = accum_ptr + (slot * num_classes + class_idx) * accum_row_len + offs
+                    if USE_ATOMICS:
+                        tl.atomic_add(sums_ptrs, f, mask=class_mask)
+                    else:
+                        tl.store(sums_ptrs, tl.load(sums_ptrs, mask=class_mask, other=0.0) + f, mask=class_mask)
+            if COMPUTE_KL:
+                row_kl = tl.where(label_ok, tl.sum(kl_terms, axis=0), float("nan"))
+                tl.store(row_kl_ptr + row, row_kl)
+            if ACCUMULATE:
+                count_ptr = accum_ptr + (slot * num_classes + class_idx) * accum_row_len + dim
+                if USE_ATOMICS:
+                    tl.atomic_add(count_ptr, 1.0, mask=label_ok)
+                else:
+                    tl.store(count_ptr, tl.load(count_ptr, mask=label_ok, other=0.0) + 1.0, mask=label_ok)
