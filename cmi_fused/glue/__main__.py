@@ -1,0 +1,5 @@
+"""``python -m cmi_fused.glue`` is the ``cmi-glue`` console script."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,122 @@
+"""``cmi-glue``: fine-tune on GLUE with Min-CMI / Max-CMI (``train``) and sweep lambda (``sweep``).
+
+Subcommands are registered by small functions (``register_train``, ``register_sweep``) on top of
+``add_common_args``, so further subcommands plug in with ``register_<name>(subparsers)`` in
+:func:`build_parser`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from typing import Optional, Sequence
+
+from ..regularizer import CENTROID_MODES, NORMALIZATIONS
+from .data import TASKS
+from .sweep import run_sweep
+from .train import CMI_SIGNS, FEATURES, TrainConfig, train
+
+
+def parse_list(kind):
+    """An argparse type for comma-separated lists (``0,0.1,0.5``)."""
+
+    def parse(text: str) -> list:
+        try:
+            return [kind(item) for item in text.split(",") if item.strip()]
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}: {text!r}") from error
+
+    return parse
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    """Task, model, data and training options shared by every subcommand."""
+    parser.add_argument("--task", required=True, choices=sorted(TASKS), help="GLUE classification task")
+    parser.add_argument("--model", required=True, help="hub name or local directory of the model and tokenizer")
+    parser.add_argument("--output-dir", required=True, help="where checkpoints and results are written")
+    parser.add_argument("--data-dir", help="GLUE TSV root (<dir>/<TASK>/train.tsv, dev.tsv); default: datasets hub")
+    parser.add_argument("--epochs", type=float, default=5.0)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--eval-batch-size", type=int, help="default: --batch-size")
+    parser.add_argument("--lr", type=float, default=2e-5)
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of the steps with linear warmup")
+    parser.add_argument("--max-seq-length", type=int, default=128)
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision")
+    parser.add_argument("--max-train-samples", type=int, help="keep the first N training rows")
+    parser.add_argument("--max-eval-samples", type=int, help="keep the first N rows of each evaluation split")
+    parser.add_argument("--keep-checkpoints", action="store_true", help="keep checkpoint-* (with optimizer state)")
+    parser.add_argument("--disable-tqdm", action="store_true")
+
+
+def add_cmi_args(parser: argparse.ArgumentParser, default_cmi: str = "none") -> None:
+    """The CMI regulariser options."""
+    parser.add_argument("--cmi", choices=tuple(CMI_SIGNS), default=default_cmi,
+                        help="min: CE + lambda*CMI, max: CE - lambda*CMI, none: CE (CMI only logged)")
+    parser.add_argument("--centroids", choices=CENTROID_MODES, default="batch")
+    parser.add_argument("--feature", choices=FEATURES, default="pooled",
+                        help="pooled: the classifier input; cls: last hidden state of the first token")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--normalization", choices=NORMALIZATIONS, default="none")
+    parser.add_argument("--momentum", type=float, default=0.9, help="EMA momentum of --centroids ema")
+
+
+def config_from_args(args: argparse.Namespace, **overrides) -> TrainConfig:
+    """A :class:`TrainConfig` from parsed arguments (fields the parser lacks keep their defaults)."""
+    fields = {name: getattr(args, name) for name in TrainConfig.__dataclass_fields__ if hasattr(args, name)}
+    fields.update(overrides)
+    return TrainConfig(**fields)
+
+
+def run_train(args: argparse.Namespace) -> None:
+    results = train(config_from_args(args))
+    best = ", ".join(f"{name} {value:.4f}" for name, value in results["best"].items())
+    print(f"{args.task}: best epoch {results['best_epoch']}: {best}; results in {args.output_dir}/results.json")
+
+
+def run_sweep_command(args: argparse.Namespace) -> None:
+    command = "cmi-glue " + " ".join(shlex.quote(arg) for arg in args.argv)
+    summary = run_sweep(config_from_args(args), args.lambdas, args.seeds, command=command)
+    for row in summary["lambdas"]:
+        diff = f", paired diff median {row['diff_median']:+.4f}" if row["arm"] != 0 and row["paired_diffs"] else ""
+        print(f"lambda {row['arm']:g}: median {summary['metric']} {row['median']:.4f}{diff}")
+    print(f"table in {args.output_dir}/sweep.md")
+
+
+def register_train(subparsers) -> None:
+    parser = subparsers.add_parser("train", help="fine-tune one model on one task")
+    add_common_args(parser)
+    add_cmi_args(parser)
+    parser.add_argument("--cmi-lambda", type=float, default=0.1, help="lambda >= 0; the sign comes from --cmi")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --output-dir")
+    parser.set_defaults(func=run_train)
+
+
+def register_sweep(subparsers) -> None:
+    parser = subparsers.add_parser("sweep", help="CE and every lambda with the same seeds; sweep.json/sweep.md")
+    add_common_args(parser)
+    add_cmi_args(parser, default_cmi="min")
+    parser.add_argument("--lambdas", type=parse_list(float), default=[0, 0.05, 0.1, 0.2, 0.5, 1])
+    parser.add_argument("--seeds", type=parse_list(int), default=[0, 1, 2])
+    parser.set_defaults(func=run_sweep_command)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cmi-glue", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    register_train(subparsers)
+    register_sweep(subparsers)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

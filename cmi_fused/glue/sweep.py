@@ -1,0 +1,175 @@
+"""Lambda sweeps: CE (lambda = 0) and every lambda with the same seeds, summarised per lambda.
+
+For arm ``a`` with best-epoch metric ``m[a, s]`` on seed ``s`` and the baseline arm ``b``:
+median over seeds of ``m[a, s]``, mean and std, and the paired differences ``m[a, s] - m[b, s]``
+(median, min, max, number of seeds where ``a`` wins). The table code works on any arms (the
+distillation sweeps reuse it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import statistics
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from .data import load_task
+from .train import RESULTS_FILE, TrainConfig, train
+
+
+def machine_description() -> str:
+    """One line: CPU or GPU model, cores, torch threads, torch version."""
+    if torch.cuda.is_available():
+        device = f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
+    else:
+        device = f"CPU only ({platform.processor() or platform.machine()})"
+    return (
+        f"{device}, {os.cpu_count()} CPU cores, torch {torch.__version__} with {torch.get_num_threads()} threads, "
+        f"{platform.system()} {platform.release()}"
+    )
+
+
+def summarize_arms(values: dict, baseline) -> list:
+    """Per arm: ``values[arm][seed]`` (metric of the best epoch) summarised against ``values[baseline]``.
+
+    Returns one dict per arm (baseline first): ``arm``, ``seeds``, ``values``, ``median``, ``mean``,
+    ``std``, and, for the seeds the baseline also has, ``paired_diffs``, ``diff_median``, ``diff_min``,
+    ``diff_max``, ``wins``.
+    """
+    if baseline not in values:
+        raise ValueError(f"the baseline arm {baseline!r} has no runs")
+    arms = [baseline] + [arm for arm in values if arm != baseline]
+    rows = []
+    for arm in arms:
+        per_seed = values[arm]
+        seeds = sorted(per_seed)
+        scores = [per_seed[seed] for seed in seeds]
+        row = {
+            "arm": arm,
+            "seeds": seeds,
+            "values": scores,
+            "median": statistics.median(scores),
+            "mean": statistics.fmean(scores),
+            "std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
+        }
+        paired = [seed for seed in seeds if seed in values[baseline]]
+        diffs = [per_seed[seed] - values[baseline][seed] for seed in paired]
+        row["paired_diffs"] = diffs
+        if diffs:
+            row.update(
+                diff_median=statistics.median(diffs), diff_min=min(diffs), diff_max=max(diffs),
+                wins=sum(diff > 0 for diff in diffs),
+            )
+        rows.append(row)
+    return rows
+
+
+def format_sweep_markdown(
+    title: str, metric: str, rows: list, arm_header: str, baseline_name: str, notes: Sequence[str] = ()
+) -> str:
+    """A markdown table of :func:`summarize_arms` rows (metric values x 100)."""
+    lines = [f"# {title}", ""]
+    lines += [f"- {note}" for note in notes]
+    lines += [
+        f"- metric: `{metric}` of the best epoch, x 100; paired difference = arm - {baseline_name} on the same seed",
+        "",
+        f"| {arm_header} | seeds | per seed | median | mean ± std | Δ median vs {baseline_name} | Δ min .. max | wins |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        per_seed = ", ".join(f"{100 * value:.2f}" for value in row["values"])
+        if row["arm"] == rows[0]["arm"]:
+            diff_cells = ["—", "—", "—"]
+        elif row["paired_diffs"]:
+            diff_cells = [
+                f"{100 * row['diff_median']:+.2f}",
+                f"{100 * row['diff_min']:+.2f} .. {100 * row['diff_max']:+.2f}",
+                f"{row['wins']}/{len(row['paired_diffs'])}",
+            ]
+        else:
+            diff_cells = ["n/a", "n/a", "0/0"]
+        lines.append(
+            f"| {row['arm']} | {len(row['seeds'])} | {per_seed} | {100 * row['median']:.2f} | "
+            f"{100 * row['mean']:.2f} ± {100 * row['std']:.2f} | " + " | ".join(diff_cells) + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_sweep(output_dir: str, summary: dict, markdown: str) -> None:
+    """Write ``sweep.json`` and ``sweep.md`` into ``output_dir``."""
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "sweep.json"), "w") as handle:
+        json.dump(summary, handle, indent=2)
+    with open(os.path.join(output_dir, "sweep.md"), "w") as handle:
+        handle.write(markdown)
+
+
+def run_dir(output_dir: str, cmi_lambda: float, seed: int) -> str:
+    return os.path.join(output_dir, f"lambda_{cmi_lambda:g}", f"seed_{seed}")
+
+
+def run_sweep(
+    base: TrainConfig,
+    lambdas: Sequence[float],
+    seeds: Sequence[int],
+    command: Optional[str] = None,
+    train_fn: Callable = train,
+) -> dict:
+    """Train CE (lambda 0, ``cmi="none"``) and ``base.cmi`` at every lambda for every seed; summarise.
+
+    Runs live in ``base.output_dir/lambda_<l>/seed_<s>``; a run whose ``results.json`` exists is read,
+    not retrained (delete it to re-run). Returns the ``sweep.json`` document.
+    """
+    if base.cmi == "none" and any(value != 0 for value in lambdas):
+        raise ValueError("sweep: --cmi must be min or max (lambda 0 is the CE baseline)")
+    if any(value < 0 for value in lambdas):
+        raise ValueError(f"--lambdas must be >= 0 (the sign comes from --cmi), got {list(lambdas)}")
+    if not seeds:
+        raise ValueError("--seeds must name at least one seed")
+    lambdas = [0.0] + sorted({float(value) for value in lambdas if value != 0})
+    data = load_task(base.task, base.data_dir, base.max_train_samples, base.max_eval_samples)
+    values, runs, metric = {}, [], data.task.metric
+    for cmi_lambda in lambdas:
+        for seed in seeds:
+            config = dataclasses.replace(
+                base,
+                output_dir=run_dir(base.output_dir, cmi_lambda, seed),
+                cmi="none" if cmi_lambda == 0 else base.cmi,
+                cmi_lambda=cmi_lambda,
+                seed=seed,
+            )
+            results_path = os.path.join(config.output_dir, RESULTS_FILE)
+            if os.path.isfile(results_path):
+                with open(results_path) as handle:
+                    results = json.load(handle)
+            else:
+                results = train_fn(config, data)
+            values.setdefault(cmi_lambda, {})[seed] = results["best"][metric]
+            runs.append(
+                {"lambda": cmi_lambda, "seed": seed, "best_epoch": results["best_epoch"], "best": results["best"],
+                 "output_dir": config.output_dir}
+            )
+    rows = summarize_arms(values, 0.0)
+    summary = {
+        "task": base.task,
+        "metric": metric,
+        "cmi": base.cmi,
+        "command": command,
+        "machine": machine_description(),
+        "config": dataclasses.asdict(base),
+        "lambdas": rows,
+        "runs": runs,
+    }
+    notes = [f"command: `{command}`" if command else "command: (library call)", f"machine: {machine_description()}"]
+    notes.append(
+        f"model `{base.model}`, {base.epochs:g} epochs, batch {base.batch_size}, lr {base.lr:g}, max_seq_length "
+        f"{base.max_seq_length}, centroids `{base.centroids}`, feature `{base.feature}`, T {base.temperature:g}, "
+        f"max_train_samples {base.max_train_samples}, max_eval_samples {base.max_eval_samples}"
+    )
+    title = f"{base.task}: CE vs {base.cmi.capitalize()}-CMI sweep"
+    write_sweep(base.output_dir, summary, format_sweep_markdown(title, metric, rows, "lambda", "CE", notes))
+    return summary

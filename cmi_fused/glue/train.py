@@ -1,0 +1,354 @@
+"""Fine-tune a sequence classifier on one GLUE task with ``loss = CE + sign * lambda * CMI`` on ``transformers.Trainer``.
+
+Min-CMI (``cmi="min"``) adds ``+lambda * CMI``, Max-CMI (``cmi="max"``) adds ``-lambda * CMI``; with
+``cmi="none"`` the CMI of the features is still measured (and logged as ``train_cmi``) but not trained on.
+The features are the classifier's input (``feature="pooled"``: BERT's pooled output, DistilBERT's
+pre-classifier output, captured by a forward pre-hook) or the last hidden state of the first token
+(``feature="cls"``). Each epoch is evaluated; the best epoch's model, tokenizer and regulariser state are
+saved to the output directory with ``results.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import shutil
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+from transformers.trainer_utils import get_last_checkpoint
+
+from ..regularizer import CENTROID_MODES, NORMALIZATIONS, CMIRegularizer
+from .data import GlueData, load_task, tokenize_task
+from .metrics import task_metric_names
+
+CMI_SIGNS = {"none": 0.0, "min": 1.0, "max": -1.0}
+FEATURES = ("pooled", "cls")
+REGULARIZER_FILE = "cmi_regularizer.pt"
+RESULTS_FILE = "results.json"
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything one ``cmi-glue train`` run depends on (written to ``results.json`` as ``config``)."""
+
+    task: str
+    model: str
+    output_dir: str
+    data_dir: Optional[str] = None
+    cmi: str = "none"
+    cmi_lambda: float = 0.1
+    centroids: str = "batch"
+    feature: str = "pooled"
+    temperature: float = 1.0
+    normalization: str = "none"
+    momentum: float = 0.9
+    epochs: float = 5.0
+    batch_size: int = 32
+    eval_batch_size: Optional[int] = None
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.0
+    max_seq_length: int = 128
+    seed: int = 0
+    bf16: bool = False
+    max_train_samples: Optional[int] = None
+    max_eval_samples: Optional[int] = None
+    keep_checkpoints: bool = False
+    resume: bool = False
+    disable_tqdm: bool = False
+
+    def __post_init__(self):
+        if self.cmi not in CMI_SIGNS:
+            raise ValueError(f"cmi must be one of {tuple(CMI_SIGNS)}, got {self.cmi!r}")
+        if self.centroids not in CENTROID_MODES:
+            raise ValueError(f"centroids must be one of {CENTROID_MODES}, got {self.centroids!r}")
+        if self.feature not in FEATURES:
+            raise ValueError(f"feature must be one of {FEATURES}, got {self.feature!r}")
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
+        if not self.cmi_lambda >= 0:
+            raise ValueError(f"cmi_lambda must be >= 0 (the sign comes from cmi=min/max), got {self.cmi_lambda!r}")
+        if self.resume and not self.keep_checkpoints:
+            raise ValueError("resume needs keep_checkpoints (checkpoints with optimizer state) in output_dir")
+
+    @property
+    def cmi_weight(self) -> float:
+        """``sign * lambda``: the factor of the CMI term in the training loss."""
+        return CMI_SIGNS[self.cmi] * self.cmi_lambda
+
+
+def eval_metric_names(data: GlueData) -> list:
+    """Metric names of ``results.json`` (MNLI: ``matched_accuracy``, ``mismatched_accuracy``)."""
+    names = task_metric_names(data.task.name)
+    if len(data.eval) == 1:
+        return list(names)
+    return [f"{split}_{name}" for split in data.eval for name in names]
+
+
+def classifier_input_module(model: nn.Module) -> nn.Module:
+    """The linear layer whose input is the classification feature (BERT/DistilBERT ``classifier``,
+    RoBERTa-style heads' ``out_proj``)."""
+    head = getattr(model, "classifier", None)
+    if isinstance(head, nn.Linear):
+        return head
+    if isinstance(getattr(head, "out_proj", None), nn.Linear):
+        return head.out_proj
+    raise ValueError(
+        f"--feature pooled: cannot find the classifier layer of {type(model).__name__} "
+        "(expected a `classifier` nn.Linear or `classifier.out_proj`); use --feature cls"
+    )
+
+
+class FeatureCapture:
+    """Hooks that record the features of the last forward: the classifier input or the first-token state."""
+
+    def __init__(self, model: nn.Module, feature: str):
+        self.value = None
+        if feature == "pooled":
+            module = classifier_input_module(model)
+            self.dim = module.in_features
+            self.handle = module.register_forward_pre_hook(self._record_input)
+        else:
+            self.dim = model.config.hidden_size
+            self.handle = model.base_model.register_forward_hook(self._record_first_token)
+
+    def _record_input(self, module, args):
+        self.value = args[0]
+
+    def _record_first_token(self, module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+        self.value = hidden[:, 0]
+
+    def pop(self) -> torch.Tensor:
+        value, self.value = self.value, None
+        if value is None:
+            raise RuntimeError("the feature hook did not fire during the forward pass")
+        return value
+
+
+class CMITrainer(Trainer):
+    """``Trainer`` whose training loss is ``CE + cmi_weight * CMI(features, labels)``.
+
+    Logs ``train_ce`` and ``train_cmi`` (means over the epoch's batches) at every epoch end, calls
+    ``regularizer.end_epoch()`` and stores the regulariser state in every checkpoint.
+    """
+
+    def __init__(self, *args, regularizer: CMIRegularizer, capture: FeatureCapture, cmi_weight: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.regularizer = regularizer.to(self.args.device)
+        self.capture = capture
+        self.cmi_weight = cmi_weight
+        self.model_accepts_loss_kwargs = False  # the loss below is a per-batch mean
+        self._reset_epoch_sums()
+        self.add_callback(_CMIEpochCallback(self))
+
+    def _reset_epoch_sums(self):
+        self._epoch_ce = torch.zeros((), device=self.args.device)
+        self._epoch_cmi = torch.zeros((), device=self.args.device)
+        self._epoch_steps = 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs["labels"]
+        outputs = model(**{key: value for key, value in inputs.items() if key != "labels"})
+        ce = F.cross_entropy(outputs.logits.float(), labels)
+        features = self.capture.pop()
+        loss = ce
+        if model.training:
+            if self.cmi_weight != 0:
+                cmi = self.regularizer(features, labels)
+                loss = ce + self.cmi_weight * cmi
+            else:
+                with torch.no_grad():
+                    cmi = self.regularizer(features, labels)
+            self._epoch_ce += ce.detach()
+            self._epoch_cmi += cmi.detach()
+            self._epoch_steps += 1
+        return (loss, outputs) if return_outputs else loss
+
+    def end_epoch(self):
+        """Log the epoch means of CE and CMI (averaged over ranks) and advance the regulariser's epoch."""
+        totals = torch.stack([self._epoch_ce, self._epoch_cmi, torch.tensor(float(self._epoch_steps))
+                              .to(self._epoch_ce.device)])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(totals)
+        steps = max(float(totals[2]), 1.0)
+        self.log({"train_ce": float(totals[0]) / steps, "train_cmi": float(totals[1]) / steps})
+        self._reset_epoch_sums()
+        self.regularizer.end_epoch()
+
+    @torch.no_grad()
+    def freeze_centroids(self, train_dataset):
+        """``frozen`` centroids: one eval-mode pass of the starting model over ``train_dataset``."""
+        trainer = self
+
+        class TrainFeatures:
+            def __iter__(self):
+                model = trainer.model.to(trainer.args.device).eval()
+                for batch in trainer.get_eval_dataloader(train_dataset):
+                    batch = trainer._prepare_inputs(batch)
+                    model(**{key: value for key, value in batch.items() if key != "labels"})
+                    yield trainer.capture.pop().float(), batch["labels"]
+
+        self.regularizer.freeze(TrainFeatures())
+
+
+class _CMIEpochCallback(TrainerCallback):
+    def __init__(self, trainer: CMITrainer):
+        self.trainer = trainer
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self.trainer.end_epoch()
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            torch.save(self.trainer.regularizer.state_dict(), os.path.join(checkpoint, REGULARIZER_FILE))
+
+
+def build_training_arguments(config: TrainConfig, metric_for_best_model: str, **overrides) -> TrainingArguments:
+    """``TrainingArguments`` of the ``run_glue.py`` kind: eval and save every epoch, keep the best epoch."""
+    kwargs = dict(
+        output_dir=config.output_dir,
+        num_train_epochs=config.epochs,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.eval_batch_size or config.batch_size,
+        learning_rate=config.lr,
+        weight_decay=config.weight_decay,
+        warmup_steps=config.warmup_ratio,
+        seed=config.seed,
+        bf16=config.bf16,
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        logging_strategy="epoch",
+        load_best_model_at_end=True,
+        metric_for_best_model=metric_for_best_model,
+        greater_is_better=True,
+        save_total_limit=1,
+        save_only_model=not config.keep_checkpoints,
+        report_to="none",
+        disable_tqdm=config.disable_tqdm,
+        dataloader_num_workers=0,
+    )
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)
+
+
+def history_from_log(log_history: list, metric_names: list) -> list:
+    """Per-epoch ``{"epoch", "train_ce", "train_cmi", "eval": {metric: value}}`` from ``Trainer.state.log_history``."""
+    by_epoch = {}
+    for entry in log_history:
+        if "epoch" not in entry:
+            continue
+        epoch = int(round(entry["epoch"]))
+        row = by_epoch.setdefault(epoch, {"epoch": epoch, "train_ce": None, "train_cmi": None, "eval": {}})
+        for key in ("train_ce", "train_cmi"):
+            if key in entry:
+                row[key] = entry[key]
+        for name in metric_names:
+            if f"eval_{name}" in entry:
+                row["eval"][name] = entry[f"eval_{name}"]
+    return [by_epoch[epoch] for epoch in sorted(by_epoch) if by_epoch[epoch]["eval"]]
+
+
+def best_epoch_of(history: list, metric: str) -> dict:
+    """The first epoch with the highest ``metric`` (the one ``load_best_model_at_end`` keeps)."""
+    if not history:
+        raise ValueError("no evaluated epoch in the history")
+    best = history[0]
+    for row in history[1:]:
+        if row["eval"][metric] > best["eval"][metric]:
+            best = row
+    return best
+
+
+def build_results(config: TrainConfig, metric: str, history: list) -> dict:
+    """The ``results.json`` document."""
+    best = best_epoch_of(history, metric)
+    return {
+        "task": config.task,
+        "config": dataclasses.asdict(config),
+        "metric": metric,
+        "best_epoch": best["epoch"],
+        "best": dict(best["eval"]),
+        "history": history,
+    }
+
+
+def load_model_and_tokenizer(model_name: str, num_labels: int):
+    """``AutoModelForSequenceClassification`` + ``AutoTokenizer`` from a hub name or a local directory."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_name)
+        model = AutoModelForSequenceClassification.from_pretrained(model_name, num_labels=num_labels)
+    except OSError as error:
+        raise OSError(
+            f"could not load --model {model_name!r} ({error}); pass a local directory with config.json, "
+            "the weights and the tokenizer files (offline runs cannot download from the hub)"
+        ) from error
+    return model, tokenizer
+
+
+def train(config: TrainConfig, data: Optional[GlueData] = None) -> dict:
+    """Run one fine-tuning; return the ``results.json`` document (also written to ``config.output_dir``)."""
+    if data is None:
+        data = load_task(config.task, config.data_dir, config.max_train_samples, config.max_eval_samples)
+    metric_names = eval_metric_names(data)
+    metric = data.task.metric
+    model, tokenizer = load_model_and_tokenizer(config.model, data.num_labels)
+    train_dataset, eval_datasets = tokenize_task(data, tokenizer, config.max_seq_length)
+    eval_dataset = next(iter(eval_datasets.values())) if len(eval_datasets) == 1 else eval_datasets
+
+    capture = FeatureCapture(model, config.feature)
+    regularizer = CMIRegularizer(
+        data.num_labels,
+        capture.dim,
+        config.centroids,
+        temperature=config.temperature,
+        normalization=config.normalization,
+        momentum=config.momentum,
+    )
+    trainer = CMITrainer(
+        model=model,
+        args=build_training_arguments(config, metric),
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=data.compute_metrics,
+        regularizer=regularizer,
+        capture=capture,
+        cmi_weight=config.cmi_weight,
+    )
+    checkpoint = get_last_checkpoint(config.output_dir) if config.resume else None
+    if checkpoint is not None and os.path.isfile(os.path.join(checkpoint, REGULARIZER_FILE)):
+        trainer.regularizer.load_state_dict(torch.load(os.path.join(checkpoint, REGULARIZER_FILE)))
+    elif config.centroids == "frozen":
+        trainer.freeze_centroids(train_dataset)
+    trainer.train(resume_from_checkpoint=checkpoint)
+
+    history = history_from_log(trainer.state.log_history, metric_names)
+    results = build_results(config, metric, history)
+    if trainer.is_world_process_zero():
+        trainer.save_model(config.output_dir)
+        best_checkpoint = trainer.state.best_model_checkpoint
+        shutil.copyfile(os.path.join(best_checkpoint, REGULARIZER_FILE), os.path.join(config.output_dir, REGULARIZER_FILE))
+        if not config.keep_checkpoints:
+            for path in glob.glob(os.path.join(config.output_dir, "checkpoint-*")):
+                shutil.rmtree(path)
+        with open(os.path.join(config.output_dir, RESULTS_FILE), "w") as handle:
+            json.dump(results, handle, indent=2)
+    capture.handle.remove()
+    return results

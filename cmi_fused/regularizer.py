@@ -1,0 +1,260 @@
+"""``CMIRegularizer``: the CMI term of Min-CMI / Max-CMI fine-tuning as an ``nn.Module`` with centroid state.
+
+With ``f_i = softmax(x_i / T)`` of the (optionally normalised) features ``x_i`` and class centroids ``g_c``:
+
+    CMI = mean_i KL(f_i || g_{y_i})
+
+The module returns this non-negative term; the caller adds it with its sign and weight
+(Min-CMI: ``ce + lam * reg(h, y)``, Max-CMI: ``ce - lam * reg(h, y)``), as the GLUE driver does.
+
+Centroid modes (``g_c`` is always held constant for the gradient):
+
+* ``batch``: ``g_c`` = class mean of ``f`` over the current batch (exact per-batch CMI).
+* ``epoch``: the paper's alternating algorithm. ``g_c`` for epoch ``e`` = class mean of ``f`` over epoch
+  ``e - 1``, accumulated from the op's ``class_sums`` / ``class_counts`` while training (no extra pass);
+  during the first epoch, per-batch centroids. Call :meth:`end_epoch` at every epoch end.
+* ``ema``: ``g_c <- momentum * g_c + (1 - momentum) * (batch class mean)`` after every training batch,
+  for the classes in the batch; the loss uses the average of the batches before.
+* ``frozen``: class means of one pass over the training set (:meth:`freeze`), then fixed.
+
+Until every class in a batch has a centroid (first epoch, first batches, a class not seen yet), that
+batch uses per-batch centroids.
+
+``normalization="center_l2"``: ``x_i = (h_i - mu) / ||h_i - mu||`` with ``mu`` a running mean of the
+features (``mu <- feature_momentum * mu + (1 - feature_momentum) * batch mean``, updated in training mode
+before it is used, held fixed in ``frozen`` mode). Unit-norm features need a small temperature (e.g. 0.1)
+for ``f`` to be far from uniform.
+
+Under ``torch.distributed`` the class sums and counts (and the feature sums of ``center_l2``) are
+all-reduced before every state update, so every rank holds the centroids that one process would compute
+on the union of the data. ``batch`` mode centroids are those of each rank's own batch.
+
+All state lives in buffers, so ``state_dict`` / checkpoints carry it.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .loss import cmi_loss
+
+CENTROID_MODES = ("batch", "epoch", "ema", "frozen")
+NORMALIZATIONS = ("none", "center_l2")
+
+
+def _all_reduce_sum(*tensors: torch.Tensor) -> tuple:
+    """Sum each tensor over the ranks of the default process group (no-op without one)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensors
+    flat = torch.cat([t.reshape(-1).float() for t in tensors])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    return tuple(part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors))
+
+
+class CMIRegularizer(nn.Module):
+    """The CMI term ``mean_i KL(softmax(x_i / T) || g_{y_i})`` with ``batch``/``epoch``/``ema``/``frozen`` centroids.
+
+    Args:
+        num_classes: C.
+        dim: d, the feature width.
+        centroids: one of ``batch``, ``epoch``, ``ema``, ``frozen`` (see the module docstring).
+        temperature: T > 0 of the softmax.
+        normalization: ``none`` or ``center_l2``.
+        momentum: EMA momentum of the ``ema`` centroids, in [0, 1).
+        feature_momentum: momentum of the running feature mean of ``center_l2``, in [0, 1).
+        eps: floor of the centroids before the log.
+        backend: ``cmi_loss`` backend (``auto``: Triton on CUDA, PyTorch on CPU).
+
+    Call ``reg(features, labels)`` with (N, d) features and (N,) labels; returns the scalar CMI term.
+    State is updated only in training mode (``reg.train()``, the default).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        dim: int,
+        centroids: str = "batch",
+        *,
+        temperature: float = 1.0,
+        normalization: str = "none",
+        momentum: float = 0.9,
+        feature_momentum: float = 0.99,
+        eps: float = 1e-12,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim must be a positive int, got {dim!r}")
+        if centroids not in CENTROID_MODES:
+            raise ValueError(f"centroids must be one of {CENTROID_MODES}, got {centroids!r}")
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+        if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0:
+            raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+        for name, value in (("momentum", momentum), ("feature_momentum", feature_momentum)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1:
+                raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+        self.num_classes = num_classes
+        self.dim = dim
+        self.mode = centroids
+        self.temperature = float(temperature)
+        self.normalization = normalization
+        self.momentum = float(momentum)
+        self.feature_momentum = float(feature_momentum)
+        self.eps = float(eps)
+        self.backend = backend
+        # g_c in use, and which classes have one (the rest fall back to per-batch centroids).
+        self.register_buffer("centroids", torch.zeros(num_classes, dim))
+        self.register_buffer("centroid_valid", torch.zeros(num_classes, dtype=torch.bool))
+        # epoch mode: sums and counts of f over the current epoch.
+        self.register_buffer("epoch_class_sums", torch.zeros(num_classes, dim))
+        self.register_buffer("epoch_class_counts", torch.zeros(num_classes))
+        self.register_buffer("epoch", torch.zeros((), dtype=torch.long))
+        # center_l2: running feature mean.
+        self.register_buffer("feature_mean", torch.zeros(dim))
+        self.register_buffer("feature_mean_valid", torch.zeros((), dtype=torch.bool))
+        self._all_classes_valid = False  # host copy of centroid_valid.all(): no device sync per step
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, dim={self.dim}, centroids={self.mode!r}, "
+            f"temperature={self.temperature}, normalization={self.normalization!r}"
+        )
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._all_classes_valid = bool(self.centroid_valid.all())
+
+    # ----------------------------------------------------------------------------------------------
+    def normalize(self, features: torch.Tensor, update: bool) -> torch.Tensor:
+        """``center_l2``: ``(h - mu) / ||h - mu||``, with ``mu`` first updated from this batch if ``update``.
+
+        Without a running mean yet and ``update=False`` (evaluation before training), ``mu`` is this
+        batch's mean and no state changes.
+        """
+        if self.normalization == "none":
+            return features
+        if update:
+            detached = features.detach().float()
+            count = torch.tensor(float(detached.shape[0]), device=detached.device)
+            batch_sum, count = _all_reduce_sum(detached.sum(0), count)
+            batch_mean = batch_sum / count
+            if bool(self.feature_mean_valid):
+                batch_mean = self.feature_momentum * self.feature_mean + (1 - self.feature_momentum) * batch_mean
+            self.feature_mean.copy_(batch_mean)
+            self.feature_mean_valid.fill_(True)
+        if bool(self.feature_mean_valid):
+            mean = self.feature_mean
+        else:
+            mean = features.detach().float().mean(0)
+        return nn.functional.normalize(features.float() - mean, dim=-1)
+
+    def _centroids_for(self, labels: torch.Tensor) -> Optional[torch.Tensor]:
+        """The stored centroids if every class in ``labels`` has one, else ``None`` (per-batch centroids)."""
+        if self.mode == "batch":
+            return None
+        if self._all_classes_valid:
+            return self.centroids
+        if self.mode == "frozen":
+            raise RuntimeError("CMIRegularizer(centroids='frozen'): call reg.freeze(batches) before using it")
+        present = torch.bincount(labels.long().clamp(0, self.num_classes - 1), minlength=self.num_classes) > 0
+        if bool((present & ~self.centroid_valid).any()):
+            return None
+        return self.centroids
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The CMI term (scalar float32) of ``features`` (N, d) with class ``labels`` (N,)."""
+        if features.dim() != 2 or features.shape[-1] != self.dim:
+            raise ValueError(f"features must have shape (N, dim={self.dim}), got {tuple(features.shape)}")
+        update = self.training and self.mode != "frozen"
+        centroids = self._centroids_for(labels)
+        result = cmi_loss(
+            self.normalize(features, update),
+            labels,
+            self.num_classes,
+            centroids,
+            temperature=self.temperature,
+            eps=self.eps,
+            backend=self.backend,
+        )
+        if update:
+            self._accumulate(result.class_sums, result.class_counts)
+        return result.loss
+
+    # ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _set_centroids(self, class_sums: torch.Tensor, class_counts: torch.Tensor, blend: bool) -> None:
+        present = class_counts > 0
+        means = class_sums / class_counts.clamp_min(1.0)[:, None]
+        if blend:
+            blended = self.momentum * self.centroids + (1 - self.momentum) * means
+            means = torch.where(self.centroid_valid[:, None], blended, means)
+        self.centroids.copy_(torch.where(present[:, None], means, self.centroids))
+        self.centroid_valid |= present
+        self._all_classes_valid = bool(self.centroid_valid.all())
+
+    @torch.no_grad()
+    def _accumulate(self, class_sums: torch.Tensor, class_counts: torch.Tensor) -> None:
+        if self.mode == "epoch":
+            self.epoch_class_sums += class_sums
+            self.epoch_class_counts += class_counts
+        elif self.mode == "ema":
+            self._set_centroids(*_all_reduce_sum(class_sums, class_counts), blend=True)
+
+    @torch.no_grad()
+    def end_epoch(self) -> None:
+        """Close an epoch. ``epoch`` mode: the class means of this epoch become the next epoch's centroids."""
+        if self.mode == "epoch":
+            sums, counts = _all_reduce_sum(self.epoch_class_sums.clone(), self.epoch_class_counts.clone())
+            self._set_centroids(sums, counts, blend=False)
+            self.epoch_class_sums.zero_()
+            self.epoch_class_counts.zero_()
+        self.epoch += 1
+
+    @torch.no_grad()
+    def freeze(self, batches: Iterable) -> None:
+        """``frozen`` mode: fix ``g_c`` to the class means of ``f`` over ``batches`` of ``(features, labels)``.
+
+        ``batches`` is one eval-mode pass of the starting model over the training set. With ``center_l2``
+        and no running feature mean yet, it is iterated twice (feature mean first), so it must be
+        re-iterable (a list or a DataLoader-like object), not an iterator.
+        """
+        if self.mode != "frozen":
+            raise RuntimeError(f"freeze() is for centroids='frozen', this regulariser uses {self.mode!r}")
+        if self.normalization == "center_l2" and not bool(self.feature_mean_valid):
+            if iter(batches) is batches:
+                raise TypeError("freeze(batches) with center_l2 needs a re-iterable (list, DataLoader), not an iterator")
+            feature_sum, count = torch.zeros_like(self.feature_mean), torch.zeros((), device=self.feature_mean.device)
+            for features, _ in batches:
+                feature_sum += features.detach().float().sum(0).to(feature_sum.device)
+                count += features.shape[0]
+            feature_sum, count = _all_reduce_sum(feature_sum, count)
+            if not count > 0:
+                raise ValueError("freeze(batches) got no rows")
+            self.feature_mean.copy_(feature_sum / count)
+            self.feature_mean_valid.fill_(True)
+        class_sums = torch.zeros_like(self.centroids)
+        class_counts = torch.zeros_like(self.epoch_class_counts)
+        for features, labels in batches:
+            features = features.to(class_sums.device)
+            result = cmi_loss(
+                self.normalize(features, update=False),
+                labels.to(class_sums.device),
+                self.num_classes,
+                temperature=self.temperature,
+                eps=self.eps,
+                backend=self.backend,
+            )
+            class_sums += result.class_sums
+            class_counts += result.class_counts
+        class_sums, class_counts = _all_reduce_sum(class_sums, class_counts)
+        if not bool((class_counts > 0).all()):
+            missing = (class_counts == 0).nonzero().flatten().tolist()
+            raise ValueError(f"freeze(batches): classes {missing} have no rows; every class needs a centroid")
+        self._set_centroids(class_sums, class_counts, blend=False)
