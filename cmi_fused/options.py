@@ -2,7 +2,7 @@
 
 All checks read shapes, dtypes and devices only, so none of them synchronises with the GPU. The one
 value check (labels inside ``[0, num_classes)``) needs the label values on the host: it runs for CPU
-tensors (free) and, on CUDA, only when asked (``check_labels=True``); without it the kernels still
+tensors (free; skipped while torch.compile traces) and, on CUDA, only when asked (``check_labels=True``); without it the kernels still
 never touch memory out of bounds and give such rows a NaN loss (see the README).
 """
 
@@ -111,7 +111,9 @@ def check_inputs(
     if check_labels not in (None, True, False):
         raise ValueError(f"check_labels must be None, True or False, got {check_labels!r}")
 
-    if check_labels or (check_labels is None and labels.device.type == "cpu"):
+    # Under torch.compile the default skips the check: reading values would break the graph.
+    check_by_default = labels.device.type == "cpu" and not torch.compiler.is_compiling()
+    if check_labels or (check_labels is None and check_by_default):
         validate_labels(labels, num_classes)
 
     if backend == "auto":

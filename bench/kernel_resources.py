@@ -1,0 +1,121 @@
+"""Compile every specialisation of the CMI kernels for a GPU target ahead of time and report their resources.
+
+Runs without a GPU (Triton's own ptxas and cuobjdump do the work), so a CPU machine can check that the kernels
+pass the real compiler, not just the interpreter, and that no specialisation spills to local memory:
+
+    python -m bench.kernel_resources [--arch 90] [--json]
+
+Must run without TRITON_INTERPRET=1 (the interpreter replaces the JIT functions this compiles).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from kernels.cmi_backward import cmi_backward_kernel
+from kernels.cmi_forward import cmi_forward_kernel, num_warps_for
+
+FORWARD_TYPES = dict(
+    features_ptr="*bf16", stride_feat_row="i32", stride_feat_col="i32", labels_ptr="*i64", stride_label="i32",
+    centroids_ptr="*bf16", stride_cent_row="i32", stride_cent_col="i32", stats_ptr="*fp32", stride_stats_row="i32",
+    accum_ptr="*fp32", lse_in_ptr="*fp32", lse_out_ptr="*fp32", row_kl_ptr="*fp32", n_rows="i32", dim="i32",
+    num_classes="i32", inv_temperature="fp32", eps="fp32",
+)  # fmt: skip
+BACKWARD_TYPES = dict(
+    features_ptr="*bf16", stride_feat_row="i32", stride_feat_col="i32", labels_ptr="*i64", stride_label="i32",
+    centroids_ptr="*bf16", stride_cent_row="i32", stride_cent_col="i32", stats_ptr="*fp32", stride_stats_row="i32",
+    lse_ptr="*fp32", row_kl_ptr="*fp32", grad_rows_ptr="*fp32", stride_grad="i32", grad_features_ptr="*bf16",
+    dim="i32", num_classes="i32", inv_temperature="fp32", eps="fp32",
+)  # fmt: skip
+
+# The forward's three uses (see kernels/cmi_forward.py), as (name, pointers passed as None, constexpr flags).
+FORWARD_USES = [
+    ("fixed", ("stats_ptr", "lse_in_ptr"), dict(HAS_LSE=False, HAS_CENTROIDS=True, COMPUTE_KL=True, ACCUMULATE=True)),
+    (
+        "batch_stats",
+        ("centroids_ptr", "stats_ptr", "lse_in_ptr", "row_kl_ptr"),
+        dict(HAS_LSE=False, HAS_CENTROIDS=False, COMPUTE_KL=False, ACCUMULATE=True),
+    ),
+    (
+        "batch_kl",
+        ("centroids_ptr", "accum_ptr", "lse_out_ptr"),
+        dict(HAS_LSE=True, HAS_CENTROIDS=False, COMPUTE_KL=True, ACCUMULATE=False),
+    ),
+]
+BLOCKS = (1024, 4096)
+
+
+def _compile(kernel, types, none_args, flags, arch):
+    fn = kernel.fn  # the JITFunction under triton.heuristics
+    constexprs = {name: None for name in none_args}
+    constexprs.update(flags)
+    signature = {name: "constexpr" if name in constexprs else types[name] for name in fn.arg_names}
+    source = ASTSource(
+        fn=fn, signature=signature, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()}
+    )
+    options = {"num_warps": num_warps_for(flags["BLOCK_D"])}
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def _resources(compiled) -> dict:
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        text = subprocess.run([tool, "--dump-resource-usage", cubin.name], capture_output=True, text=True).stdout
+    return {key.lower(): int(value) for key, value in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", text)}
+
+
+def report(arch: int) -> list[dict]:
+    rows = []
+    for (use, none_args, flags), block, atomics in itertools.product(FORWARD_USES, BLOCKS, (False, True)):
+        if atomics and not flags["ACCUMULATE"]:
+            continue
+        compiled = _compile(
+            cmi_forward_kernel, FORWARD_TYPES, none_args, dict(flags, USE_ATOMICS=atomics, BLOCK_D=block), arch
+        )
+        rows.append(dict(kernel="forward", use=use, atomics=atomics, block_d=block, **_resources(compiled)))
+    for block, has_centroids in itertools.product(BLOCKS, (True, False)):
+        none_args = () if has_centroids else ("centroids_ptr",)
+        flags = dict(HAS_CENTROIDS=has_centroids, BLOCK_D=block)
+        compiled = _compile(cmi_backward_kernel, BACKWARD_TYPES, none_args, flags, arch)
+        use = "fixed" if has_centroids else "batch"
+        rows.append(dict(kernel="backward", use=use, atomics=False, block_d=block, **_resources(compiled)))
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (90 = H100)")
+    parser.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        parser.error("unset TRITON_INTERPRET: the interpreter does not compile kernels")
+    rows = report(args.arch)
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    print(f"sm_{args.arch}, triton {triton.__version__}")
+    print("| kernel | use | atomics | BLOCK_D | registers | local (spill) bytes | stack | shared |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(
+            f"| {row['kernel']} | {row['use']} | {row['atomics']} | {row['block_d']} | {row.get('reg')} | "
+            f"{row.get('local')} | {row.get('stack')} | {row.get('shared')} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
