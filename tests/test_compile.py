@@ -1,0 +1,53 @@
+"""torch.compile(fullgraph=True) and autocast around cmi_loss give the eager loss and gradients."""
+
+import pytest
+import torch
+
+from cmi_fused import cmi_loss
+
+pytest.importorskip("triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _step(layer, inputs, labels, centroids, backend):
+    features = layer(inputs)
+    result = cmi_loss(features, labels, 3, centroids, temperature=0.5, backend=backend)
+    return result.loss, result.class_sums, result.class_counts
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("fixed_centroids", [True, False])
+def test_fullgraph_compile_matches_eager(backend, fixed_centroids):
+    torch.manual_seed(11 + fixed_centroids)
+    layer = torch.nn.Linear(16, 12).to(DEVICE)
+    inputs = torch.randn(10, 16, device=DEVICE)
+    labels = torch.randint(0, 3, (10,), device=DEVICE)
+    centroids = torch.softmax(torch.randn(3, 12, device=DEVICE), -1) if fixed_centroids else None
+
+    eager = _step(layer, inputs, labels, centroids, backend)
+    eager[0].backward()
+    eager_grad = layer.weight.grad.clone()
+    layer.zero_grad()
+
+    compiled = torch.compile(_step, fullgraph=True, dynamic=False)(layer, inputs, labels, centroids, backend)
+    compiled[0].backward()
+    for got, want in zip(compiled, eager):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.weight.grad, eager_grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_accumulates_in_fp32(dtype):
+    torch.manual_seed(5)
+    layer = torch.nn.Linear(16, 40).to(DEVICE)
+    inputs = torch.randn(12, 16, device=DEVICE)
+    labels = torch.randint(0, 3, (12,), device=DEVICE)
+    with torch.autocast(DEVICE, dtype=dtype):
+        features = layer(inputs)
+        fused = cmi_loss(features, labels, 3, backend="triton")
+    assert features.dtype == dtype
+    assert fused.loss.dtype == torch.float32 and fused.class_sums.dtype == torch.float32
+    reference = cmi_loss(features.detach().double(), labels, 3, backend="torch")
+    torch.testing.assert_close(fused.loss.double(), reference.loss, rtol=1e-5, atol=1e-7)
+    (grad,) = torch.autograd.grad(fused.loss, features)
+    assert grad.dtype == dtype
