@@ -1,0 +1,665 @@
+"""Tests of :func:`cmi_fused.cmi_loss` on every backend, against a float64 reference written in this file.
+
+The reference (:func:`reference_cmi`) takes the very input values the op sees (low-precision inputs upcast
+to float64) and computes, in float64,
+
+    f_i  = softmax(h_i / T)
+    G_c  = the given centroids (held constant), or the class mean of f (detached, unless asked otherwise)
+    KL_i = sum_j f_ij (log f_ij - log max(G_{y_i j}, eps))
+    loss = mean_i KL_i | sum_i KL_i | KL
+
+Results are compared with ``rel = ||out - ref|| / ||ref||`` (2-norm over all elements):
+
+| input dtype          | loss | class_sums | class_counts | gradient (returned in the input dtype) |
+|----------------------|------|------------|--------------|----------------------------------------|
+| float32              | 1e-5 | 1e-5       | exact        | 1e-5                                   |
+| bfloat16             | 1e-5 | 1e-5       | exact        | 1e-2  (bf16 rounding of the result)    |
+| float16              | 1e-5 | 1e-5       | exact        | 2e-3  (fp16 rounding of the result)    |
+| float64 (torch only) | 1e-10 (envelope property: gradient vs the un-detached expression)         |
+
+Loss and class sums keep the fp32 bound for half inputs because the op accumulates in fp32.
+
+Each test draws fresh inputs from a generator seeded by its own test id: reproducible, different per case.
+Without CUDA the triton backend runs under ``TRITON_INTERPRET=1`` (tests/conftest.py), so its CPU cases stay
+small (N <= 40, d <= 400); larger shapes are added when CUDA is available.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import zlib
+from typing import Optional
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cmi_fused import cmi_loss
+
+ON_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if ON_CUDA else "cpu"
+BACKENDS = ["torch", "triton"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Tolerance:
+    loss: float
+    class_sums: float
+    grad: float
+
+
+TOLERANCES = {
+    torch.float32: Tolerance(loss=1e-5, class_sums=1e-5, grad=1e-5),
+    torch.bfloat16: Tolerance(loss=1e-5, class_sums=1e-5, grad=1e-2),
+    torch.float16: Tolerance(loss=1e-5, class_sums=1e-5, grad=2e-3),
+}
+FLOAT64_ENVELOPE_TOL = 1e-10
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reference and helpers
+# --------------------------------------------------------------------------------------------------------------
+
+
+def reference_cmi(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    centroids: Optional[torch.Tensor] = None,
+    *,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    eps: float = 1e-12,
+    detach_centroids: bool = True,
+):
+    """Float64 CMI of ``features`` (any float dtype, upcast). Returns ``(loss, class_sums, class_counts, h64)``
+    where ``h64`` is the float64 leaf the loss was computed from (its ``.grad`` is the reference gradient).
+
+    Rows whose label is outside ``[0, C)`` get a NaN KL and add nothing to the class sums and counts.
+    ``detach_centroids=False`` keeps the per-batch centroids in the graph (the un-detached expression).
+    """
+    h64 = features.detach().to(torch.float64).requires_grad_(True)
+    log_f = torch.log_softmax(h64 / temperature, dim=1)
+    f = log_f.exp()
+    valid = (labels >= 0) & (labels < num_classes)
+    # (N, C) membership matrix; rows of invalid labels are all zero.
+    membership = (labels[:, None] == torch.arange(num_classes, device=labels.device)[None, :]).to(torch.float64)
+    class_sums = membership.T @ f
+    class_counts = membership.sum(dim=0)
+    if centroids is None:
+        class_means = class_sums / class_counts.clamp_min(1.0)[:, None]
+        g = class_means.detach() if detach_centroids else class_means
+    else:
+        g = centroids.detach().to(torch.float64)
+    log_g_rows = torch.log(g.clamp_min(eps))[labels.clamp(0, num_classes - 1).long()]
+    row_kl = (f * (log_f - log_g_rows)).sum(dim=1)
+    row_kl = torch.where(valid, row_kl, torch.full_like(row_kl, float("nan")))
+    if reduction == "mean":
+        loss = row_kl.mean()
+    elif reduction == "sum":
+        loss = row_kl.sum()
+    else:
+        loss = row_kl
+    return loss, class_sums.detach(), class_counts, h64
+
+
+def generator_for(request) -> torch.Generator:
+    """A CPU generator seeded by the test id: fresh inputs per case, reproducible across runs."""
+    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """``||out - ref|| / ||ref||`` in float64."""
+    out64 = out.detach().to(torch.float64)
+    ref64 = ref.detach().to(torch.float64)
+    assert out64.shape == ref64.shape, f"shape {tuple(out64.shape)} != reference {tuple(ref64.shape)}"
+    ref_norm = torch.linalg.vector_norm(ref64).item()
+    assert ref_norm > 0, "degenerate case: the reference is exactly zero"
+    return torch.linalg.vector_norm(out64 - ref64).item() / ref_norm
+
+
+def assert_rel_close(out: torch.Tensor, ref: torch.Tensor, tol: float, what: str) -> None:
+    assert torch.isfinite(out).all(), f"{what}: non-finite values for finite input"
+    rel = relative_error(out, ref)
+    assert rel < tol, f"{what}: rel error {rel:.3e} >= {tol:.0e}"
+
+
+def random_labels(n: int, num_classes: int, gen: torch.Generator, per_batch: bool) -> torch.Tensor:
+    """Uniform labels. With per-batch centroids every class that occurs gets at least two rows (labels are drawn
+    in pairs, then shuffled): a class of one row has KL and gradient exactly 0, which fp32 rounding turns into
+    noise of ~1e-7 * |log f|, and a batch of mostly such rows would measure rounding noise, not the op."""
+    if not per_batch or n == 1:
+        return torch.randint(0, num_classes, (n,), generator=gen)
+    pairs = torch.randint(0, num_classes, ((n + 1) // 2,), generator=gen).repeat_interleave(2)
+    if n % 2:
+        pairs[-1] = pairs[0]
+    return pairs[:n][torch.randperm(n, generator=gen)]
+
+
+def random_centroids(num_classes: int, dim: int, gen: torch.Generator, zero_entries: bool = False) -> torch.Tensor:
+    """Random class distributions (rows sum to 1); ``zero_entries`` zeroes a quarter of them (the eps floor)."""
+    centroids = torch.softmax(torch.randn(num_classes, dim, generator=gen), dim=1)
+    if zero_entries:
+        centroids = centroids * (torch.rand(num_classes, dim, generator=gen) > 0.25)
+    return centroids
+
+
+def make_features(n: int, dim: int, dtype: torch.dtype, layout: str, gen: torch.Generator) -> torch.Tensor:
+    """A leaf (n, dim) feature tensor on DEVICE: contiguous, ``x[:, 0]`` of an (n, 3, dim) tensor (row stride 3*dim),
+    or a column slice ``x[:, 3:3+dim]`` of an (n, dim+7) tensor (row stride dim+7, odd storage offset)."""
+    if layout == "contiguous":
+        features = (1.5 * torch.randn(n, dim, generator=gen)).to(DEVICE, dtype)
+    elif layout == "row_slice":
+        features = (1.5 * torch.randn(n, 3, dim, generator=gen)).to(DEVICE, dtype)[:, 0]
+    elif layout == "column_slice":
+        features = (1.5 * torch.randn(n, dim + 7, generator=gen)).to(DEVICE, dtype)[:, 3 : 3 + dim]
+    else:
+        raise ValueError(f"unknown layout {layout!r}")
+    assert features.is_contiguous() == (layout == "contiguous" or n == 1)
+    return features.detach().requires_grad_(True)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reference comparison over a table of cases
+# --------------------------------------------------------------------------------------------------------------
+
+
+def fp16_loss_scale(ref_grad: torch.Tensor) -> float:
+    """Power of two bringing the largest reference gradient into (0.5, 1], as a GradScaler does in fp16 training:
+    fp16 has 2e-3 relative precision only above 6.1e-5 (below, subnormals), and mean-reduced CMI gradients are
+    often smaller than that."""
+    return 2.0 ** -math.ceil(math.log2(ref_grad.abs().max().item()))
+
+
+def compare_with_reference(features, labels, num_classes, centroids, temperature, reduction, grad_output, backend):
+    """Run the op and its backward, and check loss, class sums, counts and gradient against :func:`reference_cmi`
+    with the tolerances of the table above (fp16 gradients under :func:`fp16_loss_scale`). Returns the result."""
+    ref_loss, ref_sums, ref_counts, h64 = reference_cmi(
+        features, labels, num_classes, centroids, temperature=temperature, reduction=reduction
+    )
+    ref_loss.backward(grad_output.to(torch.float64))
+    ref_grad = h64.grad
+    if features.dtype == torch.float16:
+        scale = fp16_loss_scale(ref_grad)
+        grad_output, ref_grad = grad_output * scale, ref_grad * scale
+
+    result = cmi_loss(
+        features, labels, num_classes, centroids, temperature=temperature, reduction=reduction, backend=backend
+    )
+    result.loss.backward(grad_output)
+
+    tol = TOLERANCES[features.dtype]
+    assert result.loss.dtype == torch.float32
+    # For "none" this compares every row: a row the kernel never wrote cannot match.
+    assert_rel_close(result.loss, ref_loss, tol.loss, "loss")
+    assert_rel_close(result.class_sums, ref_sums, tol.class_sums, "class_sums")
+    assert torch.equal(result.class_counts.double(), ref_counts), "class_counts"
+    assert features.grad.dtype == features.dtype
+    assert_rel_close(features.grad, ref_grad, tol.grad, "gradient")
+    return result
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    n: int
+    d: int
+    c: int
+    dtype: torch.dtype = torch.float32
+    temperature: float = 1.0
+    reduction: str = "mean"
+    centroids: str = "batch"  # "batch" (None), "fixed", "fixed_zeros" (fixed with zero entries)
+    layout: str = "contiguous"
+    grad: str = "ones"  # "ones", "scalar" (random scalar), "vector" (random per row, reduction "none")
+    absent_class: bool = False
+
+    @property
+    def interpreter_sized(self) -> bool:
+        """Small enough for the triton interpreter on CPU."""
+        return self.n <= 40 and self.d <= 400
+
+
+CASES = [
+    Case("n1_fixed_d5", n=1, d=5, c=3, centroids="fixed"),
+    Case("n1_fixed_none_d383", n=1, d=383, c=2, centroids="fixed", reduction="none", grad="vector"),
+    Case("c1_batch_d5_sum", n=7, d=5, c=1, reduction="sum", grad="scalar"),
+    Case("c1_fixed_d383_t2", n=9, d=383, c=1, centroids="fixed", temperature=2.0),
+    Case("c_gt_n_batch_none", n=4, d=33, c=10, reduction="none", grad="vector"),
+    Case("c_gt_n_fixed_sum", n=5, d=64, c=12, centroids="fixed", reduction="sum", grad="scalar"),
+    Case("absent_class_batch", n=20, d=100, c=6, absent_class=True, grad="scalar"),
+    Case("t05_d383_mean", n=24, d=383, c=4, temperature=0.5, grad="scalar"),
+    Case("t2_d383_none", n=16, d=383, c=3, temperature=2.0, reduction="none", grad="vector"),
+    Case("fixed_zero_entries_none", n=12, d=50, c=3, centroids="fixed_zeros", reduction="none", grad="vector"),
+    Case("row_slice_batch_none", n=10, d=77, c=3, layout="row_slice", reduction="none", grad="vector"),
+    Case("column_slice_fixed_mean", n=10, d=77, c=3, layout="column_slice", centroids="fixed", grad="scalar"),
+    Case("bf16_batch_mean", n=32, d=128, c=4, dtype=torch.bfloat16, grad="scalar"),
+    Case(
+        "bf16_fixed_none_row_slice",
+        n=16,
+        d=383,
+        c=3,
+        dtype=torch.bfloat16,
+        centroids="fixed",
+        reduction="none",
+        grad="vector",
+        layout="row_slice",
+    ),
+    Case("fp16_batch_sum_t05", n=32, d=200, c=4, dtype=torch.float16, reduction="sum", grad="scalar", temperature=0.5),
+    Case("fp16_batch_mean", n=24, d=100, c=3, dtype=torch.float16),
+    Case(
+        "fp16_fixed_none_column_slice",
+        n=8,
+        d=5,
+        c=2,
+        dtype=torch.float16,
+        centroids="fixed",
+        reduction="none",
+        grad="vector",
+        layout="column_slice",
+    ),
+    Case("d1000_batch_mean", n=40, d=1000, c=5, grad="scalar"),
+    Case("d1000_bf16_fixed_none", n=33, d=1000, c=4, dtype=torch.bfloat16, centroids="fixed", reduction="none", grad="vector"),
+]
+if ON_CUDA:
+    CASES += [
+        Case("cuda_n4096_d768_c2", n=4096, d=768, c=2, grad="scalar"),
+        Case("cuda_bf16_n2048_d4096_c8", n=2048, d=4096, c=8, dtype=torch.bfloat16, reduction="sum", grad="scalar"),
+        Case("cuda_fp16_n1024_d3000_t2", n=1024, d=3000, c=16, dtype=torch.float16, temperature=2.0, reduction="sum"),
+        Case("cuda_vocab_c5000_none", n=1024, d=512, c=5000, reduction="none", grad="vector"),
+        Case("cuda_fixed_n300_d30522", n=300, d=30522, c=3, centroids="fixed", reduction="none", grad="vector"),
+    ]
+
+CASE_PARAMS = [
+    pytest.param(case, backend, id=f"{case.name}-{backend}")
+    for case in CASES
+    for backend in BACKENDS
+    if backend == "torch" or ON_CUDA or case.interpreter_sized
+]
+
+
+@pytest.mark.parametrize("case, backend", CASE_PARAMS)
+def test_matches_float64_reference(case: Case, backend: str, request):
+    gen = generator_for(request)
+    per_batch = case.centroids == "batch"
+    features = make_features(case.n, case.d, case.dtype, case.layout, gen)
+    if case.absent_class:
+        # Class 2 never occurs; labels drawn from the others.
+        present = torch.tensor([cls for cls in range(case.c) if cls != 2])
+        labels = present[random_labels(case.n, len(present), gen, per_batch)]
+    else:
+        labels = random_labels(case.n, case.c, gen, per_batch)
+    labels = labels.to(DEVICE)
+    centroids = None
+    if not per_batch:
+        centroids = random_centroids(case.c, case.d, gen, zero_entries=case.centroids == "fixed_zeros")
+        centroids = centroids.to(DEVICE, case.dtype)
+    if case.grad == "ones":
+        grad_output = torch.ones(case.n if case.reduction == "none" else ())
+    elif case.grad == "scalar":
+        grad_output = torch.randn((), generator=gen)
+    else:
+        grad_output = torch.randn(case.n, generator=gen)
+    grad_output = grad_output.to(DEVICE)
+
+    result = compare_with_reference(
+        features, labels, case.c, centroids, case.temperature, case.reduction, grad_output, backend
+    )
+    if case.absent_class:
+        assert result.class_counts[2].item() == 0
+        assert torch.count_nonzero(result.class_sums[2]).item() == 0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Randomised shapes (hypothesis)
+# --------------------------------------------------------------------------------------------------------------
+
+
+@st.composite
+def cmi_problems(draw, max_n: int, max_d: int, max_c: int):
+    """A random problem: shape, dtype, temperature, reduction, centroid mode, layout and a seed for the values.
+
+    d >= 5 and T >= 0.5 keep the softmax from saturating: with d = 2, T = 0.25 a row holds probabilities ~1 and
+    ~1e-4, and the fp32 softmax-backward cancellation (~eps32 * |h / T|, PyTorch's own backward included) alone
+    exceeds 1e-5 of such a tiny gradient's norm."""
+    return dict(
+        n=draw(st.integers(2, max_n)),
+        d=draw(st.integers(5, max_d)),
+        c=draw(st.integers(1, max_c)),
+        dtype=draw(st.sampled_from([torch.float32, torch.float32, torch.bfloat16, torch.float16])),
+        temperature=draw(st.floats(0.5, 4.0)),
+        reduction=draw(st.sampled_from(["mean", "sum", "none"])),
+        per_batch=draw(st.booleans()),
+        layout=draw(st.sampled_from(["contiguous", "row_slice", "column_slice"])),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+def check_problem(problem: dict, backend: str) -> None:
+    gen = torch.Generator().manual_seed(problem["seed"])
+    n, d, c, dtype = problem["n"], problem["d"], problem["c"], problem["dtype"]
+    features = make_features(n, d, dtype, problem["layout"], gen)
+    labels = random_labels(n, c, gen, problem["per_batch"]).to(DEVICE)
+    centroids = None if problem["per_batch"] else random_centroids(c, d, gen).to(DEVICE)
+    reduction = problem["reduction"]
+    grad_output = torch.randn(n if reduction == "none" else (), generator=gen).to(DEVICE)
+    compare_with_reference(features, labels, c, centroids, problem["temperature"], reduction, grad_output, backend)
+
+
+@settings(max_examples=40, deadline=None)
+@given(problem=cmi_problems(max_n=48, max_d=300, max_c=12))
+def test_random_shapes_torch(problem):
+    check_problem(problem, "torch")
+
+
+@settings(max_examples=30 if ON_CUDA else 4, deadline=None)
+@given(problem=cmi_problems(max_n=24, max_d=160, max_c=6))
+def test_random_shapes_triton(problem):
+    check_problem(problem, "triton")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Gradients: gradcheck and the per-batch envelope property
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "centroid_mode, reduction", [("fixed", "mean"), ("fixed", "sum"), ("fixed", "none"), ("batch", "mean"), ("batch", "sum")]
+)
+def test_gradcheck_torch_float64(centroid_mode: str, reduction: str, request):
+    """Finite differences of the whole op. With per-batch centroids the finite differences move the centroids
+    too, so this also checks that the detached-centroid gradient is exact for mean/sum (per row it is not, so
+    "none" is checked against the detached reference only, in test_matches_float64_reference)."""
+    gen = generator_for(request)
+    n, d, c = 7, 5, 3
+    features = torch.randn(n, d, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_(True)
+    labels = torch.tensor([0, 0, 1, 2, 1, 0, 2], device=DEVICE)
+    centroids = None
+    if centroid_mode == "fixed":
+        centroids = random_centroids(c, d, gen).to(DEVICE, torch.float64)
+
+    def loss_of(h):
+        return cmi_loss(h, labels, c, centroids, temperature=0.7, reduction=reduction, backend="torch").loss
+
+    assert torch.autograd.gradcheck(loss_of, (features,), eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+def envelope_problem(request, dtype: torch.dtype):
+    gen = generator_for(request)
+    n, d, c = 30, 67, 4
+    features = torch.randn(n, d, generator=gen).to(DEVICE, dtype).mul(1.5).requires_grad_(True)
+    labels = random_labels(n, c, gen, per_batch=True).to(DEVICE)
+    class_weights = torch.randn(c, generator=gen).to(DEVICE)
+    return features, labels, c, class_weights
+
+
+def undetached_gradient(features, labels, num_classes, reduction, grad_output, temperature):
+    loss, _, _, h64 = reference_cmi(
+        features, labels, num_classes, None, temperature=temperature, reduction=reduction, detach_centroids=False
+    )
+    loss.backward(grad_output.double())
+    return h64.grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_per_batch_gradient_equals_undetached_gradient(backend: str, reduction: str, request):
+    """Envelope property: sum_i KL(f_i || g_c) is stationary at g_c = mean of the class, so holding the per-batch
+    centroids constant gives the gradient of the full expression. For "none" this holds for any upstream gradient
+    that is constant within each class (here: a random weight per class)."""
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    features, labels, c, class_weights = envelope_problem(request, dtype)
+    if reduction == "none":
+        grad_output = class_weights[labels]
+    else:
+        grad_output = class_weights[0]
+    result = cmi_loss(features, labels, c, temperature=1.3, reduction=reduction, backend=backend)
+    result.loss.backward(grad_output.to(result.loss.dtype))
+    expected = undetached_gradient(features, labels, c, reduction, grad_output, 1.3)
+    tol = FLOAT64_ENVELOPE_TOL if dtype == torch.float64 else TOLERANCES[torch.float32].grad
+    assert_rel_close(features.grad, expected, tol, "gradient vs un-detached expression")
+
+
+def test_envelope_check_can_fail(request):
+    """The envelope comparison above is not vacuous: a per-row upstream gradient that varies inside a class breaks
+    the property, and the detached gradient then differs from the un-detached one."""
+    features, labels, c, _ = envelope_problem(request, torch.float64)
+    grad_output = torch.randn(len(labels), generator=generator_for(request), dtype=torch.float64).to(DEVICE)
+    result = cmi_loss(features, labels, c, temperature=1.3, reduction="none", backend="torch")
+    result.loss.backward(grad_output)
+    expected = undetached_gradient(features, labels, c, "none", grad_output, 1.3)
+    assert relative_error(features.grad, expected) > 1e-3
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Output contract
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_output_dtypes_shapes_and_grad_paths(backend: str, dtype: torch.dtype, reduction: str, request):
+    gen = generator_for(request)
+    n, d, c = 6, 9, 4
+    features = make_features(n, d, dtype, "contiguous", gen)
+    labels = random_labels(n, c, gen, per_batch=False).to(DEVICE)
+    centroids = random_centroids(c, d, gen).to(DEVICE, dtype).requires_grad_(True)
+    result = cmi_loss(features, labels, c, centroids, reduction=reduction, backend=backend)
+
+    assert result.loss.dtype == torch.float32
+    assert result.loss.shape == ((n,) if reduction == "none" else ())
+    assert result.loss.requires_grad
+    assert result.class_sums.dtype == torch.float32 and result.class_sums.shape == (c, d)
+    assert result.class_counts.dtype == torch.float32 and result.class_counts.shape == (c,)
+    assert not result.class_sums.requires_grad
+    assert not result.class_counts.requires_grad
+    result.loss.sum().backward()
+    assert features.grad is not None and features.grad.dtype == dtype and features.grad.shape == (n, d)
+    assert centroids.grad is None, "the loss must not differentiate into the given centroids"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_single_row_per_batch_loss_is_zero(backend: str, request):
+    """N = 1 with per-batch centroids: the centroid is f itself, so KL, loss and gradient are 0."""
+    features = make_features(1, 383, torch.float32, "contiguous", generator_for(request))
+    labels = torch.tensor([2], device=DEVICE)
+    result = cmi_loss(features, labels, 3, reduction="none", backend=backend)
+    result.loss.sum().backward()
+    assert result.loss.abs().max().item() < 1e-6
+    assert features.grad.abs().max().item() < 1e-6
+    assert result.class_counts.tolist() == [0.0, 0.0, 1.0]
+    assert abs(result.class_sums[2].sum().item() - 1.0) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("centroid_mode", ["fixed", "batch"])
+def test_absent_class_has_no_effect(backend: str, centroid_mode: str, request):
+    """A class absent from the batch: count 0, zero class_sums row, and the loss equals that of the same problem
+    with the class removed (labels above it shifted down) whatever its centroid holds."""
+    gen = generator_for(request)
+    n, d, c, absent = 14, 40, 5, 3
+    features = make_features(n, d, torch.float32, "contiguous", gen)
+    present = torch.tensor([cls for cls in range(c) if cls != absent])
+    labels = present[random_labels(n, c - 1, gen, per_batch=centroid_mode == "batch")]
+    labels_without = labels - (labels > absent).long()
+    centroids = centroids_without = None
+    if centroid_mode == "fixed":
+        centroids = random_centroids(c, d, gen)
+        centroids_without = torch.cat([centroids[:absent], centroids[absent + 1 :]]).to(DEVICE)
+        centroids[absent] = 0.0  # would give a huge KL if any row used it
+        centroids = centroids.to(DEVICE)
+
+    result = cmi_loss(features, labels.to(DEVICE), c, centroids, reduction="none", backend=backend)
+    smaller = cmi_loss(features, labels_without.to(DEVICE), c - 1, centroids_without, reduction="none", backend=backend)
+
+    assert result.class_counts[absent].item() == 0
+    assert torch.count_nonzero(result.class_sums[absent]).item() == 0
+    assert_rel_close(result.loss, smaller.loss, TOLERANCES[torch.float32].loss, "loss with vs without the absent class")
+    keep = [cls for cls in range(c) if cls != absent]
+    assert torch.equal(result.class_counts[keep], smaller.class_counts)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Poisoned memory, non-finite input, determinism
+# --------------------------------------------------------------------------------------------------------------
+
+
+def poison_allocator(sizes) -> None:
+    """Fill and free buffers of the given element counts with NaN, so that outputs the op allocates without
+    writing every element would likely show NaN (reliable with the CUDA caching allocator, best effort on CPU)."""
+    buffers = [torch.full((size,), float("nan"), device=DEVICE) for size in sizes for _ in range(4)]
+    del buffers
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("centroid_mode", ["fixed", "batch"])
+def test_outputs_fully_written_over_poisoned_memory(backend: str, centroid_mode: str, request):
+    gen = generator_for(request)
+    n, d, c = 37, 129, 6
+    features = make_features(n, d, torch.float32, "contiguous", gen)
+    labels = random_labels(n, c, gen, per_batch=centroid_mode == "batch").to(DEVICE)
+    centroids = random_centroids(c, d, gen).to(DEVICE) if centroid_mode == "fixed" else None
+    poison_allocator([n, c * d, c, n * d])
+    result = cmi_loss(features, labels, c, centroids, reduction="none", backend=backend)
+    poison_allocator([n, c * d, c, n * d])
+    result.loss.backward(torch.ones(n, device=DEVICE))
+    ref_loss, ref_sums, ref_counts, h64 = reference_cmi(features, labels, c, centroids, reduction="none")
+    ref_loss.backward(torch.ones_like(ref_loss))
+
+    for name, tensor in [("loss", result.loss), ("class_sums", result.class_sums), ("grad", features.grad)]:
+        assert torch.isfinite(tensor).all(), f"{name} has NaN/inf for finite input"
+    assert_rel_close(result.loss, ref_loss, 1e-5, "every row of the 'none' loss")
+    assert_rel_close(result.class_sums, ref_sums, 1e-5, "class_sums")
+    assert torch.equal(result.class_counts.double(), ref_counts)
+    assert_rel_close(features.grad, h64.grad, 1e-5, "gradient")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_feature_row_gives_nan(backend: str, bad_value: float, request):
+    """As in PyTorch's softmax, a NaN or +inf in a row makes that row's KL NaN, and hence the mean."""
+    gen = generator_for(request)
+    n, d, c, bad_row = 8, 21, 3, 5
+    features = torch.randn(n, d, generator=gen)
+    features[bad_row, 4] = bad_value
+    features = features.to(DEVICE)
+    labels = random_labels(n, c, gen, per_batch=False).to(DEVICE)
+    centroids = random_centroids(c, d, gen).to(DEVICE)
+
+    rows = cmi_loss(features, labels, c, centroids, reduction="none", backend=backend).loss
+    assert torch.isnan(rows[bad_row])
+    good = [row for row in range(n) if row != bad_row]
+    ref_rows = reference_cmi(features[good], labels[good], c, centroids, reduction="none")[0]
+    assert_rel_close(rows[good], ref_rows, 1e-5, "rows with finite features (fixed centroids)")
+    assert torch.isnan(cmi_loss(features, labels, c, centroids, backend=backend).loss)
+    assert torch.isnan(cmi_loss(features, labels, c, reduction="none", backend=backend).loss[bad_row])
+
+
+@pytest.mark.parametrize("deterministic", [True, None])
+def test_triton_deterministic_runs_are_bit_identical(deterministic, request):
+    """Several programs add into the same class: the fixed-order reduction must not depend on scheduling."""
+    gen = generator_for(request)
+    n, d, c = 40, 300, 3
+    features = make_features(n, d, torch.float32, "contiguous", gen)
+    labels = random_labels(n, c, gen, per_batch=True).to(DEVICE)
+    runs = []
+    for _ in range(2):
+        result = cmi_loss(features, labels, c, backend="triton", deterministic=deterministic)
+        (grad,) = torch.autograd.grad(result.loss, features)
+        runs.append((result.loss, result.class_sums, grad))
+    for name, first, second in zip(("loss", "class_sums", "grad"), runs[0], runs[1]):
+        assert torch.equal(first, second), f"{name} differs between two deterministic runs"
+
+
+@pytest.mark.parametrize("deterministic", [True, False, None])
+def test_triton_class_sum_modes_match_reference(deterministic, request):
+    gen = generator_for(request)
+    n, d, c = 40, 96, 7
+    features = make_features(n, d, torch.float32, "contiguous", gen)
+    labels = random_labels(n, c, gen, per_batch=True).to(DEVICE)
+    result = cmi_loss(features, labels, c, reduction="sum", backend="triton", deterministic=deterministic)
+    ref_loss, ref_sums, ref_counts, _ = reference_cmi(features, labels, c, reduction="sum")
+    assert_rel_close(result.loss, ref_loss, 1e-5, "loss")
+    assert_rel_close(result.class_sums, ref_sums, 1e-5, "class_sums")
+    assert torch.equal(result.class_counts.double(), ref_counts)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Bad input
+# --------------------------------------------------------------------------------------------------------------
+
+
+def valid_arguments():
+    features = torch.randn(6, 5, device=DEVICE)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2], device=DEVICE)
+    return dict(features=features, labels=labels, num_classes=3, centroids=None)
+
+
+BAD_INPUTS = [
+    ("labels_too_large", dict(labels=[0, 1, 3, 0, 1, 2]), ValueError, "labels"),
+    ("labels_negative", dict(labels=[0, 1, -1, 0, 1, 2]), ValueError, "labels"),
+    ("float_labels", dict(labels=torch.tensor([0.0, 1, 2, 0, 1, 2])), TypeError, "labels"),
+    ("features_1d", dict(features=torch.randn(30)), ValueError, "features"),
+    ("features_3d", dict(features=torch.randn(6, 1, 5)), ValueError, "features"),
+    ("integer_features", dict(features=torch.ones(6, 5, dtype=torch.int64)), TypeError, "features"),
+    ("labels_length_mismatch", dict(labels=[0, 1, 2, 0, 1]), ValueError, "labels"),
+    ("labels_2d", dict(labels=[[0, 1, 2, 0, 1, 2]]), ValueError, "labels"),
+    ("centroids_wrong_classes", dict(centroids=torch.full((4, 5), 0.2)), ValueError, "centroids"),
+    ("centroids_wrong_dim", dict(centroids=torch.full((3, 4), 0.25)), ValueError, "centroids"),
+    ("centroids_integer", dict(centroids=torch.ones(3, 5, dtype=torch.int64)), TypeError, "centroids"),
+    ("temperature_zero", dict(temperature=0.0), ValueError, "temperature"),
+    ("temperature_negative", dict(temperature=-1.0), ValueError, "temperature"),
+    ("unknown_reduction", dict(reduction="avg"), ValueError, "reduction"),
+    ("unknown_backend", dict(backend="cuda"), ValueError, "backend"),
+    ("num_classes_zero", dict(num_classes=0), ValueError, "num_classes"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("change, error, argument", [pytest.param(*bad[1:], id=bad[0]) for bad in BAD_INPUTS])
+def test_bad_input_error_names_argument(change: dict, error: type, argument: str, backend: str):
+    arguments = valid_arguments()
+    options = dict(backend=backend, check_labels=True)
+    for key, value in change.items():
+        if isinstance(value, list):
+            value = torch.tensor(value)
+        if isinstance(value, torch.Tensor):
+            value = value.to(DEVICE)
+        if key in arguments:
+            arguments[key] = value
+        else:
+            options[key] = value
+    with pytest.raises(error, match=argument):
+        cmi_loss(*arguments.values(), **options)
+
+
+def test_out_of_range_labels_checked_by_default_on_cpu():
+    features = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="labels"):
+        cmi_loss(features, torch.tensor([0, 1, 2, 3]), 3, backend="torch")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("centroid_mode", ["fixed", "batch"])
+def test_unchecked_out_of_range_labels_give_nan_rows(backend: str, centroid_mode: str, request):
+    """check_labels=False: rows labelled -1 or C never index memory; their KL is NaN, every other row and the
+    class sums/counts equal those of the valid rows alone."""
+    gen = generator_for(request)
+    n, d, c = 12, 30, 3
+    features = make_features(n, d, torch.float32, "contiguous", gen)
+    labels = random_labels(n, c, gen, per_batch=True)
+    bad_rows = [3, 7, 11]
+    labels[3], labels[7], labels[11] = -1, c, c + 1000
+    labels = labels.to(DEVICE)
+    centroids = random_centroids(c, d, gen).to(DEVICE) if centroid_mode == "fixed" else None
+
+    result = cmi_loss(features, labels, c, centroids, reduction="none", backend=backend, check_labels=False)
+    ref_rows, ref_sums, ref_counts, _ = reference_cmi(features, labels, c, centroids, reduction="none")
+    good = [row for row in range(n) if row not in bad_rows]
+    assert torch.isnan(result.loss[bad_rows]).all()
+    assert_rel_close(result.loss[good], ref_rows[good], 1e-5, "rows with valid labels")
+    assert_rel_close(result.class_sums, ref_sums, 1e-5, "class_sums")
+    assert torch.equal(result.class_counts.double(), ref_counts)
+    assert result.class_counts.sum().item() == n - len(bad_rows)
