@@ -1,0 +1,156 @@
+"""``python -m bench``: time ``cmi_loss`` (fused / eager / torch.compile) and a BERT training step.
+
+Writes ``<output-dir>/<device-slug>-<yyyy-mm-dd>.{json,md,png}`` after every shape, so a run stopped
+early keeps what it measured. See ``bench/README.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+if not torch.cuda.is_available():
+    # The fused provider then runs in the Triton interpreter; must be set before triton is imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from . import cmi_op, e2e, report  # noqa: E402
+
+DEFAULT_OUTPUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+QUICK_PROVIDERS = ("eager", "fused", "noop")  # compile left out: inductor's first CPU compile takes ~25 s
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Benchmark cmi_loss (fused triton vs eager torch vs torch.compile) and a BERT training step.",
+    )
+    parser.add_argument("--quick", action="store_true",
+                        help="CPU smoke subset for CI: tiny shapes, wall timing, providers eager/fused/noop, tiny BERT")
+    parser.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR, help="where the JSON/markdown/PNG go (default: %(default)s)")
+    parser.add_argument("--shapes", nargs="+", type=cmi_op.parse_shape, metavar="NxD:C[:DTYPE]",
+                        help="shapes to time instead of the default set, e.g. 4096x768:2:bf16 32x768:2:fp32")
+    parser.add_argument("--providers", nargs="+", choices=cmi_op.PROVIDERS, help="default: all (quick: eager fused noop)")
+    parser.add_argument("--modes", nargs="+", choices=cmi_op.MODES, default=list(cmi_op.MODES))
+    parser.add_argument("--passes", nargs="+", choices=cmi_op.PASSES, default=list(cmi_op.PASSES))
+    parser.add_argument("--timings", nargs="+", choices=cmi_op.TIMINGS, default=list(cmi_op.TIMINGS),
+                        help="device timing needs CUDA and is dropped on CPU")
+    parser.add_argument("--no-op-bench", action="store_true", help="skip the cmi_loss timings")
+    parser.add_argument("--no-e2e", action="store_true", help="skip the BERT training-step benchmark")
+    parser.add_argument("--e2e-rounds", type=int, help="interleaved rounds of the e2e benchmark")
+    parser.add_argument("--merge", action="store_true",
+                        help="merge into an existing results file of the same device and day instead of replacing it")
+    parser.add_argument("--time-limit", type=float, metavar="SECONDS",
+                        help="start no new shape after this many seconds; the rest is listed as skipped")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.machine()}"
+
+
+def package_version(name: str):
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and not (args.quick or args.shapes):
+        parser.error("without CUDA the fused kernels run in the Triton interpreter: use --quick or small --shapes")
+    if args.e2e_rounds is not None and args.e2e_rounds < 1:
+        parser.error(f"--e2e-rounds must be >= 1, got {args.e2e_rounds}")
+    shapes = args.shapes or (cmi_op.QUICK_SHAPES if args.quick else cmi_op.DEFAULT_SHAPES)
+    providers = args.providers or (QUICK_PROVIDERS if args.quick else cmi_op.PROVIDERS)
+    budget = cmi_op.Budget.quick() if args.quick else cmi_op.Budget()
+    if args.quick:
+        torch.set_num_threads(1)  # a smoke run on a shared CI host: spinning OpenMP threads can stall it 100x
+    started = time.monotonic()
+
+    def log(message: str) -> None:
+        print(message, flush=True)
+
+    copy_tbps = cmi_op.measure_copy_tbps(device)
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    results = {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "triton": package_version("triton"),
+        "cuda": torch.version.cuda,
+        "copy_tbps": copy_tbps,
+        "date": date,
+        "quick": args.quick,
+        "runs": [
+            {
+                "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "argv": sys.argv[1:] if argv is None else list(argv),
+                "copy_tbps": copy_tbps,
+            }
+        ],
+        "rows": [],
+        "e2e": None,
+        "skipped": [],
+    }
+    log(f"{results['device']}: torch {results['torch']}, triton {results['triton']}, copy {copy_tbps:.3f} TB/s")
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    stem = os.path.join(args.output_dir, report.results_stem(results["device"], date))
+    previous = None
+    if args.merge and os.path.exists(stem + ".json"):
+        with open(stem + ".json", encoding="utf-8") as handle:
+            previous = json.load(handle)
+
+    def save() -> None:
+        merged = report.merge_results(previous, results) if previous else results
+        report.write_json(merged, stem + ".json")
+        plot_name = os.path.basename(stem) + ".png"
+        has_plot = report.plot_speedups(merged, stem + ".png") if merged["rows"] else False
+        with open(stem + ".md", "w", encoding="utf-8") as handle:
+            handle.write(report.render_markdown(merged, plot_name if has_plot else None))
+
+    fused_error = cmi_op.fused_unavailable_reason()
+    if fused_error:
+        log(f"fused provider unavailable: {fused_error}")
+    if not args.no_e2e:
+        settings = e2e.E2ESettings.quick() if args.quick else e2e.E2ESettings()
+        if args.e2e_rounds:
+            settings = dataclasses.replace(settings, rounds=args.e2e_rounds)
+        try:
+            results["e2e"] = e2e.run_e2e(settings, device, fused_error, seed=args.seed, log=log)
+        except ImportError as error:  # transformers missing on the device
+            results["e2e"] = {"error": f"{type(error).__name__}: {error}"}
+        save()
+
+    if not args.no_op_bench:
+        for shape in shapes:
+            if args.time_limit is not None and time.monotonic() - started > args.time_limit:
+                results["skipped"].append([shape.n_rows, shape.dim, shape.num_classes, shape.dtype])
+                continue
+            rows = cmi_op.run_op_bench(
+                [shape], providers, tuple(args.modes), tuple(args.passes), tuple(args.timings),
+                device, budget, copy_tbps, seed=args.seed, log=log,
+            )
+            results["rows"] += [dict(row, run=0) for row in rows]
+            save()
+    save()
+    log(f"wrote {stem}.json / .md ({time.monotonic() - started:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,442 @@
+"""Op timings of ``cmi_loss``: forward, backward and forward+backward for every provider, mode and timing.
+
+Providers (what the user would otherwise run):
+    ``fused``          ``cmi_loss(..., backend="triton")``
+    ``eager``          ``cmi_loss(..., backend="torch")``
+    ``compile``        ``torch.compile`` (default mode, static shapes) of a function calling the torch backend
+    ``fused_compiled`` ``torch.compile(fullgraph=True)`` of a function calling the triton backend
+    ``noop``           ``(h.float().sum() * 0.1).backward()``: the host-overhead floor of an autograd step
+Modes: ``fixed`` (given centroids: random positive rows that sum to 1) and ``batch`` (``centroids=None``).
+Timings (CUDA):
+    ``device`` the steps captured in one CUDA graph (after warm-up on a side stream) and replayed; median
+               over replays of the CUDA-event time divided by the steps per graph. The backward pass runs
+               ``torch.autograd.grad(loss, h, retain_graph=True)`` on a forward done before the capture.
+    ``wall``   the eager step as users run it (``loss.backward()``, ``h.grad`` set to None), timed from an
+               idle GPU with CUDA events (host launch time included), median over reps, warm-up excluded.
+On CPU only ``wall`` exists, timed with ``time.perf_counter``.
+
+Inputs are fresh random tensors (``randn`` features, uniform labels). Small shapes rotate among several
+input sets, so that the sets together are about twice the L2 cache (at most ``Budget.max_input_sets``).
+
+Bytes model (achieved GB/s): a pass reads or writes the (N, d) activations ``passes`` times
+(fwd 1: read h; bwd 2: read h, write dh; fwd_bwd 3), plus, with fixed centroids, the gathered centroid
+rows ``min(N, C) * d * 4`` once. The (C, d) ``class_sums`` output is not counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import math
+import statistics
+import time
+from typing import Callable, Optional
+
+import torch
+
+from cmi_fused import cmi_loss
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PROVIDERS = ("fused", "eager", "compile", "fused_compiled", "noop")
+MODES = ("fixed", "batch")
+PASSES = ("fwd", "bwd", "fwd_bwd")
+TIMINGS = ("device", "wall")
+PASS_ACTIVATION_TRAFFIC = {"fwd": 1, "bwd": 2, "fwd_bwd": 3}
+DEFAULT_L2_BYTES = 50 * 2**20
+COPY_WARMUP_STEPS = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """One benchmark case: ``n_rows x dim`` features of ``dtype``, ``num_classes`` classes."""
+
+    n_rows: int
+    dim: int
+    num_classes: int
+    dtype: str = "bf16"
+
+    @property
+    def label(self) -> str:
+        return f"{self.n_rows}x{self.dim} C={self.num_classes} {self.dtype}"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+# The issue's shape set: GLUE batch, small and large batches, vocabulary-sized C, wide features.
+DEFAULT_SHAPES = (
+    Shape(32, 768, 2, "fp32"),
+    Shape(32, 768, 2, "bf16"),
+    Shape(256, 1024, 3, "bf16"),
+    Shape(4096, 768, 2, "bf16"),
+    Shape(16384, 768, 30522, "bf16"),
+    Shape(8192, 4096, 1000, "bf16"),
+    Shape(65536, 768, 10, "bf16"),
+    Shape(32768, 4096, 3, "bf16"),
+)
+# CPU-only CI subset: odd sizes (not multiples of a block) and C larger than N.
+QUICK_SHAPES = (Shape(8, 40, 3, "fp32"), Shape(6, 33, 10, "fp32"))
+
+
+def parse_shape(text: str) -> Shape:
+    """Parse ``NxD:C[:dtype]`` (dtype bf16 by default), e.g. ``4096x768:2:bf16``."""
+    try:
+        size, num_classes, *rest = text.split(":")
+        n_rows, dim = size.lower().split("x")
+        dtype = rest[0] if rest else "bf16"
+        if len(rest) > 1 or dtype not in DTYPES:
+            raise ValueError
+        shape = Shape(int(n_rows), int(dim), int(num_classes), dtype)
+    except ValueError:
+        raise ValueError(f"--shapes entries must look like NxD:C[:{'|'.join(DTYPES)}], got {text!r}") from None
+    if min(shape.n_rows, shape.dim, shape.num_classes) < 1:
+        raise ValueError(f"--shapes entries need N, D and C >= 1, got {text!r}")
+    return shape
+
+
+def bytes_moved(shape: Shape, mode: str, pass_name: str) -> int:
+    """Bytes a pass must move at least (see the module docstring)."""
+    elem = torch.empty((), dtype=shape.torch_dtype).element_size()
+    activations = PASS_ACTIVATION_TRAFFIC[pass_name] * shape.n_rows * shape.dim * elem
+    centroid_rows = min(shape.n_rows, shape.num_classes) * shape.dim * 4 if mode == "fixed" else 0
+    return activations + centroid_rows
+
+
+def fused_unavailable_reason() -> Optional[str]:
+    """``None`` when the triton backend imports, else the error that stops it."""
+    try:
+        import kernels.cmi  # noqa: F401
+    except Exception as error:  # ImportError until kernels/cmi.py lands; any failure makes the provider unusable
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def make_loss_fn(provider: str, num_classes: int) -> Callable:
+    """``fn(h, labels, centroids) -> scalar loss`` for one provider."""
+    if provider == "noop":
+        return lambda features, labels, centroids: features.float().sum() * 0.1
+
+    backend = "torch" if provider in ("eager", "compile") else "triton"
+
+    def loss_fn(features, labels, centroids):
+        return cmi_loss(features, labels, num_classes, centroids, backend=backend, check_labels=False).loss
+
+    if provider == "compile":
+        return torch.compile(loss_fn, dynamic=False)
+    if provider == "fused_compiled":
+        return torch.compile(loss_fn, dynamic=False, fullgraph=True)
+    return loss_fn
+
+
+@dataclasses.dataclass
+class InputSet:
+    features: torch.Tensor  # (N, d) leaf with requires_grad
+    labels: torch.Tensor  # (N,) int64
+    centroids: Optional[torch.Tensor]  # (C, d) float32 rows summing to 1, or None (batch mode)
+
+
+def num_input_sets(shape: Shape, mode: str, l2_bytes: int, max_sets: int) -> int:
+    """Enough sets to cover about twice the L2 cache, at most ``max_sets``."""
+    elem = torch.empty((), dtype=shape.torch_dtype).element_size()
+    set_bytes = shape.n_rows * shape.dim * elem + (shape.num_classes * shape.dim * 4 if mode == "fixed" else 0)
+    return max(1, min(max_sets, math.ceil(2 * l2_bytes / set_bytes)))
+
+
+def make_inputs(shape: Shape, mode: str, count: int, device: torch.device, generator: torch.Generator):
+    sets = []
+    for _ in range(count):
+        features = torch.randn(shape.n_rows, shape.dim, generator=generator, device=device) * 2.0
+        labels = torch.randint(0, shape.num_classes, (shape.n_rows,), generator=generator, device=device)
+        centroids = None
+        if mode == "fixed":
+            centroids = torch.rand(shape.num_classes, shape.dim, generator=generator, device=device) + 0.05
+            centroids /= centroids.sum(dim=1, keepdim=True)
+        features = features.to(shape.torch_dtype).requires_grad_(True)
+        sets.append(InputSet(features, labels, centroids))
+    return sets
+
+
+def build_step(loss_fn: Callable, inputs: list[InputSet], pass_name: str, *, for_graph: bool):
+    """``(prepare, run)`` closures over input set ``k``: ``prepare(k)`` is the untimed part (clears
+    ``h.grad``; the forward of a ``bwd`` pass), ``run(k)`` the timed part.
+
+    ``for_graph``: backward as ``torch.autograd.grad(..., retain_graph=True)`` so that a captured
+    backward can be replayed and never accumulates; otherwise ``loss.backward()`` as users write it.
+    """
+    losses: list[Optional[torch.Tensor]] = [None] * len(inputs)
+
+    def forward(k):
+        item = inputs[k]
+        return loss_fn(item.features, item.labels, item.centroids)
+
+    def backward(k, loss):
+        if for_graph:
+            torch.autograd.grad(loss, inputs[k].features, retain_graph=True)
+        else:
+            loss.backward()
+
+    def clear_grad(k):
+        inputs[k].features.grad = None
+
+    if pass_name == "fwd":
+        return clear_grad, forward
+
+    if pass_name == "fwd_bwd":
+
+        def run_fwd_bwd(k):
+            backward(k, forward(k))
+
+        return clear_grad, run_fwd_bwd
+
+    def prepare_bwd(k):
+        clear_grad(k)
+        losses[k] = forward(k)
+
+    def run_bwd(k):
+        backward(k, losses[k])
+
+    return prepare_bwd, run_bwd
+
+
+class Timer:
+    """Per-step timing: CUDA events on CUDA (from an idle GPU), ``perf_counter`` on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def wall_ms(self, prepare, run, num_sets: int, reps: int) -> list[float]:
+        times = []
+        for rep in range(reps):
+            k = rep % num_sets
+            prepare(k)
+            self.sync()
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                run(k)
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                start_s = time.perf_counter()
+                run(k)
+                times.append((time.perf_counter() - start_s) * 1e3)
+        return times
+
+
+def reps_for(estimate_ms: float, budget_ms: float, low: int, high: int) -> int:
+    return int(min(high, max(low, math.ceil(budget_ms / max(estimate_ms, 1e-3)))))
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """Measurement effort: ms of timed work per row, rep bounds, input sets and warm-up steps."""
+
+    wall_ms: float = 300.0
+    device_ms: float = 300.0
+    graph_ms: float = 2.0
+    max_graph_steps: int = 256
+    min_reps: int = 20
+    max_reps: int = 200
+    max_input_sets: int = 16
+    warmup_steps: int = 3
+
+    @classmethod
+    def quick(cls) -> "Budget":
+        """CI smoke run: the fused provider runs in the Triton interpreter (tens of ms per call)."""
+        return cls(wall_ms=1.0, device_ms=1.0, graph_ms=0.5, max_graph_steps=16, min_reps=3, max_reps=5,
+                   max_input_sets=2, warmup_steps=1)
+
+
+def graph_replay_ms(prepare, run, num_sets: int, estimate_ms: float, budget: Budget) -> tuple[list[float], int]:
+    """Capture ``steps`` steps (rotating over the sets) in one CUDA graph; per-step ms of each replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # forward of a bwd pass must run on the capture stream
+        for k in range(num_sets):
+            prepare(k)
+        for _ in range(budget.warmup_steps):
+            for k in range(num_sets):
+                run(k)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+
+    steps = num_sets * math.ceil(max(1.0, budget.graph_ms / max(estimate_ms, 1e-3)) / num_sets)
+    steps = min(steps, num_sets * math.ceil(budget.max_graph_steps / num_sets))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=side):
+        for step in range(steps):
+            run(step % num_sets)
+    for _ in range(budget.warmup_steps):
+        graph.replay()
+    torch.cuda.synchronize()
+    replays = reps_for(estimate_ms * steps, budget.device_ms, budget.min_reps, budget.max_reps)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(replays)]
+    for start, end in events:
+        start.record()
+        graph.replay()
+        end.record()
+    torch.cuda.synchronize()
+    per_step = [start.elapsed_time(end) / steps for start, end in events]
+    del graph
+    return per_step, steps
+
+
+def peak_extra_mb(prepare, run) -> float:
+    """``max_memory_allocated`` during one eager step minus the allocation before it (inputs, and the
+    forward of a ``bwd`` pass, already resident)."""
+    prepare(0)
+    torch.cuda.synchronize()
+    baseline = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    run(0)
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - baseline) / 2**20
+
+
+def measure_copy_tbps(device: torch.device) -> float:
+    """Device-to-device (or host memory) copy rate in TB/s, counting bytes read + written."""
+    numel = 2**28 if device.type == "cuda" else 2**24  # 1 GiB / 64 MiB of float32
+    source = torch.rand(numel, device=device)
+    target = torch.empty_like(source)
+    timer = Timer(device)
+    for _ in range(COPY_WARMUP_STEPS):
+        target.copy_(source)
+    times = timer.wall_ms(lambda k: None, lambda k: target.copy_(source), 1, 20 if device.type == "cuda" else 5)
+    return 2 * source.numel() * source.element_size() / (statistics.median(times) * 1e-3) / 1e12
+
+
+def estimate_step_ms(prepare, run, num_sets: int, timer: Timer, warmup_steps: int) -> float:
+    """Warm-up (compiles, autotunes, fills caches) and a host-clock estimate of one step."""
+    for k in range(num_sets):
+        prepare(k)
+        run(k)
+    timer.sync()
+    start_s = time.perf_counter()
+    for step in range(warmup_steps):
+        prepare(step % num_sets)
+        run(step % num_sets)
+    timer.sync()
+    return (time.perf_counter() - start_s) * 1e3 / warmup_steps
+
+
+def row_key(shape: Shape, mode: str, provider: str, pass_name: str) -> dict:
+    return {
+        "N": shape.n_rows,
+        "d": shape.dim,
+        "C": shape.num_classes,
+        "dtype": shape.dtype,
+        "mode": mode,
+        "provider": provider,
+        "pass": pass_name,
+    }
+
+
+def bench_case(
+    shape: Shape,
+    mode: str,
+    provider: str,
+    pass_name: str,
+    timings: tuple[str, ...],
+    inputs: list[InputSet],
+    loss_fn: Callable,
+    device: torch.device,
+    budget: Budget,
+    copy_tbps: Optional[float],
+) -> list[dict]:
+    """All timing rows of one (shape, mode, provider, pass); a failure becomes an ``error`` row."""
+    base = dict(row_key(shape, mode, provider, pass_name), input_sets=len(inputs))
+    timer = Timer(device)
+    rows = []
+    try:
+        prepare, run = build_step(loss_fn, inputs, pass_name, for_graph=False)
+        estimate_ms = estimate_step_ms(prepare, run, len(inputs), timer, budget.warmup_steps)
+        peak_mb = peak_extra_mb(prepare, run) if device.type == "cuda" else None
+    except Exception as error:  # the provider cannot run this case at all
+        return [dict(base, timing=t, ms=None, peak_mb=None, error=f"{type(error).__name__}: {error}") for t in timings]
+
+    for timing in timings:
+        row = dict(base, timing=timing, ms=None, peak_mb=peak_mb)
+        try:
+            if timing == "device":
+                graph_prepare, graph_run = build_step(loss_fn, inputs, pass_name, for_graph=True)
+                times, steps = graph_replay_ms(graph_prepare, graph_run, len(inputs), estimate_ms, budget)
+                row["steps_per_graph"] = steps
+            else:
+                reps = reps_for(estimate_ms, budget.wall_ms, budget.min_reps, budget.max_reps)
+                times = timer.wall_ms(prepare, run, len(inputs), reps)
+            row["ms"] = statistics.median(times)
+            row["reps"] = len(times)
+            if provider != "noop":
+                gbps = bytes_moved(shape, mode, pass_name) / (row["ms"] * 1e-3) / 1e9
+                row["gbps"] = gbps
+                if copy_tbps:
+                    row["frac_copy"] = gbps / (copy_tbps * 1e3)
+        except Exception as error:  # e.g. CUDA-graph capture unsupported by this provider
+            row["error"] = f"{type(error).__name__}: {error}"
+        rows.append(row)
+    return rows
+
+
+def run_op_bench(
+    shapes,
+    providers,
+    modes,
+    passes,
+    timings,
+    device: torch.device,
+    budget: Budget,
+    copy_tbps: Optional[float],
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+) -> list[dict]:
+    """Every row for the requested grid. ``noop`` runs only as ``fwd_bwd``; ``device`` only on CUDA."""
+    if device.type != "cuda":
+        timings = tuple(t for t in timings if t != "device")
+    unavailable = {}
+    if any(p in ("fused", "fused_compiled") for p in providers):
+        reason = fused_unavailable_reason()
+        if reason:
+            unavailable = {"fused": reason, "fused_compiled": reason}
+    l2_bytes = DEFAULT_L2_BYTES
+    if device.type == "cuda":
+        l2_bytes = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", DEFAULT_L2_BYTES)
+
+    generator = torch.Generator(device=device).manual_seed(seed)
+    rows = []
+    for shape in shapes:
+        for mode in modes:
+            inputs = make_inputs(shape, mode, num_input_sets(shape, mode, l2_bytes, budget.max_input_sets), device, generator)
+            for provider in providers:
+                if provider == "noop" and "fwd_bwd" not in passes:
+                    continue
+                case_passes = ("fwd_bwd",) if provider == "noop" else passes
+                if provider in unavailable:
+                    rows += [
+                        dict(row_key(shape, mode, provider, pass_name), timing=timing, ms=None, peak_mb=None,
+                             error=unavailable[provider])
+                        for pass_name in case_passes
+                        for timing in timings
+                    ]
+                    continue
+                if provider in ("compile", "fused_compiled"):
+                    torch._dynamo.reset()  # a fresh static-shape compile per case: no recompile limit to hit
+                loss_fn = make_loss_fn(provider, shape.num_classes)
+                for pass_name in case_passes:
+                    case_rows = bench_case(
+                        shape, mode, provider, pass_name, timings, inputs, loss_fn, device, budget, copy_tbps
+                    )
+                    for row in case_rows:
+                        shown = f"{row['ms']:.4f} ms" if row["ms"] is not None else f"error: {row['error'][:120]}"
+                        log(f"{shape.label:>26} {mode:5} {provider:14} {pass_name:7} {row['timing']:6} {shown}")
+                    rows += case_rows
+            del inputs
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows

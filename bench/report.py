@@ -1,0 +1,310 @@
+"""Results output: the JSON file, the markdown tables (with the issue-3 target checks) and the speedup plot.
+
+Results JSON (one file per device and day, ``<device-slug>-<yyyy-mm-dd>.json``)::
+
+    {"device", "torch", "triton", "copy_tbps", "date", "quick", "runs": [...],
+     "rows": [{"N", "d", "C", "dtype", "mode", "provider", "pass", "timing", "ms", "peak_mb",
+               "gbps"?, "frac_copy"?, "error"?, "input_sets", "reps"?, "steps_per_graph"?, "run"}, ...],
+     "e2e": {...} | null, "skipped": [...]}
+
+``runs[i]`` describes invocation ``i`` (arguments, start time, its own ``copy_tbps``); each row names the
+run that measured it, so results merged from several invocations (``--merge``) stay traceable.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import warnings
+from typing import Optional
+
+ROW_KEY = ("N", "d", "C", "dtype", "mode", "provider", "pass", "timing")
+ELEMENT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+# Issue 3, "Targets on an H100": fused device ms for fwd_bwd, fixed centroids, bf16. Specification, not results.
+H100_DEVICE_TARGET_MS = {
+    (32, 768, 2): 0.013,
+    (4096, 768, 2): 0.020,
+    (16384, 768, 30522): 0.080,
+    (8192, 4096, 1000): 0.120,
+    (65536, 768, 10): 0.130,
+    (32768, 4096, 3): 0.320,
+}
+NOOP_WALL_FACTOR = 2.0  # fused wall at 32x768 within 2x of the no-op autograd step
+BATCH_VS_FIXED_FACTOR = 1.5  # per-batch centroids within 1.5x of fixed, at the large shapes
+LARGE_SHAPE_ELEMENTS = 2**23  # "large shapes": N * d >= 8M (16384x768 and up)
+PEAK_MEMORY_FACTOR = 1.1  # fused fwd_bwd peak <= 1.1 x (N*d*elem + 2*C*d*4)
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
+
+
+def results_stem(device_name: str, date: str) -> str:
+    """File stem ``<device-slug>-<yyyy-mm-dd>`` shared by the JSON, markdown and PNG."""
+    return f"{slug(device_name)}-{date}"
+
+
+def row_key(row: dict) -> tuple:
+    return tuple(row[key] for key in ROW_KEY)
+
+
+def merge_results(old: dict, new: dict) -> dict:
+    """``old`` updated with ``new``: rows with the same key and the e2e section are replaced."""
+    if old.get("device") != new["device"]:
+        raise ValueError(f"cannot merge results of {new['device']!r} into a file of {old.get('device')!r}")
+    offset = len(old["runs"])
+    rows = {row_key(row): row for row in old["rows"]}
+    for row in new["rows"]:
+        rows[row_key(row)] = dict(row, run=row["run"] + offset)
+    merged = dict(new, runs=old["runs"] + new["runs"], rows=list(rows.values()))
+    if new.get("e2e") is None:
+        merged["e2e"] = old.get("e2e")
+    measured = {(r["N"], r["d"], r["C"], r["dtype"]) for r in merged["rows"]}
+    merged["skipped"] = [s for s in old.get("skipped", []) + new.get("skipped", []) if tuple(s) not in measured]
+    return merged
+
+
+def shape_label(row_or_key) -> str:
+    n_rows, dim, num_classes, dtype = row_or_key
+    return f"{n_rows}x{dim} C={num_classes} {dtype}"
+
+
+def index_rows(rows: list[dict]) -> dict:
+    """``{(N, d, C, dtype, mode, provider, pass, timing): row}``."""
+    return {row_key(row): row for row in rows}
+
+
+def shapes_in(rows: list[dict]) -> list[tuple]:
+    """Distinct ``(N, d, C, dtype)`` in first-seen order."""
+    return list(dict.fromkeys((r["N"], r["d"], r["C"], r["dtype"]) for r in rows))
+
+
+def ms_of(index: dict, shape: tuple, mode: str, provider: str, pass_name: str, timing: str) -> Optional[float]:
+    row = index.get((*shape, mode, provider, pass_name, timing))
+    return None if row is None else row.get("ms")
+
+
+def speedup(other_ms: Optional[float], fused_ms: Optional[float]) -> Optional[float]:
+    """How many times faster fused is than ``other`` (``other_ms / fused_ms``)."""
+    if other_ms is None or fused_ms is None or fused_ms <= 0:
+        return None
+    return other_ms / fused_ms
+
+
+def _fmt(value, spec: str, suffix: str = "") -> str:
+    return "–" if value is None else f"{value:{spec}}{suffix}"
+
+
+def comparison_table(index: dict, shapes: list[tuple], mode: str, pass_name: str, timings: list[str]) -> list[str]:
+    lines = [
+        "| shape | timing | eager ms | compile ms | fused ms | fused vs eager | fused vs compile "
+        "| fused GB/s | % of copy | no-op step ms |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for shape in shapes:
+        for timing in timings:
+            eager, compiled, fused = (ms_of(index, shape, mode, p, pass_name, timing) for p in ("eager", "compile", "fused"))
+            if eager is None and compiled is None and fused is None:
+                continue
+            fused_row = index.get((*shape, mode, "fused", pass_name, timing), {})
+            noop = ms_of(index, shape, mode, "noop", "fwd_bwd", timing) if pass_name == "fwd_bwd" else None
+            frac = fused_row.get("frac_copy")
+            lines.append(
+                f"| {shape_label(shape)} | {timing} | {_fmt(eager, '.4f')} | {_fmt(compiled, '.4f')} "
+                f"| {_fmt(fused, '.4f')} | {_fmt(speedup(eager, fused), '.3g', 'x')} "
+                f"| {_fmt(speedup(compiled, fused), '.3g', 'x')} | {_fmt(fused_row.get('gbps'), '.4g')} "
+                f"| {_fmt(None if frac is None else 100 * frac, '.3g', '%')} | {_fmt(noop, '.4f')} |"
+            )
+    return lines
+
+
+def all_rows_table(rows: list[dict]) -> list[str]:
+    providers = list(dict.fromkeys(r["provider"] for r in rows))
+    index = index_rows(rows)
+    lines = [
+        "| shape | mode | pass | timing | " + " | ".join(f"{p} ms" for p in providers) + " | "
+        + " | ".join(f"{p} peak MB" for p in providers) + " |",
+        "|---|---|---|---|" + "---:|" * (2 * len(providers)),
+    ]
+    cases = dict.fromkeys((r["N"], r["d"], r["C"], r["dtype"], r["mode"], r["pass"], r["timing"]) for r in rows)
+    for n_rows, dim, num_classes, dtype, mode, pass_name, timing in cases:
+        found = [index.get((n_rows, dim, num_classes, dtype, mode, p, pass_name, timing), {}) for p in providers]
+        lines.append(
+            f"| {shape_label((n_rows, dim, num_classes, dtype))} | {mode} | {pass_name} | {timing} | "
+            + " | ".join("error" if r.get("error") else _fmt(r.get("ms"), ".4f") for r in found)
+            + " | "
+            + " | ".join(_fmt(r.get("peak_mb"), ".1f") for r in found)
+            + " |"
+        )
+    return lines
+
+
+def memory_budget_mb(shape: tuple) -> float:
+    """``1.1 x (N*d*elem for dh + 2*C*d*4)`` in MB (issue 3)."""
+    n_rows, dim, num_classes, dtype = shape
+    return PEAK_MEMORY_FACTOR * (n_rows * dim * ELEMENT_BYTES[dtype] + 2 * num_classes * dim * 4) / 2**20
+
+
+def _verdict(measured: Optional[float], limit: float) -> str:
+    if measured is None:
+        return "not measured"
+    if measured <= limit:
+        return "met"
+    return f"MISSED by {100 * (measured / limit - 1):.0f}%"
+
+
+def target_checks(results: dict) -> list[dict]:
+    """One entry per issue-3 criterion and shape: ``{criterion, shape, measured, limit, verdict}``."""
+    rows = [r for r in results["rows"] if r.get("ms") is not None or r.get("peak_mb") is not None]
+    index = index_rows(rows)
+    shapes = shapes_in(results["rows"])
+    checks = []
+
+    def add(criterion, shape, measured, limit):
+        checks.append(
+            {"criterion": criterion, "shape": shape_label(shape), "measured": measured, "limit": limit,
+             "verdict": _verdict(measured, limit)}
+        )
+
+    for shape in shapes:
+        n_rows, dim, num_classes, dtype = shape
+        fused_device = ms_of(index, shape, "fixed", "fused", "fwd_bwd", "device")
+        target = H100_DEVICE_TARGET_MS.get((n_rows, dim, num_classes))
+        if target is not None and dtype == "bf16" and "H100" in results["device"]:
+            add("fused device ms <= H100 target", shape, fused_device, target)
+        fused_wall = ms_of(index, shape, "fixed", "fused", "fwd_bwd", "wall")
+        for other in ("eager", "compile"):
+            other_wall = ms_of(index, shape, "fixed", other, "fwd_bwd", "wall")
+            if other_wall is not None:
+                add(f"fused wall ms <= {other} wall ms", shape, fused_wall, other_wall)
+        noop_wall = ms_of(index, shape, "fixed", "noop", "fwd_bwd", "wall")
+        if (n_rows, dim) == (32, 768) and noop_wall is not None:
+            add(f"fused wall ms <= {NOOP_WALL_FACTOR:g}x no-op step", shape, fused_wall, NOOP_WALL_FACTOR * noop_wall)
+        batch_device = ms_of(index, shape, "batch", "fused", "fwd_bwd", "device")
+        if n_rows * dim >= LARGE_SHAPE_ELEMENTS and fused_device is not None:
+            add(f"batch-centroid device ms <= {BATCH_VS_FIXED_FACTOR:g}x fixed", shape, batch_device,
+                BATCH_VS_FIXED_FACTOR * fused_device)
+        for mode in ("fixed", "batch"):
+            row = index.get((*shape, mode, "fused", "fwd_bwd", "wall")) or index.get((*shape, mode, "fused", "fwd_bwd", "device"))
+            if row is not None and row.get("peak_mb") is not None:
+                add(f"fused peak MB ({mode}) <= 1.1 x (N*d*elem + 2*C*d*4)", shape, row["peak_mb"], memory_budget_mb(shape))
+    return checks
+
+
+def e2e_table(section: dict) -> list[str]:
+    lines = [
+        f"{section['model']}, batch {section['batch_size']} x seq {section['seq_len']}, {section['autocast']} autocast, "
+        f"{section['optimizer']}, CMI weight {section['cmi_weight']} on the {section['cmi_input']}; "
+        f"{section['rounds']} interleaved rounds of {section['steps_per_round']} steps per config.",
+        "",
+        "| config | step ms (median of rounds) | rounds min..max ms | overhead vs plain (median, min..max over rounds) | verdict |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for entry in section.get("configs", []):
+        overhead, verdict = "–", "baseline"
+        if "overhead_pct" in entry:
+            overhead = f"{entry['overhead_pct']:+.1f}% ({entry['overhead_pct_min']:+.1f}..{entry['overhead_pct_max']:+.1f}%)"
+            verdict = "above the run-to-run spread" if entry["significant"] else "within the run-to-run spread"
+        lines.append(
+            f"| {entry['config']} | {entry['step_ms']:.3f} | {min(entry['round_ms']):.3f}..{max(entry['round_ms']):.3f} "
+            f"| {overhead} | {verdict} |"
+        )
+    for config_name, error in section.get("errors", {}).items():
+        lines.append(f"| {config_name} | error: {error} | | | |")
+    return lines
+
+
+def render_markdown(results: dict, plot_name: Optional[str] = None) -> str:
+    """The human-readable report of one results file."""
+    rows = results["rows"]
+    index = index_rows(rows)
+    shapes = shapes_in(rows)
+    timings = [t for t in ("device", "wall") if any(r["timing"] == t for r in rows)]
+    copy = results.get("copy_tbps")
+    lines = [
+        f"# cmi_loss benchmark: {results['device']}",
+        "",
+        f"torch {results['torch']}, triton {results['triton']}, {results['date']}"
+        + (" (--quick: CPU smoke run, not a performance result)" if results.get("quick") else "")
+        + f". Copy bandwidth measured in this run: {_fmt(copy, '.2f', ' TB/s')} (bytes read + written).",
+        "",
+        "`device` = CUDA-graph replay (GPU time alone); `wall` = the eager step as users run it, from an idle GPU. "
+        "Speedup = provider ms / fused ms (> 1: fused is faster). GB/s uses the bytes model of `bench/cmi_op.py` "
+        "(3 passes over N*d*elem for fwd_bwd, plus min(N, C)*d*4 centroid rows with fixed centroids).",
+        "",
+    ]
+    if plot_name:
+        lines += [f"![fused speedup per shape]({plot_name})", ""]
+    for mode, title in (("fixed", "fixed centroids"), ("batch", "per-batch centroids")):
+        if any(r["mode"] == mode for r in rows):
+            lines += [f"## Forward + backward, {title}", ""]
+            lines += comparison_table(index, shapes, mode, "fwd_bwd", timings) + [""]
+    checks = target_checks(results) if results.get("cuda") else []
+    if checks:
+        lines += ["## Issue-3 targets", ""]
+        if "H100" not in results["device"]:
+            lines += ["The device-ms targets are for an H100 and are not checked on this device.", ""]
+        lines += ["| criterion | shape | measured | limit | verdict |", "|---|---|---:|---:|---|"]
+        lines += [
+            f"| {c['criterion']} | {c['shape']} | {_fmt(c['measured'], '.4f')} | {c['limit']:.4f} | {c['verdict']} |"
+            for c in checks
+        ]
+        lines.append("")
+    if results.get("e2e"):
+        section = results["e2e"]
+        body = [f"Not run: {section['error']}"] if "error" in section else e2e_table(section)
+        lines += ["## End-to-end training step", ""] + body + [""]
+    lines += ["## Every row", ""] + all_rows_table(rows) + [""]
+    errors = dict.fromkeys((r["provider"], r["error"]) for r in rows if r.get("error"))
+    if errors:
+        lines += ["## Errors", ""] + [f"- `{provider}`: {error}" for provider, error in errors] + [""]
+    if results.get("skipped"):
+        lines += ["## Not measured (time limit)", ""] + [f"- {shape_label(s)}" for s in results["skipped"]] + [""]
+    return "\n".join(lines)
+
+
+def plot_speedups(results: dict, path: str) -> bool:
+    """Bar chart of fused speedup vs eager and vs compile per shape (fwd_bwd, fixed centroids; device
+    timing where measured, else wall). Returns False, with a warning, when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        warnings.warn("matplotlib is not installed: skipping the speedup plot (JSON and markdown are written)")
+        return False
+    index = index_rows(results["rows"])
+    timing = "device" if any(r["timing"] == "device" and r.get("ms") for r in results["rows"]) else "wall"
+    shapes = shapes_in(results["rows"])
+    labels, series = [], {"eager": [], "compile": []}
+    for shape in shapes:
+        fused = ms_of(index, shape, "fixed", "fused", "fwd_bwd", timing)
+        ratios = {p: speedup(ms_of(index, shape, "fixed", p, "fwd_bwd", timing), fused) for p in series}
+        if all(v is None for v in ratios.values()):
+            continue
+        labels.append(shape_label(shape).replace(" C=", "\nC="))
+        for provider, value in ratios.items():
+            series[provider].append(math.nan if value is None else value)
+    figure, axes = plt.subplots(figsize=(max(6.0, 1.3 * len(labels) + 2), 4.5))
+    width = 0.38
+    for offset, (provider, values) in zip((-width / 2, width / 2), series.items()):
+        axes.bar([i + offset for i in range(len(labels))], values, width, label=f"fused vs {provider}")
+    axes.axhline(1.0, color="black", linewidth=0.8)
+    axes.set_xticks(range(len(labels)), labels, fontsize=8)
+    axes.set_yscale("log")
+    axes.set_ylabel(f"speedup ({timing} ms ratio, > 1 = fused faster)")
+    axes.set_title(f"cmi_loss fwd+bwd, fixed centroids: {results['device']}", fontsize=10)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True
+
+
+def write_json(results: dict, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(results, handle, indent=1, allow_nan=False)
+        handle.write("\n")
