@@ -1,0 +1,177 @@
+"""CMIRegularizer: the four centroid modes against centroids computed by hand, normalisation, state."""
+
+import pytest
+import torch
+
+from cmi_fused import CMIRegularizer
+
+C, D, T = 3, 5, 0.7
+
+
+def softmax(h, temperature=T):
+    return torch.softmax(h.double() / temperature, dim=-1)
+
+
+def hand_cmi(h, y, centroids, temperature=T):
+    """mean_i KL(softmax(h_i / T) || centroids[y_i]) in float64."""
+    f = softmax(h, temperature)
+    return (f * (f.log() - centroids.double()[y].log())).sum(-1).mean()
+
+
+def class_means(f, y):
+    return torch.stack([f[y == c].mean(0) for c in range(C)])
+
+
+def make_batches(count=3, rows=12, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(count):
+        h = torch.randn(rows, D, generator=generator) * 2
+        y = torch.arange(rows) % C  # every class in every batch
+        batches.append((h, y[torch.randperm(rows, generator=generator)]))
+    return batches
+
+
+def test_batch_mode_is_per_batch_cmi_with_exact_gradient():
+    reg = CMIRegularizer(C, D, "batch", temperature=T)
+    h, y = make_batches(1)[0]
+    h.requires_grad_(True)
+    loss = reg(h, y)
+    assert torch.allclose(loss.double(), hand_cmi(h.detach(), y, class_means(softmax(h.detach()), y)), atol=1e-6)
+    loss.backward()
+    h_ref = h.detach().double().requires_grad_(True)
+    f = softmax(h_ref)
+    centroids = torch.stack([f[y == c].mean(0) for c in range(C)])  # not detached: the exact gradient
+    (f * (f.log() - centroids[y].log())).sum(-1).mean().backward()
+    assert torch.allclose(h.grad.double(), h_ref.grad, atol=1e-6)
+
+
+def test_epoch_mode_uses_previous_epoch_means():
+    reg = CMIRegularizer(C, D, "epoch", temperature=T)
+    batches = make_batches(3)
+    for h, y in batches:  # epoch 1: per-batch centroids
+        assert torch.allclose(reg(h, y).double(), hand_cmi(h, y, class_means(softmax(h), y)), atol=1e-6)
+    reg.end_epoch()
+    f_all = softmax(torch.cat([h for h, _ in batches]))
+    y_all = torch.cat([y for _, y in batches])
+    epoch1_means = class_means(f_all, y_all)
+    assert torch.allclose(reg.centroids.double(), epoch1_means, atol=1e-6)
+    assert int(reg.epoch) == 1
+    new_batches = make_batches(2, seed=1)
+    for h, y in new_batches:  # epoch 2: epoch-1 means, fixed during the epoch
+        assert torch.allclose(reg(h, y).double(), hand_cmi(h, y, epoch1_means), atol=1e-6)
+    reg.end_epoch()
+    f_new = softmax(torch.cat([h for h, _ in new_batches]))
+    y_new = torch.cat([y for _, y in new_batches])
+    assert torch.allclose(reg.centroids.double(), class_means(f_new, y_new), atol=1e-6)
+
+
+def test_ema_mode_blends_batch_means():
+    momentum = 0.8
+    reg = CMIRegularizer(C, D, "ema", temperature=T, momentum=momentum)
+    (h1, y1), (h2, y2), (h3, y3) = make_batches(3)
+    assert torch.allclose(reg(h1, y1).double(), hand_cmi(h1, y1, class_means(softmax(h1), y1)), atol=1e-6)
+    ema = class_means(softmax(h1), y1)
+    assert torch.allclose(reg.centroids.double(), ema, atol=1e-6)
+    assert torch.allclose(reg(h2, y2).double(), hand_cmi(h2, y2, ema), atol=1e-6)
+    ema = momentum * ema + (1 - momentum) * class_means(softmax(h2), y2)
+    assert torch.allclose(reg.centroids.double(), ema, atol=1e-6)
+    assert torch.allclose(reg(h3, y3).double(), hand_cmi(h3, y3, ema), atol=1e-6)
+
+
+def test_class_without_centroid_falls_back_to_batch_centroids():
+    reg = CMIRegularizer(C, D, "ema", temperature=T)
+    h, y = make_batches(1)[0]
+    only_01 = y < 2
+    reg(h[only_01], y[only_01])  # class 2 not seen yet
+    assert reg.centroid_valid.tolist() == [True, True, False]
+    h2, y2 = make_batches(1, seed=3)[0]
+    assert torch.allclose(reg(h2, y2).double(), hand_cmi(h2, y2, class_means(softmax(h2), y2)), atol=1e-6)
+    assert reg.centroid_valid.all()
+
+
+def test_frozen_mode_fixes_centroids_from_one_pass():
+    reg = CMIRegularizer(C, D, "frozen", temperature=T)
+    h, y = make_batches(1)[0]
+    with pytest.raises(RuntimeError, match="freeze"):
+        reg(h, y)
+    passes = make_batches(3, seed=5)
+    reg.freeze(passes)
+    frozen = class_means(softmax(torch.cat([p[0] for p in passes])), torch.cat([p[1] for p in passes]))
+    assert torch.allclose(reg.centroids.double(), frozen, atol=1e-6)
+    for h, y in make_batches(2, seed=6):
+        assert torch.allclose(reg(h, y).double(), hand_cmi(h, y, frozen), atol=1e-6)
+    reg.end_epoch()
+    assert torch.allclose(reg.centroids.double(), frozen, atol=1e-6)
+    with pytest.raises(ValueError, match="classes \\[2\\]"):
+        CMIRegularizer(C, D, "frozen").freeze([(h[y < 2], y[y < 2])])
+
+
+def test_center_l2_uses_running_feature_mean():
+    momentum = 0.5
+    reg = CMIRegularizer(C, D, "batch", temperature=0.1, normalization="center_l2", feature_momentum=momentum)
+    (h1, y1), (h2, y2) = make_batches(2)
+    mean = h1.double().mean(0)
+    x1 = torch.nn.functional.normalize(h1.double() - mean, dim=-1)
+    assert torch.allclose(reg(h1, y1).double(), hand_cmi(x1, y1, class_means(softmax(x1, 0.1), y1), 0.1), atol=1e-5)
+    mean = momentum * mean + (1 - momentum) * h2.double().mean(0)
+    x2 = torch.nn.functional.normalize(h2.double() - mean, dim=-1)
+    assert torch.allclose(reg(h2, y2).double(), hand_cmi(x2, y2, class_means(softmax(x2, 0.1), y2), 0.1), atol=1e-5)
+    assert torch.allclose(reg.feature_mean.double(), mean, atol=1e-6)
+
+
+def test_frozen_center_l2_computes_the_feature_mean_first():
+    reg = CMIRegularizer(C, D, "frozen", temperature=0.2, normalization="center_l2")
+    passes = make_batches(2, seed=8)
+    with pytest.raises(TypeError, match="re-iterable"):
+        reg.freeze(iter(passes))
+    reg.freeze(passes)
+    h_all, y_all = torch.cat([p[0] for p in passes]), torch.cat([p[1] for p in passes])
+    x_all = torch.nn.functional.normalize(h_all.double() - h_all.double().mean(0), dim=-1)
+    assert torch.allclose(reg.centroids.double(), class_means(softmax(x_all, 0.2), y_all), atol=1e-6)
+
+
+def test_eval_mode_keeps_state():
+    reg = CMIRegularizer(C, D, "ema", temperature=T)
+    (h1, y1), (h2, y2) = make_batches(2)
+    reg(h1, y1)
+    before = {name: buffer.clone() for name, buffer in reg.named_buffers()}
+    reg.eval()
+    reg(h2, y2)
+    for name, buffer in reg.named_buffers():
+        assert torch.equal(buffer, before[name]), name
+
+
+@pytest.mark.parametrize("mode", ["epoch", "ema"])
+def test_state_dict_round_trip(mode, tmp_path):
+    reg = CMIRegularizer(C, D, mode, temperature=T, normalization="center_l2")
+    batches = make_batches(3)
+    for h, y in batches:
+        reg(h, y)
+    reg.end_epoch()
+    torch.save(reg.state_dict(), tmp_path / "reg.pt")
+    restored = CMIRegularizer(C, D, mode, temperature=T, normalization="center_l2")
+    restored.load_state_dict(torch.load(tmp_path / "reg.pt"))
+    for name, buffer in reg.named_buffers():
+        assert torch.equal(buffer, dict(restored.named_buffers())[name]), name
+    h, y = make_batches(1, seed=9)[0]
+    assert torch.equal(reg(h, y), restored(h, y))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(centroids="mean"), "centroids must be one of"),
+        (dict(normalization="l2"), "normalization must be one of"),
+        (dict(temperature=0), "temperature must be"),
+        (dict(momentum=1.0), "momentum must be"),
+    ],
+)
+def test_bad_options_name_the_argument(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        CMIRegularizer(C, D, **kwargs)
+
+
+def test_wrong_feature_width_is_reported():
+    with pytest.raises(ValueError, match="dim=5"):
+        CMIRegularizer(C, D)(torch.randn(4, 6), torch.zeros(4, dtype=torch.long))
