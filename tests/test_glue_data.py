@@ -1,0 +1,246 @@
+"""GLUE loaders on small fixture TSVs in each task's official format, errors, and the scikit-learn metrics."""
+
+import numpy as np
+import pytest
+
+from cmi_fused.glue import data as glue_data
+from cmi_fused.glue.data import GlueDataError, load_task, tokenize_split
+from cmi_fused.glue.metrics import build_compute_metrics, glue_metrics
+
+MNLI_TRAIN_HEADER = (
+    "index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\tsentence1_parse\t"
+    "sentence2_parse\tsentence1\tsentence2\tlabel1\tgold_label"
+)
+MNLI_DEV_HEADER = (
+    "index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\tsentence1_parse\t"
+    "sentence2_parse\tsentence1\tsentence2\tlabel1\tlabel2\tlabel3\tlabel4\tlabel5\tgold_label"
+)
+
+
+def mnli_row(index, premise, hypothesis, gold, dev):
+    labels = [gold] * (5 if dev else 1)
+    return "\t".join([str(index), "31193", f"{index}n", "government", "( ( x ) )", "( y )", "(ROOT x)", "(ROOT y)",
+                      premise, hypothesis, *labels, gold])
+
+
+# task -> (directory, {file: lines}, expected train rows as (text_a, text_b or None, label))
+FIXTURES = {
+    "cola": (
+        "CoLA",
+        {
+            "train.tsv": ["gj04\t1\t\tOur friends won't buy this analysis.", "gj04\t0\t*\tThe more he \"reads , the."],
+            "dev.tsv": ["cj99\t1\t\tThe sailors rode the breeze clear of the rocks."],
+        },
+        [("Our friends won't buy this analysis.", None, 1), ("The more he \"reads , the.", None, 0)],
+    ),
+    "sst2": (
+        "SST-2",
+        {
+            "train.tsv": ["sentence\tlabel", "hide new \" secretions \t0", "a gorgeous film \t1"],
+            "dev.tsv": ["sentence\tlabel", "it 's a charming journey . \t1"],
+        },
+        [("hide new \" secretions ", None, 0), ("a gorgeous film ", None, 1)],
+    ),
+    "mrpc": (
+        "MRPC",
+        {
+            "train.tsv": [
+                "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String",
+                '1\t702876\t702977\tAmrozi called " the witness " .\tReferring to him as " the witness " .',
+                "0\t2108705\t2108831\tYucaipa owned Dominick 's .\tYucaipa bought Dominick 's .",
+            ],
+            "dev.tsv": ["Quality\t#1 ID\t#2 ID\t#1 String\t#2 String", "1\t1\t2\tHe said .\tHe stated ."],
+        },
+        [('Amrozi called " the witness " .', 'Referring to him as " the witness " .', 1),
+         ("Yucaipa owned Dominick 's .", "Yucaipa bought Dominick 's .", 0)],
+    ),
+    "qqp": (
+        "QQP",
+        {
+            "train.tsv": [
+                "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate",
+                "133273\t213221\t213222\tHow is the life of a math student?\tWhich level of math is needed?\t0",
+                "402555\t536040\t536041\tHow do I control my \"horny\" emotions?\tHow do you control it?\t1",
+            ],
+            "dev.tsv": ["id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate", "1\t2\t3\tWhy?\tWhy not?\t0"],
+        },
+        [("How is the life of a math student?", "Which level of math is needed?", 0),
+         ('How do I control my "horny" emotions?', "How do you control it?", 1)],
+    ),
+    "qnli": (
+        "QNLI",
+        {
+            "train.tsv": [
+                "index\tquestion\tsentence\tlabel",
+                "0\tWhen did the third Digimon series begin?\tUnlike the two seasons before it .\tnot_entailment",
+                "1\tWhich missile batteries often have?\tThe missile batteries have a range .\tentailment",
+            ],
+            "dev.tsv": ["index\tquestion\tsentence\tlabel", "0\tWhat?\tThis .\tentailment"],
+        },
+        [("When did the third Digimon series begin?", "Unlike the two seasons before it .", 1),
+         ("Which missile batteries often have?", "The missile batteries have a range .", 0)],
+    ),
+    "rte": (
+        "RTE",
+        {
+            "train.tsv": [
+                "index\tsentence1\tsentence2\tlabel",
+                "0\tNo Weapons of Mass Destruction Found in Iraq Yet.\tWeapons Found in Iraq.\tnot_entailment",
+                "1\tA place of sorrow, after Pope John Paul II died.\tPope died.\tentailment",
+            ],
+            "dev.tsv": ["index\tsentence1\tsentence2\tlabel", "0\tDana went.\tDana left.\tentailment"],
+        },
+        [("No Weapons of Mass Destruction Found in Iraq Yet.", "Weapons Found in Iraq.", 1),
+         ("A place of sorrow, after Pope John Paul II died.", "Pope died.", 0)],
+    ),
+    "wnli": (
+        "WNLI",
+        {
+            "train.tsv": [
+                "index\tsentence1\tsentence2\tlabel",
+                "0\tI stuck a pin through a carrot.\tThe carrot had a hole.\t1",
+                "1\tJohn couldn't see the stage.\tJohn is so tall.\t0",
+            ],
+            "dev.tsv": ["index\tsentence1\tsentence2\tlabel", "0\tThe drain is clogged.\tThe hair is clogged.\t0"],
+        },
+        [("I stuck a pin through a carrot.", "The carrot had a hole.", 1),
+         ("John couldn't see the stage.", "John is so tall.", 0)],
+    ),
+    "mnli": (
+        "MNLI",
+        {
+            "train.tsv": [
+                MNLI_TRAIN_HEADER,
+                mnli_row(0, "Conceptually cream skimming has two dimensions.", "Product and geography.", "neutral", False),
+                mnli_row(1, "you know during the season", "You lose the things.", "entailment", False),
+                mnli_row(2, "One of our number will carry out \"your\" instructions.", "No one.", "contradiction",
+                         False),
+            ],
+            "dev_matched.tsv": [MNLI_DEV_HEADER, mnli_row(0, "The new rights are nice.", "Everyone likes.", "neutral",
+                                                          True)],
+            "dev_mismatched.tsv": [MNLI_DEV_HEADER, mnli_row(0, "Your gift is appreciated.", "Hi.", "contradiction",
+                                                             True), mnli_row(1, "a", "b", "entailment", True)],
+        },
+        [("Conceptually cream skimming has two dimensions.", "Product and geography.", 1),
+         ("you know during the season", "You lose the things.", 0),
+         ('One of our number will carry out "your" instructions.', "No one.", 2)],
+    ),
+}
+
+
+def write_task(root, task):
+    directory, files, _ = FIXTURES[task]
+    (root / directory).mkdir(parents=True, exist_ok=True)
+    for name, lines in files.items():
+        (root / directory / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root
+
+
+@pytest.mark.parametrize("task", sorted(FIXTURES))
+def test_tsv_loader_reads_official_format(task, tmp_path):
+    data = load_task(task, str(write_task(tmp_path, task)))
+    expected = FIXTURES[task][2]
+    assert list(data.train["text_a"]) == [row[0] for row in expected]
+    if expected[0][1] is None:
+        assert "text_b" not in data.train.column_names
+    else:
+        assert list(data.train["text_b"]) == [row[1] for row in expected]
+    assert list(data.train["label"]) == [row[2] for row in expected]
+    assert data.num_labels == (3 if task == "mnli" else 2)
+    eval_splits = ("matched", "mismatched") if task == "mnli" else ("validation",)
+    assert tuple(data.eval) == eval_splits
+    dev_files = [lines for name, lines in FIXTURES[task][1].items() if name != "train.tsv"]
+    header_rows = 0 if task == "cola" else 1
+    assert [len(split) for split in data.eval.values()] == [len(lines) - header_rows for lines in dev_files]
+
+
+def test_mnli_dev_labels(tmp_path):
+    data = load_task("mnli", str(write_task(tmp_path, "mnli")))
+    assert list(data.eval["mismatched"]["label"]) == [2, 0]
+    assert list(data.eval["matched"]["text_a"]) == ["The new rights are nice."]
+
+
+def test_max_samples_keep_the_first_rows(tmp_path):
+    data = load_task("mnli", str(write_task(tmp_path, "mnli")), max_train_samples=2, max_eval_samples=1)
+    assert list(data.train["label"]) == [1, 0]
+    assert [len(split) for split in data.eval.values()] == [1, 1]
+    with pytest.raises(ValueError, match="max_train_samples"):
+        load_task("mnli", str(tmp_path), max_train_samples=0)
+
+
+def test_missing_file_says_what_to_pass(tmp_path):
+    write_task(tmp_path, "rte")
+    (tmp_path / "RTE" / "dev.tsv").unlink()
+    with pytest.raises(GlueDataError, match="missing GLUE file .*RTE/dev.tsv.*--data-dir"):
+        load_task("rte", str(tmp_path))
+
+
+def test_wrong_columns_are_reported(tmp_path):
+    (tmp_path / "MRPC").mkdir()
+    for name in ("train.tsv", "dev.tsv"):
+        (tmp_path / "MRPC" / name).write_text("sentence\tlabel\nhello\t1\n")
+    with pytest.raises(GlueDataError, match="expected a column named '#1 String'"):
+        load_task("mrpc", str(tmp_path))
+
+
+def test_short_row_and_bad_label_name_the_line(tmp_path):
+    write_task(tmp_path, "rte")
+    path = tmp_path / "RTE" / "train.tsv"
+    path.write_text("index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n1\ta\tb\n")
+    with pytest.raises(GlueDataError, match="train.tsv:3: expected at least 4"):
+        load_task("rte", str(tmp_path))
+    path.write_text("index\tsentence1\tsentence2\tlabel\n0\ta\tb\tmaybe\n")
+    with pytest.raises(GlueDataError, match="train.tsv:2: label 'maybe'"):
+        load_task("rte", str(tmp_path))
+    (tmp_path / "CoLA").mkdir()
+    (tmp_path / "CoLA" / "train.tsv").write_text("gj04\t2\t\tA sentence.\n")
+    with pytest.raises(GlueDataError, match="train.tsv:1: label '2'"):
+        load_task("cola", str(tmp_path))
+
+
+def test_hub_failure_gives_one_clear_message(monkeypatch):
+    def offline(*args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(glue_data.datasets, "load_dataset", offline)
+    with pytest.raises(GlueDataError, match="without network access pass --data-dir DIR .*DIR/SST-2/"):
+        load_task("sst2")
+
+
+def test_unknown_task():
+    with pytest.raises(ValueError, match="task must be one of"):
+        load_task("stsb", "/nonexistent")
+
+
+def test_tokenize_split_pairs_and_truncation(tmp_path):
+    from transformers import BertTokenizerFast
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "he", "said", "stated", "."]) + "\n")
+    tokenizer = BertTokenizerFast(str(vocab))
+    data = load_task("mrpc", str(write_task(tmp_path, "mrpc")))
+    encoded = tokenize_split(data.eval["validation"], tokenizer, max_seq_length=16)
+    assert set(encoded.column_names) == {"label", "input_ids", "token_type_ids", "attention_mask"}
+    assert encoded[0]["input_ids"] == [2, 4, 5, 7, 3, 4, 6, 7, 3]
+    assert encoded[0]["token_type_ids"] == [0] * 5 + [1] * 4
+    assert len(tokenize_split(data.eval["validation"], tokenizer, max_seq_length=6)[0]["input_ids"]) == 6
+
+
+def test_metrics_match_hand_computed_values():
+    labels = np.array([1, 1, 1, 0, 0, 0])
+    predictions = np.array([1, 1, 0, 0, 0, 1])
+    tp, tn, fp, fn = 2, 2, 1, 1
+    mcc = (tp * tn - fp * fn) / np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    assert glue_metrics("cola", predictions, labels) == pytest.approx({"matthews_correlation": mcc})
+    assert glue_metrics("mrpc", predictions, labels) == pytest.approx({"f1": 2 * tp / (2 * tp + fp + fn),
+                                                                       "accuracy": 4 / 6})
+    assert glue_metrics("qqp", predictions, labels).keys() == {"f1", "accuracy"}
+    assert glue_metrics("rte", predictions, labels) == pytest.approx({"accuracy": 4 / 6})
+
+
+def test_compute_metrics_takes_the_argmax():
+    class Prediction:
+        predictions = np.array([[0.1, 0.7, 0.2], [2.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+        label_ids = np.array([1, 0, 0])
+
+    assert build_compute_metrics("mnli")(Prediction()) == pytest.approx({"accuracy": 2 / 3})
