@@ -288,10 +288,14 @@ def plot_speedups(results: dict, path: str) -> bool:
         labels.append(shape_label(shape).replace(" C=", "\nC="))
         for provider, value in ratios.items():
             series[provider].append(math.nan if value is None else value)
+    series = {p: values for p, values in series.items() if not all(math.isnan(v) for v in values)}
     figure, axes = plt.subplots(figsize=(max(6.0, 1.3 * len(labels) + 2), 4.5))
-    width = 0.38
-    for offset, (provider, values) in zip((-width / 2, width / 2), series.items()):
-        axes.bar([i + offset for i in range(len(labels))], values, width, label=f"fused vs {provider}")
+    width = 0.8 / max(1, len(series))
+    for number, (provider, values) in enumerate(series.items()):
+        positions = [i + (number - (len(series) - 1) / 2) * width for i in range(len(labels))]
+        # Bars grow from 1 (parity): up when fused is faster, down when slower.
+        bars = axes.bar(positions, [v - 1 for v in values], width, bottom=1.0, label=f"fused vs {provider}")
+        axes.bar_label(bars, labels=[f"{v:.3g}x" for v in values], fontsize=7)
     axes.axhline(1.0, color="black", linewidth=0.8)
     axes.set_xticks(range(len(labels)), labels, fontsize=8)
     axes.set_yscale("log")

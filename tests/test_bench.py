@@ -1,0 +1,210 @@
+"""The benchmark suite: ``python -m bench --quick`` end to end on the CPU, and the report logic on synthetic rows."""
+
+import glob
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bench import cmi_op, e2e, report
+from bench.__main__ import main as bench_main
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROW_KEYS = {"N", "d", "C", "dtype", "mode", "provider", "pass", "timing", "ms", "peak_mb"}
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """Run the CLI once as CI does; return (results dict, markdown text, output dir)."""
+    output_dir = tmp_path_factory.mktemp("bench")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    completed = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--output-dir", str(output_dir)],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    (json_path,) = glob.glob(str(output_dir / "*.json"))
+    with open(json_path, encoding="utf-8") as handle:
+        results = json.load(handle)
+    with open(json_path[: -len(".json")] + ".md", encoding="utf-8") as handle:
+        markdown = handle.read()
+    return results, markdown, output_dir
+
+
+def test_quick_run_top_level(quick_run):
+    results, _, output_dir = quick_run
+    assert {"device", "torch", "triton", "copy_tbps", "rows", "e2e", "date", "runs"} <= set(results)
+    assert results["quick"] is True
+    assert results["copy_tbps"] > 0 and math.isfinite(results["copy_tbps"])
+    stem = report.results_stem(results["device"], results["date"])
+    assert os.path.exists(output_dir / f"{stem}.json")
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert os.path.getsize(output_dir / f"{stem}.png") > 0
+
+
+def test_quick_run_rows_cover_the_grid(quick_run):
+    results, _, _ = quick_run
+    rows = results["rows"]
+    for row in rows:
+        assert ROW_KEYS <= set(row), row
+        assert row["mode"] in cmi_op.MODES and row["pass"] in cmi_op.PASSES and row["timing"] in cmi_op.TIMINGS
+        assert "error" not in row, row
+        assert row["ms"] > 0 and math.isfinite(row["ms"]), row
+    found = {(r["N"], r["d"], r["C"], r["dtype"], r["mode"], r["provider"], r["pass"], r["timing"]) for r in rows}
+    expected = set()
+    for shape in cmi_op.QUICK_SHAPES:
+        for mode in cmi_op.MODES:
+            key = (shape.n_rows, shape.dim, shape.num_classes, shape.dtype, mode)
+            expected |= {(*key, provider, p, "wall") for provider in ("eager", "fused") for p in cmi_op.PASSES}
+            expected.add((*key, "noop", "fwd_bwd", "wall"))
+    if results["cuda"]:
+        assert expected <= found
+    else:
+        assert found == expected  # no device timing without CUDA
+
+
+def test_quick_run_bandwidth_follows_the_bytes_model(quick_run):
+    results, _, _ = quick_run
+    for row in results["rows"]:
+        if row["provider"] == "noop":
+            assert "gbps" not in row
+            continue
+        shape = cmi_op.Shape(row["N"], row["d"], row["C"], row["dtype"])
+        expected = cmi_op.bytes_moved(shape, row["mode"], row["pass"]) / (row["ms"] * 1e-3) / 1e9
+        assert row["gbps"] == pytest.approx(expected)
+        assert row["frac_copy"] == pytest.approx(row["gbps"] / (results["copy_tbps"] * 1e3))
+
+
+def test_quick_run_e2e_section(quick_run):
+    results, _, _ = quick_run
+    section = results["e2e"]
+    assert section["errors"] == {}
+    configs = {entry["config"]: entry for entry in section["configs"]}
+    assert set(configs) == set(e2e.CONFIGS)
+    for name, entry in configs.items():
+        assert len(entry["round_ms"]) == section["rounds"]
+        assert entry["step_ms"] > 0
+        assert ("overhead_pct" in entry) == (name != "plain")
+
+
+def test_quick_run_markdown(quick_run):
+    results, markdown, _ = quick_run
+    assert markdown.startswith(f"# cmi_loss benchmark: {results['device']}")
+    assert "| shape | timing | eager ms | compile ms | fused ms | fused vs eager | fused vs compile |" in markdown
+    for shape in cmi_op.QUICK_SHAPES:
+        assert f"| {shape.label} | wall |" in markdown
+    assert "## End-to-end training step" in markdown
+    for name in e2e.CONFIGS:
+        assert f"| {name} |" in markdown
+
+
+def test_help_lists_the_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench_main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("--quick", "--output-dir", "--shapes", "--providers", "--merge", "--time-limit"):
+        assert option in out
+
+
+def test_bad_arguments_name_the_option(capsys):
+    with pytest.raises(SystemExit):
+        bench_main(["--quick", "--e2e-rounds", "0"])
+    assert "--e2e-rounds" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "text, shape",
+    [("4096x768:2:bf16", cmi_op.Shape(4096, 768, 2, "bf16")), ("32X768:2", cmi_op.Shape(32, 768, 2, "bf16")),
+     ("8x40:3:fp32", cmi_op.Shape(8, 40, 3, "fp32"))],
+)
+def test_parse_shape(text, shape):
+    assert cmi_op.parse_shape(text) == shape
+
+
+@pytest.mark.parametrize("text", ["4096x768", "4096:2", "4096x768:2:int8", "0x768:2", "axb:2", "8x8:2:bf16:x"])
+def test_parse_shape_rejects(text):
+    with pytest.raises(ValueError, match="--shapes"):
+        cmi_op.parse_shape(text)
+
+
+def test_bytes_model_matches_the_issue():
+    # 3 passes over N*d*elem, plus the gathered centroid rows min(N, C)*d*4 with fixed centroids.
+    shape = cmi_op.Shape(32768, 4096, 3, "bf16")
+    assert cmi_op.bytes_moved(shape, "fixed", "fwd_bwd") == 3 * 32768 * 4096 * 2 + 3 * 4096 * 4
+    assert cmi_op.bytes_moved(shape, "batch", "fwd") == 32768 * 4096 * 2
+    vocab = cmi_op.Shape(16384, 768, 30522, "bf16")
+    assert cmi_op.bytes_moved(vocab, "fixed", "bwd") == 2 * 16384 * 768 * 2 + 16384 * 768 * 4
+
+
+def test_input_sets_cover_twice_l2_for_small_shapes_only():
+    l2 = 50 * 2**20
+    assert cmi_op.num_input_sets(cmi_op.Shape(4096, 768, 2, "bf16"), "batch", l2, 16) == 16
+    assert cmi_op.num_input_sets(cmi_op.Shape(32768, 4096, 3, "bf16"), "fixed", l2, 16) == 1
+    assert cmi_op.num_input_sets(cmi_op.Shape(32, 768, 2, "fp32"), "fixed", l2, 2) == 2
+
+
+def make_row(shape, mode, provider, pass_name, timing, ms, peak_mb=None, run=0):
+    n_rows, dim, num_classes, dtype = shape
+    return {"N": n_rows, "d": dim, "C": num_classes, "dtype": dtype, "mode": mode, "provider": provider,
+            "pass": pass_name, "timing": timing, "ms": ms, "peak_mb": peak_mb, "run": run}
+
+
+def synthetic_results(device, rows):
+    return {"device": device, "torch": "x", "triton": "y", "cuda": "12", "copy_tbps": 3.0, "date": "2026-01-01",
+            "quick": False, "runs": [{"copy_tbps": 3.0}], "rows": rows, "e2e": None, "skipped": []}
+
+
+def test_comparison_table_speedups():
+    shape = (4096, 768, 2, "bf16")
+    rows = [make_row(shape, "fixed", "eager", "fwd_bwd", "device", 0.155),
+            make_row(shape, "fixed", "compile", "fwd_bwd", "device", 0.044),
+            make_row(shape, "fixed", "fused", "fwd_bwd", "device", 0.022)]
+    table = report.comparison_table(report.index_rows(rows), [shape], "fixed", "fwd_bwd", ["device"])
+    assert table[2].startswith("| 4096x768 C=2 bf16 | device | 0.1550 | 0.0440 | 0.0220 | 7.05x | 2x |")
+
+
+def test_target_checks_flag_misses():
+    small, large = (4096, 768, 2, "bf16"), (32768, 4096, 3, "bf16")
+    rows = [make_row(small, "fixed", "fused", "fwd_bwd", "device", 0.030),
+            make_row(small, "fixed", "fused", "fwd_bwd", "wall", 0.10, peak_mb=5.0),
+            make_row(small, "fixed", "eager", "fwd_bwd", "wall", 0.50),
+            make_row(large, "fixed", "fused", "fwd_bwd", "device", 0.300),
+            make_row(large, "batch", "fused", "fwd_bwd", "device", 0.500)]
+    checks = {(c["criterion"], c["shape"]): c["verdict"] for c in report.target_checks(synthetic_results("NVIDIA H100 80GB HBM3", rows))}
+    assert checks[("fused device ms <= H100 target", "4096x768 C=2 bf16")] == "MISSED by 50%"
+    assert checks[("fused device ms <= H100 target", "32768x4096 C=3 bf16")] == "met"
+    assert checks[("fused wall ms <= eager wall ms", "4096x768 C=2 bf16")] == "met"
+    assert checks[("batch-centroid device ms <= 1.5x fixed", "32768x4096 C=3 bf16")] == "MISSED by 11%"
+    assert checks[("fused peak MB (fixed) <= 1.1 x (N*d*elem + 2*C*d*4)", "4096x768 C=2 bf16")] == "met"
+    other_gpu = report.target_checks(synthetic_results("NVIDIA A100", rows))
+    assert not any(c["criterion"].endswith("H100 target") for c in other_gpu)
+
+
+def test_merge_replaces_same_key_rows_and_keeps_the_rest():
+    shape, other = (32, 768, 2, "bf16"), (4096, 768, 2, "bf16")
+    old = synthetic_results("GPU", [make_row(shape, "fixed", "fused", "fwd", "wall", 1.0),
+                                    make_row(other, "fixed", "fused", "fwd", "wall", 2.0)])
+    old["skipped"] = [[4096, 768, 2, "bf16"], [65536, 768, 10, "bf16"]]
+    new = synthetic_results("GPU", [make_row(shape, "fixed", "fused", "fwd", "wall", 0.5)])
+    merged = report.merge_results(old, new)
+    by_shape = {(r["N"], r["d"]): r for r in merged["rows"]}
+    assert by_shape[(32, 768)]["ms"] == 0.5 and by_shape[(32, 768)]["run"] == 1
+    assert by_shape[(4096, 768)]["ms"] == 2.0 and by_shape[(4096, 768)]["run"] == 0
+    assert len(merged["runs"]) == 2
+    assert merged["skipped"] == [[65536, 768, 10, "bf16"]]
+    with pytest.raises(ValueError, match="cannot merge"):
+        report.merge_results(old, synthetic_results("other GPU", []))
+
+
+def test_e2e_overhead_is_significant_only_when_every_round_agrees():
+    clear = e2e.summarise({"plain": [10.0, 10.2, 9.9], "cmi_fused": [10.5, 10.6, 10.3]})
+    noisy = e2e.summarise({"plain": [10.0, 10.2, 9.9], "cmi_fused": [10.1, 10.0, 10.0]})
+    paired = [100 * (10.5 / 10.0 - 1), 100 * (10.6 / 10.2 - 1), 100 * (10.3 / 9.9 - 1)]
+    assert clear[1]["significant"] and clear[1]["overhead_pct"] == pytest.approx(sorted(paired)[1])
+    assert not noisy[1]["significant"]
+    assert noisy[1]["overhead_pct_min"] < 0 < noisy[1]["overhead_pct_max"]
