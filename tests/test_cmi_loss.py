@@ -21,7 +21,7 @@ Loss and class sums keep the fp32 bound for half inputs because the op accumulat
 
 Each test draws fresh inputs from a generator seeded by its own test id: reproducible, different per case.
 Without CUDA the triton backend runs under ``TRITON_INTERPRET=1`` (tests/conftest.py), so its CPU cases stay
-small (N <= 40, d <= 400); larger shapes are added when CUDA is available.
+small (N <= 40, d <= 1000); larger shapes are added when CUDA is available.
 """
 
 from __future__ import annotations
@@ -218,7 +218,7 @@ class Case:
     @property
     def interpreter_sized(self) -> bool:
         """Small enough for the triton interpreter on CPU."""
-        return self.n <= 40 and self.d <= 400
+        return self.n <= 40 and self.d <= 1000
 
 
 CASES = [
@@ -536,6 +536,7 @@ def test_outputs_fully_written_over_poisoned_memory(backend: str, centroid_mode:
     assert_rel_close(features.grad, h64.grad, 1e-5, "gradient")
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in the triton interpreter
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bad_value", [float("nan"), float("inf")], ids=["nan", "inf"])
 def test_non_finite_feature_row_gives_nan(backend: str, bad_value: float, request):

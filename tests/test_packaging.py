@@ -1,0 +1,108 @@
+"""Packaging: the wheel ships exactly the library (``cmi_fused`` and ``kernels``), and our ``kernels`` package is
+not taken for Hugging Face's hub-kernels package of the same import name.
+
+transformers accepts ``kernels`` only in its supported version range; our distribution (``cmi-fused`` 0.1.0, or no
+distribution at all for a bare source checkout) is outside it, so ``is_kernels_available()`` must stay False.
+Each check runs in a fresh interpreter, because transformers caches that answer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+LIBRARY_PACKAGES = {"cmi_fused", "kernels"}
+# Build outputs and local caches that must not travel into the copy the wheel is built from.
+NOT_SOURCE = (".git", ".venv", "venv", "build", "dist", "*.egg-info", "__pycache__", "*.pyc", ".pytest_cache",
+              ".hypothesis", ".benchmarks", ".whl", ".data", ".models", "outputs", "runs")
+
+
+def run_python(code: str, pythonpath: Path, cwd: Path) -> dict:
+    """Run ``code`` in a fresh interpreter with ``pythonpath`` first on sys.path; return its last stdout line as JSON."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join([str(pythonpath), os.environ.get("PYTHONPATH", "")]))
+    completed = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def wheel_path(tmp_path_factory) -> Path:
+    """A wheel built from a copy of the checkout (so that no build/ or *.egg-info lands in the repository)."""
+    source = tmp_path_factory.mktemp("source") / "cmi-fused"
+    shutil.copytree(REPO_ROOT, source, ignore=shutil.ignore_patterns(*NOT_SOURCE))
+    wheel_dir = tmp_path_factory.mktemp("wheel")
+    completed = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheel_dir), str(source)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    (wheel,) = wheel_dir.glob("cmi_fused-*.whl")
+    return wheel
+
+
+def test_wheel_holds_exactly_the_library(wheel_path: Path):
+    with zipfile.ZipFile(wheel_path) as wheel:
+        names = wheel.namelist()
+    top_level = {name.split("/")[0] for name in names if not name.split("/")[0].endswith((".dist-info", ".data"))}
+    assert top_level == LIBRARY_PACKAGES, f"wheel top-level entries: {sorted(top_level)}"
+
+    # Every module of the two packages (subpackages included) is in the wheel: none was left out of setup.py.
+    source_modules = {
+        path.relative_to(REPO_ROOT).as_posix()
+        for package in LIBRARY_PACKAGES
+        for path in (REPO_ROOT / package).rglob("*.py")
+        if "__pycache__" not in path.parts
+    }
+    wheel_modules = {name for name in names if name.endswith(".py")}
+    assert "kernels/cmi.py" in source_modules and "cmi_fused/loss.py" in source_modules
+    assert source_modules == wheel_modules, f"missing from the wheel: {sorted(source_modules - wheel_modules)}"
+
+
+KERNELS_CHECK = """
+    import importlib.metadata, json
+    import transformers.utils
+    available = transformers.utils.is_kernels_available()
+    import kernels
+    try:
+        version = importlib.metadata.version("cmi-fused")
+    except importlib.metadata.PackageNotFoundError:
+        version = None
+    print(json.dumps({"available": available, "kernels_file": kernels.__file__, "cmi_fused_version": version}))
+"""
+
+
+def test_source_kernels_is_not_hub_kernels(tmp_path: Path):
+    """With this checkout's ``kernels`` first on the path, transformers must not take it for hub-kernels."""
+    report = run_python(KERNELS_CHECK, pythonpath=REPO_ROOT, cwd=tmp_path)
+    assert Path(report["kernels_file"]).resolve() == (REPO_ROOT / "kernels" / "__init__.py").resolve()
+    assert report["available"] is False
+
+
+def test_installed_wheel_kernels_is_not_hub_kernels(wheel_path: Path, tmp_path: Path):
+    """Installed from the wheel, the import name ``kernels`` belongs to distribution cmi-fused 0.1.0, which
+    transformers' version range for hub-kernels excludes."""
+    target = tmp_path / "site"
+    completed = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target", str(target), str(wheel_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    report = run_python(KERNELS_CHECK, pythonpath=target, cwd=tmp_path)
+    assert Path(report["kernels_file"]).resolve() == (target / "kernels" / "__init__.py").resolve()
+    assert report["cmi_fused_version"] == "0.1.0"
+    assert report["available"] is False
