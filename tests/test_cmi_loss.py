@@ -14,10 +14,12 @@ Results are compared with ``rel = ||out - ref|| / ||ref||`` (2-norm over all ele
 |----------------------|------|------------|--------------|----------------------------------------|
 | float32              | 1e-5 | 1e-5       | exact        | 1e-5                                   |
 | bfloat16             | 1e-5 | 1e-5       | exact        | 1e-2  (bf16 rounding of the result)    |
-| float16              | 1e-5 | 1e-5       | exact        | 2e-3  (fp16 rounding of the result)    |
+| float16              | 1e-5 | 1e-5       | exact        | 2e-3  (fp16 rounding, under loss scaling) |
 | float64 (torch only) | 1e-10 (envelope property: gradient vs the un-detached expression)         |
 
-Loss and class sums keep the fp32 bound for half inputs because the op accumulates in fp32.
+Loss and class sums keep the fp32 bound for half inputs because the op accumulates in fp32. fp16 gradients are
+compared under a power-of-two loss scale (:func:`fp16_loss_scale`, as GradScaler does): unscaled, mean-reduced
+CMI gradients often fall below fp16's normal range (6.1e-5), where no 2e-3 relative bound can hold.
 
 Each test draws fresh inputs from a generator seeded by its own test id: reproducible, different per case.
 Without CUDA the triton backend runs under ``TRITON_INTERPRET=1`` (tests/conftest.py), so its CPU cases stay
@@ -260,7 +262,16 @@ CASES = [
         layout="column_slice",
     ),
     Case("d1000_batch_mean", n=40, d=1000, c=5, grad="scalar"),
-    Case("d1000_bf16_fixed_none", n=33, d=1000, c=4, dtype=torch.bfloat16, centroids="fixed", reduction="none", grad="vector"),
+    Case(
+        "d1000_bf16_fixed_none",
+        n=33,
+        d=1000,
+        c=4,
+        dtype=torch.bfloat16,
+        centroids="fixed",
+        reduction="none",
+        grad="vector",
+    ),
 ]
 if ON_CUDA:
     CASES += [
@@ -365,7 +376,8 @@ def test_random_shapes_triton(problem):
 
 
 @pytest.mark.parametrize(
-    "centroid_mode, reduction", [("fixed", "mean"), ("fixed", "sum"), ("fixed", "none"), ("batch", "mean"), ("batch", "sum")]
+    "centroid_mode, reduction",
+    [("fixed", "mean"), ("fixed", "sum"), ("fixed", "none"), ("batch", "mean"), ("batch", "sum")],
 )
 def test_gradcheck_torch_float64(centroid_mode: str, reduction: str, request):
     """Finite differences of the whole op. With per-batch centroids the finite differences move the centroids

@@ -22,13 +22,31 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LIBRARY_PACKAGES = {"cmi_fused", "kernels"}
 # Build outputs and local caches that must not travel into the copy the wheel is built from.
-NOT_SOURCE = (".git", ".venv", "venv", "build", "dist", "*.egg-info", "__pycache__", "*.pyc", ".pytest_cache",
-              ".hypothesis", ".benchmarks", ".whl", ".data", ".models", "outputs", "runs")
+NOT_SOURCE = (
+    ".git",
+    ".venv",
+    "venv",
+    "build",
+    "dist",
+    "*.egg-info",
+    "__pycache__",
+    "*.pyc",
+    ".pytest_cache",
+    ".hypothesis",
+    ".benchmarks",
+    ".whl",
+    ".data",
+    ".models",
+    "outputs",
+    "runs",
+    "shared",
+)
 
 
 def run_python(code: str, pythonpath: Path, cwd: Path) -> dict:
-    """Run ``code`` in a fresh interpreter with ``pythonpath`` first on sys.path; return its last stdout line as JSON."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join([str(pythonpath), os.environ.get("PYTHONPATH", "")]))
+    """Run ``code`` in a fresh interpreter with ``pythonpath`` first on sys.path; return its last output line."""
+    search_path = [str(pythonpath)] + [entry for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep) if entry]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join(search_path))
     completed = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
     )
@@ -40,10 +58,21 @@ def run_python(code: str, pythonpath: Path, cwd: Path) -> dict:
 def wheel_path(tmp_path_factory) -> Path:
     """A wheel built from a copy of the checkout (so that no build/ or *.egg-info lands in the repository)."""
     source = tmp_path_factory.mktemp("source") / "cmi-fused"
-    shutil.copytree(REPO_ROOT, source, ignore=shutil.ignore_patterns(*NOT_SOURCE))
+    shutil.copytree(REPO_ROOT, source, symlinks=True, ignore=shutil.ignore_patterns(*NOT_SOURCE))
     wheel_dir = tmp_path_factory.mktemp("wheel")
     completed = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheel_dir), str(source)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(wheel_dir),
+            str(source),
+        ],
         capture_output=True,
         text=True,
         timeout=600,
@@ -96,7 +125,18 @@ def test_installed_wheel_kernels_is_not_hub_kernels(wheel_path: Path, tmp_path: 
     transformers' version range for hub-kernels excludes."""
     target = tmp_path / "site"
     completed = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target", str(target), str(wheel_path)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "--no-index",
+            "-q",
+            "--target",
+            str(target),
+            str(wheel_path),
+        ],
         capture_output=True,
         text=True,
         timeout=300,
