@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--e2e-rounds", type=int, help="interleaved rounds of the e2e benchmark")
     parser.add_argument("--merge", action="store_true",
                         help="merge into an existing results file of the same device and day instead of replacing it")
+    parser.add_argument("--resume", action="store_true",
+                        help="like --merge, but skip the shapes (and the e2e benchmark) that file already has")
     parser.add_argument("--time-limit", type=float, metavar="SECONDS",
                         help="start no new shape after this many seconds; the rest is listed as skipped")
     parser.add_argument("--seed", type=int, default=0)
@@ -111,22 +113,23 @@ def main(argv=None) -> int:
     os.makedirs(args.output_dir, exist_ok=True)
     stem = os.path.join(args.output_dir, report.results_stem(results["device"], date))
     previous = None
-    if args.merge and os.path.exists(stem + ".json"):
+    if (args.merge or args.resume) and os.path.exists(stem + ".json"):
         with open(stem + ".json", encoding="utf-8") as handle:
             previous = json.load(handle)
+    done_shapes, e2e_done = set(), False
+    if args.resume and previous:
+        done_shapes = {(r["N"], r["d"], r["C"], r["dtype"]) for r in previous["rows"]}
+        e2e_done = bool(previous.get("e2e") and previous["e2e"].get("configs"))
+        log(f"resuming {stem}.json: {len(done_shapes)} shapes and {'the' if e2e_done else 'no'} e2e section done")
 
     def save() -> None:
-        merged = report.merge_results(previous, results) if previous else results
-        report.write_json(merged, stem + ".json")
-        plot_name = os.path.basename(stem) + ".png"
-        has_plot = report.plot_speedups(merged, stem + ".png") if merged["rows"] else False
-        with open(stem + ".md", "w", encoding="utf-8") as handle:
-            handle.write(report.render_markdown(merged, plot_name if has_plot else None))
+        report.write_json(report.merge_results(previous, results) if previous else results, stem + ".json")
+        report.write_report(stem + ".json")
 
     fused_error = cmi_op.fused_unavailable_reason()
     if fused_error:
         log(f"fused provider unavailable: {fused_error}")
-    if not args.no_e2e:
+    if not (args.no_e2e or e2e_done):
         settings = e2e.E2ESettings.quick() if args.quick else e2e.E2ESettings()
         if args.e2e_rounds:
             settings = dataclasses.replace(settings, rounds=args.e2e_rounds)
@@ -138,6 +141,8 @@ def main(argv=None) -> int:
 
     if not args.no_op_bench:
         for shape in shapes:
+            if (shape.n_rows, shape.dim, shape.num_classes, shape.dtype) in done_shapes:
+                continue
             if args.time_limit is not None and time.monotonic() - started > args.time_limit:
                 results["skipped"].append([shape.n_rows, shape.dim, shape.num_classes, shape.dtype])
                 continue

@@ -13,8 +13,10 @@ run that measured it, so results merged from several invocations (``--merge``) s
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import os
 import re
 import warnings
 from typing import Optional
@@ -289,6 +291,9 @@ def plot_speedups(results: dict, path: str) -> bool:
         for provider, value in ratios.items():
             series[provider].append(math.nan if value is None else value)
     series = {p: values for p, values in series.items() if not all(math.isnan(v) for v in values)}
+    if not series:
+        warnings.warn("no fused-vs-eager/compile pairs in the results: no speedup plot")
+        return False
     figure, axes = plt.subplots(figsize=(max(6.0, 1.3 * len(labels) + 2), 4.5))
     width = 0.8 / max(1, len(series))
     for number, (provider, values) in enumerate(series.items()):
@@ -312,3 +317,26 @@ def write_json(results: dict, path: str) -> None:
     with open(path, "w", encoding="utf-8") as handle:
         json.dump(results, handle, indent=1, allow_nan=False)
         handle.write("\n")
+
+
+def write_report(json_path: str) -> None:
+    """(Re)write the markdown and the PNG next to a results JSON."""
+    with open(json_path, encoding="utf-8") as handle:
+        results = json.load(handle)
+    stem = json_path[: -len(".json")] if json_path.endswith(".json") else json_path
+    has_plot = bool(results["rows"]) and plot_speedups(results, stem + ".png")
+    with open(stem + ".md", "w", encoding="utf-8") as handle:
+        handle.write(render_markdown(results, os.path.basename(stem) + ".png" if has_plot else None))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.report", description="Rewrite the markdown table and PNG plot of results JSON files."
+    )
+    parser.add_argument("json_paths", nargs="+", metavar="RESULTS_JSON")
+    for json_path in parser.parse_args(argv).json_paths:
+        write_report(json_path)
+
+
+if __name__ == "__main__":
+    main()

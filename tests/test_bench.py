@@ -208,3 +208,38 @@ def test_e2e_overhead_is_significant_only_when_every_round_agrees():
     assert clear[1]["significant"] and clear[1]["overhead_pct"] == pytest.approx(sorted(paired)[1])
     assert not noisy[1]["significant"]
     assert noisy[1]["overhead_pct_min"] < 0 < noisy[1]["overhead_pct_max"]
+
+
+def test_resume_measures_only_the_missing_shapes(tmp_path):
+    def run(*shapes):
+        completed = subprocess.run(
+            [sys.executable, "-m", "bench", "--resume", "--no-e2e", "--providers", "eager", "noop",
+             "--output-dir", str(tmp_path), "--shapes", *shapes],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+        )
+        assert completed.returncode == 0, completed.stderr[-3000:]
+        (json_path,) = glob.glob(str(tmp_path / "*.json"))
+        with open(json_path, encoding="utf-8") as handle:
+            return json.load(handle)
+
+    first = run("8x40:3:fp32")
+    second = run("8x40:3:fp32", "6x33:10:bf16")
+    assert len(second["runs"]) == 2
+    old_rows = [r for r in second["rows"] if (r["N"], r["d"]) == (8, 40)]
+    new_rows = [r for r in second["rows"] if (r["N"], r["d"]) == (6, 33)]
+    assert old_rows == first["rows"] and all(r["run"] == 0 for r in old_rows)
+    assert len(new_rows) == len(old_rows) and all(r["run"] == 1 and r["dtype"] == "bf16" for r in new_rows)
+
+
+def test_report_without_matplotlib_writes_markdown_and_warns(tmp_path, monkeypatch):
+    shape = (32, 768, 2, "bf16")
+    results = synthetic_results("GPU", [make_row(shape, "fixed", "eager", "fwd_bwd", "wall", 0.5),
+                                        make_row(shape, "fixed", "fused", "fwd_bwd", "wall", 0.2)])
+    json_path = str(tmp_path / "gpu-2026-01-01.json")
+    report.write_json(results, json_path)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    with pytest.warns(UserWarning, match="matplotlib"):
+        report.write_report(json_path)
+    markdown = (tmp_path / "gpu-2026-01-01.md").read_text()
+    assert "| 32x768 C=2 bf16 | wall | 0.5000 | – | 0.2000 | 2.5x |" in markdown
+    assert ".png" not in markdown and not (tmp_path / "gpu-2026-01-01.png").exists()

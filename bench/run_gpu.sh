@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The GPU benchmark run of issue 3: `python -m bench` over the default shape set (fused / eager / compile /
+# fused_compiled / noop; fixed and per-batch centroids; fwd, bwd, fwd_bwd; device and wall timing) and the
+# BERT-base training step. Needs no network and no package install: run it from a checkout on the GPU host.
+#
+#   bench/run_gpu.sh [extra python -m bench options]
+#
+# Writes $BENCH_OUTPUT_DIR (default bench/results)/<gpu-slug>-<yyyy-mm-dd>.{json,md,png} (no PNG, with a warning, if matplotlib is
+# missing: regenerate it elsewhere with `python -m bench.report <json>`), and copies them to $OUT when set.
+# It starts no new shape after BENCH_TIME_LIMIT seconds (default 420), so that it ends inside a 10-minute
+# command; the markdown then lists the shapes not measured. Running it again (with the files put back in
+# the output folder) measures only what is missing: --resume skips the shapes and the e2e already in the file.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
+output_dir=${BENCH_OUTPUT_DIR:-bench/results}
+started_marker=$(mktemp)
+
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv,noheader || true
+python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
+python -c "import matplotlib" 2>/dev/null || echo "matplotlib missing: JSON and markdown only"
+
+status=0
+python -m bench --resume --time-limit "${BENCH_TIME_LIMIT:-420}" --output-dir "$output_dir" "$@" || status=$?
+
+if [ -n "${OUT:-}" ]; then
+    find "$output_dir" -maxdepth 1 -type f -newer "$started_marker" -exec cp {} "$OUT"/ \;
+fi
+rm -f "$started_marker"
+exit "$status"
