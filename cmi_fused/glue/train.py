@@ -242,6 +242,7 @@ def build_training_arguments(config: TrainConfig, metric_for_best_model: str, **
         report_to="none",
         disable_tqdm=config.disable_tqdm,
         dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
     )
     kwargs.update(overrides)
     return TrainingArguments(**kwargs)
@@ -289,10 +290,15 @@ def build_results(config: TrainConfig, metric: str, history: list) -> dict:
 
 
 def load_model_and_tokenizer(model_name: str, num_labels: int):
-    """``AutoModelForSequenceClassification`` + ``AutoTokenizer`` from a hub name or a local directory."""
+    """``AutoModelForSequenceClassification`` + ``AutoTokenizer`` from a hub name or a local directory.
+
+    A classification head of another size (a checkpoint fine-tuned on another task) is re-initialised.
+    """
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_name)
-        model = AutoModelForSequenceClassification.from_pretrained(model_name, num_labels=num_labels)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            model_name, num_labels=num_labels, ignore_mismatched_sizes=True
+        )
     except OSError as error:
         raise OSError(
             f"could not load --model {model_name!r} ({error}); pass a local directory with config.json, "

@@ -1,0 +1,206 @@
+"""End-to-end ``cmi-glue train`` / ``sweep`` on a tiny random BERT saved to a temp dir (no network)."""
+
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from transformers import (  # noqa: E402
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    BertTokenizerFast,
+    DistilBertConfig,
+    DistilBertForSequenceClassification,
+)
+
+from cmi_fused import CMIRegularizer, cmi_loss  # noqa: E402
+from cmi_fused.glue.cli import build_parser, main  # noqa: E402
+from cmi_fused.glue.data import load_task, tokenize_split  # noqa: E402
+from cmi_fused.glue.metrics import glue_metrics  # noqa: E402
+from cmi_fused.glue.sweep import summarize_arms  # noqa: E402
+from cmi_fused.glue.train import CMITrainer, FeatureCapture, TrainConfig, build_training_arguments  # noqa: E402
+
+WORDS = "the a cat dog sat on mat good bad movie is was not very it he said stated".split()
+HIDDEN = 32
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny-bert")
+    vocab = directory / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
+    BertTokenizerFast(str(vocab)).save_pretrained(directory)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(WORDS) + 5, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    BertForSequenceClassification(config).save_pretrained(directory)
+    return str(directory)
+
+
+def sentence(rng, length):
+    return " ".join(rng.choice(WORDS) for _ in range(length))
+
+
+@pytest.fixture(scope="module")
+def glue_dir(tmp_path_factory):
+    """MRPC and MNLI fixture files in the official layout: a few dozen random rows."""
+    root = tmp_path_factory.mktemp("glue")
+    rng = random.Random(0)
+    (root / "MRPC").mkdir()
+    for name, rows in (("train.tsv", 32), ("dev.tsv", 16)):
+        lines = ["Quality\t#1 ID\t#2 ID\t#1 String\t#2 String"]
+        lines += [f"{i % 2}\t{i}\t{i + 1}\t{sentence(rng, 6)} \"\t{sentence(rng, 5)}" for i in range(rows)]
+        (root / "MRPC" / name).write_text("\n".join(lines) + "\n")
+    (root / "MNLI").mkdir()
+    header = ["index", "promptID", "pairID", "genre", "s1b", "s2b", "s1p", "s2p", "sentence1", "sentence2", "label1"]
+    gold = ["entailment", "neutral", "contradiction"]
+    for name, rows in (("train.tsv", 24), ("dev_matched.tsv", 9), ("dev_mismatched.tsv", 6)):
+        lines = ["\t".join(header + ["gold_label"])]
+        lines += ["\t".join([str(i), "1", "2", "fiction", "x", "y", "x", "y", sentence(rng, 5), sentence(rng, 4),
+                             gold[i % 3], gold[i % 3]]) for i in range(rows)]
+        (root / "MNLI" / name).write_text("\n".join(lines) + "\n")
+    return str(root)
+
+
+def common_args(tiny_bert, glue_dir, output_dir, task="mrpc"):
+    return ["--task", task, "--model", tiny_bert, "--data-dir", glue_dir, "--output-dir", str(output_dir),
+            "--batch-size", "8", "--lr", "1e-3", "--disable-tqdm"]
+
+
+def predict(model_dir, split, task):
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    encoded = tokenize_split(split, tokenizer, 128)
+    batch = tokenizer.pad([{k: row[k] for k in ("input_ids", "token_type_ids", "attention_mask")} for row in encoded],
+                          return_tensors="pt")
+    with torch.no_grad():
+        predictions = model(**batch).logits.argmax(-1).numpy()
+    return glue_metrics(task, predictions, np.array(split["label"]))
+
+
+def test_train_writes_results_and_the_best_checkpoint(tiny_bert, glue_dir, tmp_path):
+    out = tmp_path / "run"
+    main(["train", *common_args(tiny_bert, glue_dir, out), "--cmi", "min", "--cmi-lambda", "0.5",
+          "--centroids", "epoch", "--temperature", "0.2", "--epochs", "3"])
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) == {"task", "config", "metric", "best_epoch", "best", "history"}
+    assert results["task"] == "mrpc" and results["metric"] == "f1"
+    assert results["config"]["cmi"] == "min" and results["config"]["cmi_lambda"] == 0.5
+    assert [row["epoch"] for row in results["history"]] == [1, 2, 3]
+    for row in results["history"]:
+        assert set(row) == {"epoch", "train_ce", "train_cmi", "eval"}
+        assert row["train_ce"] > 0 and row["train_cmi"] >= 0
+        assert set(row["eval"]) == {"f1", "accuracy"} and all(0 <= v <= 1 for v in row["eval"].values())
+    f1s = [row["eval"]["f1"] for row in results["history"]]
+    assert results["best_epoch"] == 1 + f1s.index(max(f1s))
+    assert results["best"] == results["history"][results["best_epoch"] - 1]["eval"]
+    # the saved model is the best epoch's: it reproduces the best metrics on the dev set
+    dev = load_task("mrpc", glue_dir).eval["validation"]
+    assert predict(str(out), dev, "mrpc") == pytest.approx(results["best"])
+    reg = CMIRegularizer(2, HIDDEN, "epoch")
+    reg.load_state_dict(torch.load(out / "cmi_regularizer.pt"))
+    assert int(reg.epoch) == results["best_epoch"] and bool(reg.centroid_valid.all())
+    assert not [name for name in os.listdir(out) if name.startswith("checkpoint-")]
+
+
+def test_mnli_cls_frozen_reports_matched_and_mismatched(tiny_bert, glue_dir, tmp_path):
+    out = tmp_path / "mnli"
+    main(["train", *common_args(tiny_bert, glue_dir, out, task="mnli"), "--cmi", "max", "--feature", "cls",
+          "--centroids", "frozen", "--normalization", "center_l2", "--temperature", "0.1", "--epochs", "1"])
+    results = json.loads((out / "results.json").read_text())
+    assert results["metric"] == "matched_accuracy"
+    assert set(results["best"]) == {"matched_accuracy", "mismatched_accuracy"}
+    reg = CMIRegularizer(3, HIDDEN, "frozen", normalization="center_l2")
+    reg.load_state_dict(torch.load(out / "cmi_regularizer.pt"))
+    assert bool(reg.centroid_valid.all()) and bool(reg.feature_mean_valid)
+
+
+def test_sweep_summarises_paired_seeds(tiny_bert, glue_dir, tmp_path):
+    out = tmp_path / "sweep"
+    main(["sweep", *common_args(tiny_bert, glue_dir, out), "--lambdas", "0.5", "--seeds", "0,1", "--epochs", "1",
+          "--temperature", "0.2"])
+    summary = json.loads((out / "sweep.json").read_text())
+    assert summary["metric"] == "f1" and summary["command"].startswith("cmi-glue sweep --task mrpc")
+    best = {}
+    for run in summary["runs"]:
+        results = json.loads((tmp_path / run["output_dir"] / "results.json").read_text())
+        assert results["config"]["cmi"] == ("none" if run["lambda"] == 0 else "min")
+        assert results["config"]["seed"] == run["seed"]
+        best[(run["lambda"], run["seed"])] = results["best"]["f1"]
+    assert sorted(best) == [(0.0, 0), (0.0, 1), (0.5, 0), (0.5, 1)]
+    baseline, regularised = summary["lambdas"]
+    assert baseline["arm"] == 0.0 and regularised["arm"] == 0.5
+    assert regularised["values"] == [best[(0.5, 0)], best[(0.5, 1)]]
+    assert regularised["paired_diffs"] == pytest.approx([best[(0.5, s)] - best[(0.0, s)] for s in (0, 1)])
+    markdown = (out / "sweep.md").read_text()
+    assert "cmi-glue sweep" in markdown and "| 0.5 | 2 |" in markdown
+
+
+def test_summarize_arms_hand_values():
+    rows = summarize_arms({0.0: {0: 0.5, 1: 0.7, 2: 0.6}, 0.1: {0: 0.6, 1: 0.6, 2: 0.9}}, 0.0)
+    assert rows[0]["median"] == pytest.approx(0.6) and rows[0]["std"] == pytest.approx(0.1)
+    assert rows[1]["paired_diffs"] == pytest.approx([0.1, -0.1, 0.3])
+    assert rows[1]["diff_median"] == pytest.approx(0.1) and rows[1]["wins"] == 2
+    assert (rows[1]["diff_min"], rows[1]["diff_max"]) == pytest.approx((-0.1, 0.3))
+    with pytest.raises(ValueError, match="baseline"):
+        summarize_arms({0.1: {0: 0.5}}, 0.0)
+
+
+@pytest.mark.parametrize("cmi, sign", [("min", 1.0), ("max", -1.0), ("none", 0.0)])
+def test_training_loss_is_ce_plus_signed_lambda_cmi(tiny_bert, glue_dir, tmp_path, cmi, sign):
+    model = BertForSequenceClassification.from_pretrained(tiny_bert, hidden_dropout_prob=0.0,
+                                                          attention_probs_dropout_prob=0.0)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    config = TrainConfig("mrpc", tiny_bert, str(tmp_path), cmi=cmi, cmi_lambda=0.3, temperature=0.2)
+    capture = FeatureCapture(model, "pooled")
+    args = build_training_arguments(config, "f1", eval_strategy="no", save_strategy="no", load_best_model_at_end=False)
+    trainer = CMITrainer(model=model, args=args, regularizer=CMIRegularizer(
+        2, HIDDEN, temperature=0.2), capture=capture, cmi_weight=config.cmi_weight)
+    split = tokenize_split(load_task("mrpc", glue_dir).train.select(range(8)), tokenizer, 64)
+    inputs = tokenizer.pad([{k: row[k] for k in ("input_ids", "token_type_ids", "attention_mask")} for row in split],
+                           return_tensors="pt")
+    inputs["labels"] = torch.tensor(split["label"])
+    model.train()
+    loss = trainer.compute_loss(model, dict(inputs))
+    with torch.no_grad():
+        outputs = model.bert(**{k: v for k, v in inputs.items() if k != "labels"})
+        ce = torch.nn.functional.cross_entropy(model.classifier(outputs.pooler_output), inputs["labels"])
+        cmi_term = cmi_loss(outputs.pooler_output, inputs["labels"], 2, temperature=0.2).loss
+    assert cmi_term > 0
+    assert loss.item() == pytest.approx((ce + sign * 0.3 * cmi_term).item(), rel=1e-5)
+
+
+def test_feature_capture_is_the_classifier_input(tmp_path):
+    torch.manual_seed(0)
+    bert = BertForSequenceClassification(BertConfig(vocab_size=30, hidden_size=HIDDEN, num_hidden_layers=1,
+                                                    num_attention_heads=2, intermediate_size=64)).eval()
+    distil = DistilBertForSequenceClassification(DistilBertConfig(vocab_size=30, dim=HIDDEN, n_layers=1, n_heads=2,
+                                                                  hidden_dim=64)).eval()
+    input_ids = torch.randint(0, 30, (3, 7))
+    with torch.no_grad():
+        capture = FeatureCapture(bert, "pooled")
+        bert(input_ids=input_ids)
+        assert torch.allclose(capture.pop(), bert.bert(input_ids=input_ids).pooler_output)
+        capture = FeatureCapture(distil, "pooled")
+        distil(input_ids=input_ids)
+        hidden = distil.distilbert(input_ids=input_ids).last_hidden_state
+        assert torch.allclose(capture.pop(), torch.relu(distil.pre_classifier(hidden[:, 0])))
+        capture = FeatureCapture(distil, "cls")
+        distil(input_ids=input_ids)
+        assert torch.allclose(capture.pop(), hidden[:, 0])
+
+
+def test_bad_arguments_say_what_to_pass(tiny_bert, glue_dir, tmp_path):
+    with pytest.raises(OSError, match="pass a local directory"):
+        main(["train", *common_args(str(tmp_path / "no-model"), glue_dir, tmp_path / "x")])
+    with pytest.raises(ValueError, match="cmi_lambda must be >= 0"):
+        main(["train", *common_args(tiny_bert, glue_dir, tmp_path / "x"), "--cmi", "min", "--cmi-lambda", "-1"])
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["sweep", *common_args(tiny_bert, glue_dir, tmp_path / "x"), "--lambdas", "0,a"])
