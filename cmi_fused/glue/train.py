@@ -347,8 +347,8 @@ def train(config: TrainConfig, data: Optional[GlueData] = None) -> dict:
 
     history = history_from_log(trainer.state.log_history, metric_names)
     results = build_results(config, metric, history)
+    trainer.save_model(config.output_dir)  # every rank calls it; only the main process writes
     if trainer.is_world_process_zero():
-        trainer.save_model(config.output_dir)
         best_checkpoint = trainer.state.best_model_checkpoint
         shutil.copyfile(os.path.join(best_checkpoint, REGULARIZER_FILE), os.path.join(config.output_dir, REGULARIZER_FILE))
         if not config.keep_checkpoints:
