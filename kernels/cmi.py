@@ -95,61 +95,27 @@ def cmi_forward(
     accum = torch.zeros(slots, num_classes, dim + 1, dtype=torch.float32, device=features.device)
     lse = torch.empty(n_rows, dtype=torch.float32, device=features.device)
     row_kl = torch.empty(n_rows, dtype=torch.float32, device=features.device)
-    inv_temperature = 1.0 / temperature
-    common = dict(
-        features_ptr=features,
-        stride_feat_row=features.stride(0),
-        stride_feat_col=features.stride(1),
-        labels_ptr=labels,
-        stride_label=labels.stride(0),
-        n_rows=n_rows,
-        dim=dim,
-        num_classes=num_classes,
-        inv_temperature=inv_temperature,
-        eps=eps,
-        USE_ATOMICS=use_atomics,
-    )
-    if centroids is not None:
-        cmi_forward_kernel[(programs,)](
-            centroids_ptr=centroids,
-            stride_cent_row=centroids.stride(0),
-            stride_cent_col=centroids.stride(1),
-            stats_ptr=None,
-            stride_stats_row=0,
-            accum_ptr=accum,
-            lse_in_ptr=None,
-            lse_out_ptr=lse,
-            row_kl_ptr=row_kl,
-            **common,
-        )
-        stats = accum.sum(0) if slots > 1 else accum[0]
-        return row_kl, lse, stats
 
-    cmi_forward_kernel[(programs,)](
-        centroids_ptr=None,
-        stride_cent_row=0,
-        stride_cent_col=0,
-        stats_ptr=None,
-        stride_stats_row=0,
-        accum_ptr=accum,
-        lse_in_ptr=None,
-        lse_out_ptr=lse,
-        row_kl_ptr=None,
-        **common,
-    )
+    def launch(centroids=None, stats=None, accum=None, lse_in=None, lse_out=None, row_kl=None):
+        # Which pointers are None selects the kernel's use (its triton.heuristics flags).
+        cmi_forward_kernel[(programs,)](
+            features, features.stride(0), features.stride(1),
+            labels, labels.stride(0),
+            centroids, *(centroids.stride() if centroids is not None else (0, 0)),
+            stats, stats.stride(0) if stats is not None else 0,
+            accum, lse_in, lse_out, row_kl,
+            n_rows, dim, num_classes, 1.0 / temperature, eps,
+            USE_ATOMICS=use_atomics,
+        )  # fmt: skip
+
+    if centroids is not None:
+        launch(centroids=centroids, accum=accum, lse_out=lse, row_kl=row_kl)
+    else:
+        launch(accum=accum, lse_out=lse)
+    # Fixed-order sum of the per-program slots (deterministic); a single slot was filled by atomics.
     stats = accum.sum(0) if slots > 1 else accum[0]
-    cmi_forward_kernel[(programs,)](
-        centroids_ptr=None,
-        stride_cent_row=0,
-        stride_cent_col=0,
-        stats_ptr=stats,
-        stride_stats_row=stats.stride(0),
-        accum_ptr=None,
-        lse_in_ptr=lse,
-        lse_out_ptr=None,
-        row_kl_ptr=row_kl,
-        **common,
-    )
+    if centroids is None:
+        launch(stats=stats, lse_in=lse, row_kl=row_kl)
     return row_kl, lse, stats
 
 
