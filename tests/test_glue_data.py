@@ -1,5 +1,6 @@
 """GLUE loaders on small fixture TSVs in each task's official format, errors, and the scikit-learn metrics."""
 
+import datasets
 import numpy as np
 import pytest
 
@@ -205,6 +206,20 @@ def test_hub_failure_gives_one_clear_message(monkeypatch):
     monkeypatch.setattr(glue_data.datasets, "load_dataset", offline)
     with pytest.raises(GlueDataError, match="without network access pass --data-dir DIR .*DIR/SST-2/"):
         load_task("sst2")
+
+
+def test_hub_splits_are_renamed_to_the_common_columns(monkeypatch):
+    def fake_hub(path, name):
+        assert (path, name) == ("nyu-mll/glue", "mnli")
+        split = {"premise": ["p1", "p2"], "hypothesis": ["h1", "h2"], "label": [2, 0], "idx": [0, 1]}
+        return {key: datasets.Dataset.from_dict(split) for key in ("train", "validation_matched",
+                                                                    "validation_mismatched", "test_matched")}
+
+    monkeypatch.setattr(glue_data.datasets, "load_dataset", fake_hub)
+    data = load_task("mnli", max_eval_samples=1)
+    assert data.train.column_names == ["text_a", "text_b", "label"]
+    assert list(data.train["text_b"]) == ["h1", "h2"] and list(data.train["label"]) == [2, 0]
+    assert tuple(data.eval) == ("matched", "mismatched") and len(data.eval["mismatched"]) == 1
 
 
 def test_unknown_task():

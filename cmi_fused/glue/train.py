@@ -181,8 +181,8 @@ class CMITrainer(Trainer):
 
     def end_epoch(self):
         """Log the epoch means of CE and CMI (averaged over ranks) and advance the regulariser's epoch."""
-        totals = torch.stack([self._epoch_ce, self._epoch_cmi, torch.tensor(float(self._epoch_steps))
-                              .to(self._epoch_ce.device)])
+        steps = torch.tensor(float(self._epoch_steps), device=self._epoch_ce.device)
+        totals = torch.stack([self._epoch_ce, self._epoch_cmi, steps])
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(totals)
         steps = max(float(totals[2]), 1.0)
