@@ -18,6 +18,9 @@ On CPU only ``wall`` exists, timed with ``time.perf_counter``.
 Inputs are fresh random tensors (``randn`` features, uniform labels). Small shapes rotate among several
 input sets, so that the sets together are about twice the L2 cache (at most ``Budget.max_input_sets``).
 
+Peak memory (CUDA): ``max_memory_allocated`` during one eager step minus the allocation before it,
+measured once per (provider, mode, pass) and reported in both its device and wall rows.
+
 Bytes model (achieved GB/s): a pass reads or writes the (N, d) activations ``passes`` times
 (fwd 1: read h; bwd 2: read h, write dh; fwd_bwd 3), plus, with fixed centroids, the gathered centroid
 rows ``min(N, C) * d * 4`` once. The (C, d) ``class_sums`` output is not counted.
