@@ -15,15 +15,41 @@ to every position. We fold row 0 into the position embeddings,
 so for single-segment input (all token types 0) the student's embeddings, and with all teacher layers
 chosen its encoder output, equal the teacher's. For sentence pairs the second segment loses the
 ``TT[1] - TT[0]`` offset: the student sees a pair as one segment, as DistilBERT does.
+
+Teacher logits (:func:`teacher_logits_for`, :class:`DistillationTrainer`) always come from the teacher in
+eval mode under ``no_grad``, either per batch or cached once for the training set as a dataset column.
+Teacher selection (:func:`select_teacher`): the highest best-metric / training-set-CMI ratio.
 """
 
 from __future__ import annotations
 
+import inspect
+import json
+import os
 import warnings
 from typing import Optional, Sequence
 
 import torch
-from transformers import BertConfig, DistilBertConfig, DistilBertForSequenceClassification, PreTrainedModel
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    DataCollatorWithPadding,
+    DistilBertConfig,
+    DistilBertForSequenceClassification,
+    PreTrainedModel,
+    Trainer,
+    TrainerCallback,
+)
+
+from .glue.data import load_task, tokenize_split
+from .glue.train import REGULARIZER_FILE, RESULTS_FILE, FeatureCapture
+from .kd import KDLoss
+from .loss import cmi_loss
+from .regularizer import CMIRegularizer
 
 # DistilBERT hard-codes its LayerNorm eps (transformers' modeling_distilbert.py).
 DISTILBERT_LAYER_NORM_EPS = 1e-12
@@ -181,3 +207,189 @@ def build_student(
             student_params[student_name].copy_(teacher_params[teacher_name])
         student_params["embeddings.position_embeddings.weight"].add_(teacher_params[TOKEN_TYPE_EMBEDDINGS][0])
     return student
+
+
+# ------------------------------------------------------------------------------------------------------
+# Teacher logits
+TEACHER_LOGITS = "teacher_logits"
+TEACHER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def freeze_teacher(teacher: torch.nn.Module) -> torch.nn.Module:
+    """Eval mode (no dropout) and ``requires_grad=False`` on every parameter."""
+    return teacher.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def teacher_logits_for(
+    teacher: torch.nn.Module, dataset, tokenizer, batch_size: int = 64, device: Optional[torch.device] = None
+) -> torch.Tensor:
+    """(N, C) float32 logits of ``teacher`` (eval mode, no grad) for every row of a tokenised dataset, in order."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    device = device or next(teacher.parameters()).device
+    freeze_teacher(teacher).to(device)
+    columns = [name for name in dataset.column_names if name in TEACHER_INPUTS]
+    loader = DataLoader(
+        dataset.select_columns(columns), batch_size=batch_size, collate_fn=DataCollatorWithPadding(tokenizer)
+    )
+    chunks = [teacher(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu() for batch in loader]
+    return torch.cat(chunks)
+
+
+def with_teacher_logits(dataset, logits: torch.Tensor):
+    """``dataset`` with a ``teacher_logits`` column (row ``i`` holds ``logits[i]``)."""
+    if logits.dim() != 2 or logits.shape[0] != len(dataset):
+        raise ValueError(f"logits must have shape ({len(dataset)}, C) to match the dataset, got {tuple(logits.shape)}")
+    return dataset.add_column(TEACHER_LOGITS, logits.tolist())
+
+
+class DistillationTrainer(Trainer):
+    """``Trainer`` whose training loss is :class:`~cmi_fused.kd.KDLoss` of the student against a frozen teacher.
+
+    Teacher logits come from the batch's ``teacher_logits`` column when the training set carries one
+    (:func:`with_teacher_logits`), else from ``teacher`` under ``no_grad``. ``token_type_ids`` reach
+    the teacher even when the student (DistilBERT) takes none. Evaluation loss is the student's CE.
+    With ``alpha == 0`` no teacher is needed: the loss is the student's CE.
+    Logs the epoch means ``train_ce`` and ``train_kl`` (KL without the ``T^2`` factor).
+    """
+
+    def __init__(self, *args, teacher: Optional[torch.nn.Module], kd: KDLoss, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.teacher = None if teacher is None else freeze_teacher(teacher).to(self.args.device)
+        self.kd = kd
+        self.model_accepts_loss_kwargs = False  # the KD loss is a per-batch mean
+        self._one = torch.ones((), device=self.args.device)
+        self.student_inputs = set(inspect.signature(self.model.forward).parameters) - {"labels"}
+        self._epoch_sums = torch.zeros(3, device=self.args.device)  # ce, kl, steps (no host sync per step)
+        self.add_callback(_EpochLogCallback(self))
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        self._signature_columns += [c for c in (TEACHER_LOGITS, "token_type_ids") if c not in self._signature_columns]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs["labels"]
+        outputs = model(**{key: value for key, value in inputs.items() if key in self.student_inputs})
+        if not model.training:
+            loss = F.cross_entropy(outputs.logits.float(), labels)
+            return (loss, outputs) if return_outputs else loss
+        teacher_logits = inputs.get(TEACHER_LOGITS)
+        if self.kd.alpha == 0:  # plain fine-tuning: the KL term has weight 0, no teacher needed (KL logged as 0)
+            teacher_logits = outputs.logits.detach()
+        elif teacher_logits is None:
+            if self.teacher is None:
+                raise RuntimeError("no teacher_logits column in the batch and no teacher to compute them")
+            with torch.no_grad():
+                teacher_logits = self.teacher(**{k: v for k, v in inputs.items() if k in TEACHER_INPUTS}).logits
+        result = self.kd(outputs.logits, teacher_logits, labels)
+        self._epoch_sums += torch.stack([result.ce.detach().float(), result.kl.detach().float(), self._one])
+        return (result.loss, outputs) if return_outputs else result.loss
+
+
+class _EpochLogCallback(TrainerCallback):
+    def __init__(self, trainer: DistillationTrainer):
+        self.trainer = trainer
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        sums = self.trainer._epoch_sums.clone()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(sums)
+        ce, kl, steps = sums.tolist()
+        self.trainer.log({"train_ce": ce / max(steps, 1.0), "train_kl": kl / max(steps, 1.0)})
+        self.trainer._epoch_sums.zero_()
+
+
+# ------------------------------------------------------------------------------------------------------
+# Teacher selection
+@torch.no_grad()
+def training_set_cmi(teacher_dir: str, data_dir: Optional[str] = None, batch_size: int = 64) -> dict:
+    """CMI of a ``cmi-glue train`` checkpoint on its training set, with its final centroids.
+
+    ``CMI = mean_i KL(softmax(x_i / T) || g_{y_i})`` over the training rows (the run's task, data and
+    ``max_train_samples``), ``x_i`` the run's feature (normalised as in training), ``g`` the saved
+    regulariser centroids when every class has one (``epoch``/``ema``/``frozen``), otherwise
+    (``batch`` centroids, ``--cmi none`` runs) the class means of ``softmax(x / T)`` over the training set.
+    Returns the run's ``results.json`` with ``train_set_cmi`` and ``centroids_source`` added.
+    """
+    results_path = os.path.join(teacher_dir, RESULTS_FILE)
+    if not os.path.isfile(results_path):
+        raise FileNotFoundError(f"--runs: {teacher_dir} has no {RESULTS_FILE}; pass directories written by cmi-glue train")
+    with open(results_path) as handle:
+        results = json.load(handle)
+    config = results["config"]
+    data = load_task(config["task"], data_dir or config["data_dir"], config["max_train_samples"], 1)
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    model = freeze_teacher(AutoModelForSequenceClassification.from_pretrained(teacher_dir))
+    capture = FeatureCapture(model, config["feature"])
+    regularizer = CMIRegularizer(
+        data.num_labels,
+        capture.dim,
+        config["centroids"],
+        temperature=config["temperature"],
+        normalization=config["normalization"],
+        momentum=config["momentum"],
+    ).eval()
+    regularizer.load_state_dict(torch.load(os.path.join(teacher_dir, REGULARIZER_FILE), map_location="cpu"))
+
+    dataset = tokenize_split(data.train, tokenizer, config["max_seq_length"])
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=DataCollatorWithPadding(tokenizer))
+    features, labels = [], []
+    for batch in loader:
+        model(**{k: v for k, v in batch.items() if k in TEACHER_INPUTS})
+        features.append(capture.pop().float())
+        labels.append(batch["labels"])
+    capture.handle.remove()
+    features = regularizer.normalize(torch.cat(features), update=False)
+    saved = bool(regularizer.centroid_valid.all())
+    result = cmi_loss(
+        features,
+        torch.cat(labels),
+        data.num_labels,
+        regularizer.centroids if saved else None,
+        temperature=regularizer.temperature,
+        eps=regularizer.eps,
+        backend="torch",
+    )
+    results["train_set_cmi"] = float(result.loss)
+    results["centroids_source"] = f"saved {config['centroids']} centroids" if saved else "training-set class means"
+    return results
+
+
+def select_teacher(run_dirs: Sequence[str], data_dir: Optional[str] = None, batch_size: int = 64) -> dict:
+    """Pick the run with the highest ``best metric / training-set CMI`` (Sivakaran & Yang's teacher rule).
+
+    A high metric says the teacher is accurate; a low CMI that its class-conditional feature
+    distributions are concentrated. Returns ``{"metric", "selected", "reason", "runs": [...]}``; every run
+    row has ``run``, ``cmi``, ``cmi_lambda``, ``best_metric``, ``train_set_cmi``, ``ratio``, ``centroids_source``.
+    """
+    if not run_dirs:
+        raise ValueError("--runs must name at least one run directory")
+    rows, metrics = [], set()
+    for run in run_dirs:
+        results = training_set_cmi(run, data_dir, batch_size)
+        metric = results["metric"]
+        metrics.add(metric)
+        cmi = results["train_set_cmi"]
+        if not cmi > 0:
+            raise ValueError(f"--runs: {run} has training-set CMI {cmi}; the metric/CMI ratio needs CMI > 0")
+        rows.append(
+            {
+                "run": run,
+                "cmi": results["config"]["cmi"],
+                "cmi_lambda": results["config"]["cmi_lambda"],
+                "best_metric": results["best"][metric],
+                "train_set_cmi": cmi,
+                "ratio": results["best"][metric] / cmi,
+                "centroids_source": results["centroids_source"],
+            }
+        )
+    if len(metrics) != 1:
+        raise ValueError(f"--runs must all be runs of one task (one metric), got metrics {sorted(metrics)}")
+    metric = metrics.pop()
+    best = max(rows, key=lambda row: row["ratio"])
+    reason = (
+        f"{best['run']} has the highest {metric} / training-set CMI ratio, {best['ratio']:.4f} "
+        f"({metric} {best['best_metric']:.4f} / CMI {best['train_set_cmi']:.4f}) among {len(rows)} runs"
+    )
+    return {"metric": metric, "selected": best["run"], "reason": reason, "runs": rows}

@@ -1,17 +1,43 @@
-"""Student building from a BERT teacher: layer choice, explicit name mapping, token-type folding."""
+"""Distillation: student building (layer choice, name map, token-type folding), the KD trainer with a
+frozen teacher, teacher selection and end-to-end ``cmi-glue distill`` / ``distill-sweep`` on a tiny BERT."""
+
+import json
+import os
+import random
 
 import pytest
 import torch
-from transformers import (
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from transformers import (  # noqa: E402
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
     BertConfig,
     BertForSequenceClassification,
+    BertTokenizerFast,
+    DataCollatorWithPadding,
     DistilBertConfig,
     DistilBertForSequenceClassification,
     GPT2Config,
     GPT2Model,
 )
 
-from cmi_fused.distill import build_student, default_student_layers, parse_layers
+from cmi_fused import KDLoss, cmi_loss  # noqa: E402
+from cmi_fused.distill import (  # noqa: E402
+    DistillationTrainer,
+    build_student,
+    default_student_layers,
+    parse_layers,
+    select_teacher,
+    teacher_logits_for,
+    training_set_cmi,
+    with_teacher_logits,
+)
+from cmi_fused.glue.cli import main  # noqa: E402
+from cmi_fused.glue.distill_cli import sweep_grid  # noqa: E402
+from cmi_fused.glue.data import load_task, tokenize_split  # noqa: E402
+from cmi_fused.glue.train import TrainConfig, build_training_arguments, train  # noqa: E402
 
 NUM_TEACHER_LAYERS = 4
 
@@ -156,3 +182,193 @@ def test_build_errors():
         build_student(GPT2Model(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=10)))
     with pytest.raises(ValueError, match="absolute position embeddings"):
         build_student(tiny_teacher(position_embedding_type="relative_key"))
+
+
+# ------------------------------------------------------------------------------------------------------
+# End to end on a tiny random BERT teacher trained by cmi-glue train
+WORDS = "the a cat dog sat on mat good bad movie is was not very it he said stated".split()
+
+
+def sentence(rng, length):
+    return " ".join(rng.choice(WORDS) for _ in range(length))
+
+
+@pytest.fixture(scope="module")
+def glue_dir(tmp_path_factory):
+    """MRPC in the official TSV layout: 32 train rows, 16 dev rows of random words."""
+    root = tmp_path_factory.mktemp("glue")
+    rng = random.Random(0)
+    (root / "MRPC").mkdir()
+    for name, rows in (("train.tsv", 32), ("dev.tsv", 16)):
+        lines = ["Quality\t#1 ID\t#2 ID\t#1 String\t#2 String"]
+        lines += [f"{i % 2}\t{i}\t{i + 1}\t{sentence(rng, 6)}\t{sentence(rng, 5)}" for i in range(rows)]
+        (root / "MRPC" / name).write_text("\n".join(lines) + "\n")
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory, glue_dir):
+    """Two teachers trained for 1 epoch: ``none`` (batch centroids) and ``max`` (epoch centroids)."""
+    base = tmp_path_factory.mktemp("teachers")
+    model_dir = base / "init"
+    vocab = base / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
+    BertTokenizerFast(str(vocab)).save_pretrained(model_dir)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=NUM_TEACHER_LAYERS,
+                        num_attention_heads=4, intermediate_size=48, max_position_embeddings=64)
+    BertForSequenceClassification(config).save_pretrained(model_dir)
+    runs = {}
+    for cmi, centroids in (("none", "batch"), ("max", "epoch")):
+        runs[cmi] = str(base / cmi)
+        train(TrainConfig(task="mrpc", model=str(model_dir), output_dir=runs[cmi], data_dir=glue_dir, cmi=cmi,
+                          cmi_lambda=0.5, centroids=centroids, temperature=0.5, epochs=1, batch_size=8, lr=1e-3,
+                          disable_tqdm=True))
+    return runs
+
+
+def distill_args(teacher, glue_dir, output_dir):
+    return ["--task", "mrpc", "--teacher", teacher, "--data-dir", glue_dir, "--output-dir", str(output_dir),
+            "--batch-size", "8", "--lr", "1e-3", "--epochs", "2", "--disable-tqdm"]
+
+
+def test_distill_end_to_end(teachers, glue_dir, tmp_path):
+    out = tmp_path / "student"
+    main(["distill", *distill_args(teachers["max"], glue_dir, out), "--alpha", "0.7", "--kd-temperature", "3",
+          "--cache-teacher-logits"])
+    results = json.loads((out / "results.json").read_text())
+    assert results["metric"] == "f1" and results["student_layers"] == [0, 3]
+    assert results["config"]["alpha"] == 0.7 and results["config"]["kd_temperature"] == 3.0
+    assert results["config"]["teacher"] == teachers["max"]
+    assert [row["epoch"] for row in results["history"]] == [1, 2]
+    for row in results["history"]:
+        assert set(row) == {"epoch", "train_ce", "train_kl", "eval"}
+        assert row["train_ce"] > 0 and row["train_kl"] >= 0
+    assert results["best"] == results["history"][results["best_epoch"] - 1]["eval"]
+    student = AutoModelForSequenceClassification.from_pretrained(out)
+    assert isinstance(student, DistilBertForSequenceClassification) and student.config.n_layers == 2
+    assert not [name for name in os.listdir(out) if name.startswith("checkpoint-")]
+
+
+def kd_trainer(teacher_dir, glue_dir, tmp_path, cache):
+    data = load_task("mrpc", glue_dir)
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    teacher = AutoModelForSequenceClassification.from_pretrained(teacher_dir)
+    torch.manual_seed(0)
+    student = build_student(teacher, dropout=0.0, attention_dropout=0.0, seq_classif_dropout=0.0)
+    train_dataset = tokenize_split(data.train, tokenizer, 64)
+    if cache:
+        train_dataset = with_teacher_logits(train_dataset, teacher_logits_for(teacher, train_dataset, tokenizer, 5))
+    config = TrainConfig(task="mrpc", model=teacher_dir, output_dir=str(tmp_path), epochs=1, batch_size=8,
+                         disable_tqdm=True)
+    trainer = DistillationTrainer(
+        model=student,
+        args=build_training_arguments(config, "f1", eval_strategy="no", save_strategy="no", load_best_model_at_end=False),
+        train_dataset=train_dataset,
+        data_collator=DataCollatorWithPadding(tokenizer), teacher=None if cache else teacher,
+        kd=KDLoss(alpha=0.6, temperature=2.5),
+    )
+    return trainer, teacher
+
+
+def test_cached_teacher_logits_equal_per_batch_and_teacher_gets_no_gradient(teachers, glue_dir, tmp_path):
+    trainer, teacher = kd_trainer(teachers["none"], glue_dir, tmp_path / "a", cache=False)
+    cached_trainer, _ = kd_trainer(teachers["none"], glue_dir, tmp_path / "b", cache=True)
+    before = {name: param.clone() for name, param in teacher.named_parameters()}
+    batch = next(iter(trainer.get_train_dataloader()))
+    cached_batch = next(iter(cached_trainer.get_train_dataloader()))
+    assert torch.equal(batch["input_ids"], cached_batch["input_ids"])  # same seed: same shuffled rows
+    assert "token_type_ids" in batch and "teacher_logits" in cached_batch
+    for model in (trainer.model, cached_trainer.model):
+        model.train()
+    teacher_inputs = []
+    hook = teacher.register_forward_pre_hook(lambda module, args, kwargs: teacher_inputs.append(kwargs), with_kwargs=True)
+    loss = trainer.compute_loss(trainer.model, trainer._prepare_inputs(batch))
+    hook.remove()
+    # The teacher sees the second segment (token types) although the DistilBERT student takes none.
+    assert set(teacher_inputs[0]) == {"input_ids", "attention_mask", "token_type_ids"}
+    assert torch.equal(teacher_inputs[0]["token_type_ids"], batch["token_type_ids"])
+    assert batch["token_type_ids"].sum() > 0
+    cached_loss = cached_trainer.compute_loss(cached_trainer.model, cached_trainer._prepare_inputs(cached_batch))
+    torch.testing.assert_close(loss, cached_loss, rtol=1e-5, atol=1e-6)
+    # A full training epoch: the student moves, the teacher gets no gradient and no update.
+    trainer.train()
+    assert not teacher.training
+    for name, param in teacher.named_parameters():
+        assert param.grad is None and not param.requires_grad
+        assert torch.equal(param, before[name]), name
+
+
+def test_select_teacher_uses_metric_over_training_set_cmi(teachers, glue_dir):
+    none_run = training_set_cmi(teachers["none"])
+    assert none_run["centroids_source"] == "training-set class means"
+    # Independent: BERT's classifier input in eval mode is the pooler output; CMI at the run's temperature.
+    data = load_task("mrpc", glue_dir)
+    tokenizer = AutoTokenizer.from_pretrained(teachers["none"])
+    model = AutoModelForSequenceClassification.from_pretrained(teachers["none"]).eval()
+    encoded = tokenizer(list(data.train["text_a"]), list(data.train["text_b"]), padding=True, return_tensors="pt")
+    with torch.no_grad():
+        pooled = model.bert(**encoded).pooler_output
+    expected = cmi_loss(pooled, torch.tensor(list(data.train["label"])), 2, temperature=0.5, backend="torch").loss
+    assert none_run["train_set_cmi"] == pytest.approx(float(expected), rel=1e-4)
+
+    max_run = training_set_cmi(teachers["max"])
+    assert max_run["centroids_source"] == "saved epoch centroids"
+    selection = select_teacher([teachers["none"], teachers["max"]])
+    ratios = {row["run"]: row["best_metric"] / row["train_set_cmi"] for row in selection["runs"]}
+    assert selection["selected"] == max(ratios, key=ratios.get)
+    assert selection["selected"] in selection["reason"] and "ratio" in selection["reason"]
+    with pytest.raises(FileNotFoundError, match="--runs"):
+        select_teacher([glue_dir])
+
+
+def test_select_teacher_command(teachers, tmp_path, capsys):
+    out = tmp_path / "selection.json"
+    main(["select-teacher", "--runs", teachers["none"], teachers["max"], "--json", str(out)])
+    printed = capsys.readouterr().out
+    selection = json.loads(out.read_text())
+    assert f"selected: {selection['selected']}" in printed and "why:" in printed
+
+
+def test_sweep_grid_runs_alpha_zero_once():
+    assert sweep_grid([0, 0.5], [1, 4]) == [(0.0, 1.0), (0.5, 1.0), (0.5, 4.0)]
+
+
+def test_distill_sweep_table(teachers, glue_dir, tmp_path):
+    out = tmp_path / "sweep"
+    args = distill_args(teachers["none"], glue_dir, out)
+    args[args.index("--teacher") + 1: args.index("--teacher") + 2] = [teachers["none"], teachers["max"]]
+    args += ["--epochs", "1", "--alphas", "0.5", "--kd-temperatures", "4", "--seeds", "0,1", "--student-layers", "1",
+             "--cache-teacher-logits"]
+    main(["distill-sweep", *args])
+    summary = json.loads((out / "sweep.json").read_text())
+    assert [row["arm"] for row in summary["arms"]] == [f"{teachers[t]}: alpha 0.5, T 4" for t in ("none", "max")]
+    assert len(summary["runs"]) == 4
+    for row in summary["arms"]:
+        runs = sorted((run for run in summary["runs"] if run["arm"] == row["arm"]), key=lambda run: run["seed"])
+        assert [run["seed"] for run in runs] == row["seeds"] == [0, 1]
+        values = [run["best"]["f1"] for run in runs]
+        assert row["values"] == values and row["median"] == pytest.approx(sum(values) / 2)
+    assert summary["arms"][1]["paired_diffs"] == pytest.approx(
+        [a - b for a, b in zip(summary["arms"][1]["values"], summary["arms"][0]["values"])]
+    )
+    table = (out / "sweep.md").read_text()
+    assert "| arm |" in table and "machine:" in table and summary["arms"][1]["arm"] in table
+    # A second call reads the finished runs instead of training again.
+    finished = out / "teacher_1" / "alpha_0.5_T_4" / "seed_0" / "results.json"
+    mtime = os.path.getmtime(finished)
+    main(["distill-sweep", *args])
+    assert os.path.getmtime(finished) == mtime
+
+
+def test_distill_argument_errors(teachers, glue_dir, tmp_path, capsys):
+    base = distill_args(teachers["none"], glue_dir, tmp_path / "x")
+    with pytest.raises(ValueError, match="alpha"):
+        main(["distill", *base, "--alpha", "1.5"])
+    with pytest.raises(ValueError, match="not both"):
+        main(["distill", *base, "--student", teachers["max"], "--student-layers", "0"])
+    with pytest.raises(SystemExit):
+        main(["distill", *base, "--student-layers", "a,b"])
+    assert "--student-layers" in capsys.readouterr().err
+    with pytest.raises(OSError, match="--teacher"):
+        main(["distill", *distill_args(str(tmp_path / "missing"), glue_dir, tmp_path / "y")])

@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     register_train(subparsers)
     register_sweep(subparsers)
+    from .distill_cli import register_distill_commands  # imports this module: not at the top
+
+    register_distill_commands(subparsers)
     return parser
 
 

@@ -1,0 +1,352 @@
+"""``cmi-glue distill``, ``select-teacher`` and ``distill-sweep``: knowledge distillation of GLUE teachers.
+
+``distill`` trains a student (a ``--student`` model, or a DistilBERT built from the teacher's layers,
+:func:`cmi_fused.distill.build_student`) with ``(1 - alpha) * CE + alpha * T^2 * KL(p_teacher^T || p_student^T)``
+on the same data, metrics, ``Trainer`` settings and ``results.json`` as ``cmi-glue train``.
+``select-teacher`` picks the run with the highest best-metric / training-set-CMI ratio.
+``distill-sweep`` runs teachers x alpha x T x seeds and tabulates the median best-epoch metric per arm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import json
+import os
+import shlex
+import shutil
+from typing import Optional, Sequence
+
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, set_seed
+
+from ..distill import (
+    DistillationTrainer,
+    build_student,
+    default_student_layers,
+    parse_layers,
+    select_teacher,
+    teacher_logits_for,
+    with_teacher_logits,
+)
+from ..kd import KDLoss
+from .cli import add_common_args, parse_list
+from .data import GlueData, load_task, tokenize_split, tokenize_task
+from .sweep import format_sweep_markdown, machine_description, summarize_arms, write_sweep
+from .train import (
+    RESULTS_FILE,
+    TrainConfig,
+    build_results,
+    build_training_arguments,
+    eval_metric_names,
+    history_from_log,
+    load_model_and_tokenizer,
+)
+
+
+@dataclasses.dataclass
+class DistillConfig(TrainConfig):
+    """A :class:`TrainConfig` (``model``: where the student's weights come from) plus the distillation options.
+
+    ``student``: a model directory or hub name for the student; ``None`` builds a DistilBERT from the
+    teacher's ``student_layers`` (default: evenly spread). ``cache_teacher_logits``: compute the
+    teacher's training-set logits once before training instead of once per batch.
+    """
+
+    teacher: str = ""
+    student: Optional[str] = None
+    student_layers: Optional[list] = None
+    alpha: float = 0.5
+    kd_temperature: float = 2.0
+    cache_teacher_logits: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.teacher:
+            raise ValueError("teacher must name a directory written by cmi-glue train")
+        if self.student is not None and self.student_layers is not None:
+            raise ValueError("give student (a ready student model) or student_layers (built from the teacher), not both")
+        if self.cmi != "none":
+            raise ValueError(f"cmi must be 'none' for distillation (the KD loss replaces it), got {self.cmi!r}")
+        KDLoss(self.alpha, self.kd_temperature)  # raises ValueError naming alpha / temperature
+
+
+def load_teacher(teacher_dir: str, num_labels: int):
+    """The teacher classifier (frozen later by the trainer) and its tokenizer."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+        teacher = AutoModelForSequenceClassification.from_pretrained(teacher_dir)
+    except OSError as error:
+        raise OSError(f"could not load --teacher {teacher_dir!r} ({error}); pass a directory written by cmi-glue train") from error
+    if teacher.config.num_labels != num_labels:
+        raise ValueError(f"--teacher {teacher_dir!r} has {teacher.config.num_labels} labels, the task has {num_labels}")
+    return teacher, tokenizer
+
+
+def load_student(config: DistillConfig, teacher, tokenizer, num_labels: int) -> tuple:
+    """``(student, teacher layers it was built from)``: ``config.student`` (same vocabulary as the teacher,
+    layers ``None``), or a DistilBERT built from the teacher's layers."""
+    set_seed(config.seed)  # the fresh classification head
+    if config.student is None:
+        layers = config.student_layers or default_student_layers(teacher.config.num_hidden_layers)
+        return build_student(teacher, layers), layers
+    student, student_tokenizer = load_model_and_tokenizer(config.student, num_labels)
+    if student_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ValueError(f"--student {config.student!r} has another vocabulary than --teacher {config.teacher!r}")
+    return student, None
+
+
+def distill_history(log_history: list, metric_names: list) -> list:
+    """Per-epoch ``{"epoch", "train_ce", "train_kl", "eval"}`` from ``Trainer.state.log_history``."""
+    kl_by_epoch = {int(round(e["epoch"])): e["train_kl"] for e in log_history if "train_kl" in e}
+    history = history_from_log(log_history, metric_names)
+    for row in history:
+        del row["train_cmi"]
+        row["train_kl"] = kl_by_epoch.get(row["epoch"])
+    return history
+
+
+def training_set_teacher_logits(config: DistillConfig, data: GlueData, teacher: tuple) -> torch.Tensor:
+    """Logits of ``teacher = (model, tokenizer)`` for the tokenised training set, in row order, on the run's device."""
+    model, tokenizer = teacher
+    train_dataset = tokenize_split(data.train, tokenizer, config.max_seq_length)
+    device = build_training_arguments(config, data.task.metric).device
+    return teacher_logits_for(model, train_dataset, tokenizer, config.eval_batch_size or config.batch_size, device)
+
+
+def distill(
+    config: DistillConfig,
+    data: Optional[GlueData] = None,
+    teacher=None,
+    teacher_logits: Optional[torch.Tensor] = None,
+) -> dict:
+    """Run one distillation; return the ``results.json`` document (also written to ``config.output_dir``).
+
+    ``teacher`` (with its tokenizer, as ``(model, tokenizer)``) and ``teacher_logits`` (training set, in
+    row order) let a sweep load and run the teacher once.
+    """
+    if data is None:
+        data = load_task(config.task, config.data_dir, config.max_train_samples, config.max_eval_samples)
+    teacher, tokenizer = teacher or load_teacher(config.teacher, data.num_labels)
+    student, layers = load_student(config, teacher, tokenizer, data.num_labels)
+    train_dataset, eval_datasets = tokenize_task(data, tokenizer, config.max_seq_length)
+    eval_dataset = next(iter(eval_datasets.values())) if len(eval_datasets) == 1 else eval_datasets
+    kd = KDLoss(config.alpha, config.kd_temperature)
+    args = build_training_arguments(config, data.task.metric)
+    if config.cache_teacher_logits and config.alpha > 0:
+        if teacher_logits is None:
+            teacher_logits = training_set_teacher_logits(config, data, (teacher, tokenizer))
+        train_dataset = with_teacher_logits(train_dataset, teacher_logits)
+    trainer = DistillationTrainer(
+        model=student,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=data.compute_metrics,
+        teacher=None if config.cache_teacher_logits or config.alpha == 0 else teacher,
+        kd=kd,
+    )
+    trainer.train()
+
+    results = build_results(config, data.task.metric, distill_history(trainer.state.log_history, eval_metric_names(data)))
+    results["student_layers"] = layers
+    if trainer.is_world_process_zero():
+        trainer.save_model(config.output_dir)
+        if not config.keep_checkpoints:
+            for path in glob.glob(os.path.join(config.output_dir, "checkpoint-*")):
+                shutil.rmtree(path)
+        with open(os.path.join(config.output_dir, RESULTS_FILE), "w") as handle:
+            json.dump(results, handle, indent=2)
+    return results
+
+
+
+# ------------------------------------------------------------------------------------------------------
+# distill-sweep
+def arm_name(teacher_label: str, alpha: float, kd_temperature: float) -> str:
+    knobs = "alpha 0 (CE)" if alpha == 0 else f"alpha {alpha:g}, T {kd_temperature:g}"
+    return f"{teacher_label}: {knobs}" if teacher_label else knobs
+
+
+def sweep_grid(alphas: Sequence[float], kd_temperatures: Sequence[float]) -> list:
+    """``(alpha, T)`` pairs in the given order; ``alpha = 0`` (no KD term) once, whatever T."""
+    grid = []
+    for alpha in alphas:
+        for kd_temperature in kd_temperatures[:1] if alpha == 0 else kd_temperatures:
+            grid.append((float(alpha), float(kd_temperature)))
+    return grid
+
+
+def run_distill_sweep(
+    base: DistillConfig,
+    teachers: Sequence[str],
+    alphas: Sequence[float],
+    kd_temperatures: Sequence[float],
+    seeds: Sequence[int],
+    command: Optional[str] = None,
+) -> dict:
+    """Distil from every teacher at every ``(alpha, T)`` and seed; the first arm is the baseline.
+
+    Runs live in ``base.output_dir/teacher_<k>/alpha_<a>_T_<t>/seed_<s>``; a run whose ``results.json``
+    exists is read, not retrained. Each teacher is loaded once, and with ``cache_teacher_logits`` its
+    training-set logits are computed once for all its runs. Returns the ``sweep.json`` document.
+    """
+    if not teachers or not alphas or not kd_temperatures or not seeds:
+        raise ValueError("distill-sweep needs at least one --teacher, --alphas, --kd-temperatures and --seeds value")
+    grid = sweep_grid(alphas, kd_temperatures)
+    data = load_task(base.task, base.data_dir, base.max_train_samples, base.max_eval_samples)
+    values, runs, arm_order = {}, [], []
+    for index, teacher_dir in enumerate(teachers):
+        label = teacher_dir if len(teachers) > 1 else ""
+        teacher = load_teacher(teacher_dir, data.num_labels)
+        cached = None
+        for alpha, kd_temperature in grid:
+            arm = arm_name(label, alpha, kd_temperature)
+            arm_order.append(arm)
+            for seed in seeds:
+                config = dataclasses.replace(
+                    base,
+                    teacher=teacher_dir,
+                    model=base.student or teacher_dir,
+                    alpha=alpha,
+                    kd_temperature=kd_temperature,
+                    seed=seed,
+                    output_dir=os.path.join(
+                        base.output_dir, f"teacher_{index}", f"alpha_{alpha:g}_T_{kd_temperature:g}", f"seed_{seed}"
+                    ),
+                )
+                results_path = os.path.join(config.output_dir, RESULTS_FILE)
+                if os.path.isfile(results_path):
+                    with open(results_path) as handle:
+                        results = json.load(handle)
+                else:
+                    if config.cache_teacher_logits and alpha > 0 and cached is None:
+                        cached = training_set_teacher_logits(config, data, teacher)
+                    results = distill(config, data, teacher, cached)
+                values.setdefault(arm, {})[seed] = results["best"][data.task.metric]
+                runs.append(
+                    {"arm": arm, "teacher": teacher_dir, "alpha": alpha, "kd_temperature": kd_temperature, "seed": seed,
+                     "best_epoch": results["best_epoch"], "best": results["best"], "output_dir": config.output_dir}
+                )
+    rows = summarize_arms({arm: values[arm] for arm in arm_order}, arm_order[0])
+    machine = machine_description()
+    summary = {
+        "task": base.task,
+        "metric": data.task.metric,
+        "command": command,
+        "machine": machine,
+        "config": dataclasses.asdict(base),
+        "teachers": list(teachers),
+        "arms": rows,
+        "runs": runs,
+    }
+    student = f"`{base.student}`" if base.student else f"DistilBERT from teacher layers {base.student_layers or 'evenly spread'}"
+    notes = [
+        f"command: `{command}`" if command else "command: (library call)",
+        f"machine: {machine}",
+        f"teachers: {', '.join(f'`{t}`' for t in teachers)}; student: {student}",
+        f"{base.epochs:g} epochs, batch {base.batch_size}, lr {base.lr:g}, max_seq_length {base.max_seq_length}, "
+        f"max_train_samples {base.max_train_samples}, max_eval_samples {base.max_eval_samples}",
+    ]
+    title = f"{base.task}: knowledge distillation sweep"
+    write_sweep(base.output_dir, summary, format_sweep_markdown(title, data.task.metric, rows, "arm", arm_order[0], notes))
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------------
+# Command line
+def add_distill_args(parser: argparse.ArgumentParser) -> None:
+    """The common ``train`` options, with ``--student`` (alias ``--model``) in place of the required ``--model``."""
+    add_common_args(parser)
+    parser.set_defaults(epochs=10.0)
+    # conflict_handler="resolve": this replaces the required --model of add_common_args.
+    parser.add_argument("--student", "--model", dest="student",
+                        help="student model dir or hub name (same vocabulary as the teacher); "
+                             "default: a DistilBERT built from the teacher's layers")
+    parser.add_argument("--student-layers", type=parse_layers,
+                        help="teacher layers copied into the built student, e.g. 0,2,4,7,9,11 (default: evenly spread)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache-teacher-logits", action="store_true",
+                        help="compute the teacher's training-set logits once instead of once per batch")
+
+
+def distill_config_from_args(args: argparse.Namespace, **overrides) -> DistillConfig:
+    """A :class:`DistillConfig` from parsed arguments; ``model`` is the student's weight source."""
+    fields = {name: getattr(args, name) for name in DistillConfig.__dataclass_fields__ if hasattr(args, name)}
+    fields.update(overrides)
+    fields["model"] = fields["student"] or fields["teacher"]
+    return DistillConfig(**fields)
+
+
+def run_distill_command(args: argparse.Namespace) -> None:
+    results = distill(distill_config_from_args(args))
+    best = ", ".join(f"{name} {value:.4f}" for name, value in results["best"].items())
+    print(f"{args.task}: student best epoch {results['best_epoch']}: {best}; results in {args.output_dir}/{RESULTS_FILE}")
+
+
+def run_select_teacher_command(args: argparse.Namespace) -> None:
+    run_dirs = []
+    for path in args.runs:  # a sweep directory stands for all its runs
+        found = sorted(os.path.dirname(p) for p in glob.glob(os.path.join(path, "**", RESULTS_FILE), recursive=True))
+        run_dirs += found or [path]
+    selection = select_teacher(run_dirs, args.data_dir, args.batch_size)
+    metric = selection["metric"]
+    print(f"| run | cmi | lambda | best {metric} | training-set CMI | ratio | centroids |")
+    print("|---|---|---|---|---|---|---|")
+    for row in selection["runs"]:
+        print(f"| {row['run']} | {row['cmi']} | {row['cmi_lambda']:g} | {row['best_metric']:.4f} | "
+              f"{row['train_set_cmi']:.4f} | {row['ratio']:.4f} | {row['centroids_source']} |")
+    print(f"selected: {selection['selected']}\nwhy: {selection['reason']}")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(selection, handle, indent=2)
+
+
+def run_distill_sweep_command(args: argparse.Namespace) -> None:
+    command = "cmi-glue " + " ".join(shlex.quote(arg) for arg in args.argv)
+    base = distill_config_from_args(args, teacher=args.teacher[0])
+    summary = run_distill_sweep(base, args.teacher, args.alphas, args.kd_temperatures, args.seeds, command=command)
+    for row in summary["arms"]:
+        print(f"{row['arm']}: median {summary['metric']} {row['median']:.4f}")
+    print(f"table in {args.output_dir}/sweep.md")
+
+
+def register_distill(subparsers) -> None:
+    parser = subparsers.add_parser("distill", conflict_handler="resolve",
+                                   help="distil a cmi-glue train teacher into a student")
+    add_distill_args(parser)
+    parser.add_argument("--teacher", required=True, help="teacher directory written by cmi-glue train")
+    parser.add_argument("--alpha", type=float, default=0.5, help="weight of the KD term, in [0, 1]")
+    parser.add_argument("--kd-temperature", type=float, default=2.0, help="softmax temperature T > 0 of the KD term")
+    parser.set_defaults(func=run_distill_command)
+
+
+def register_select_teacher(subparsers) -> None:
+    parser = subparsers.add_parser("select-teacher", help="the run with the highest best-metric / training-set CMI")
+    parser.add_argument("--runs", nargs="+", required=True,
+                        help="cmi-glue train output directories (or sweep directories: all runs inside)")
+    parser.add_argument("--data-dir", help="GLUE TSV root; default: the one each run was trained with")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--json", help="also write the selection to this JSON file")
+    parser.set_defaults(func=run_select_teacher_command)
+
+
+def register_distill_sweep(subparsers) -> None:
+    parser = subparsers.add_parser("distill-sweep", conflict_handler="resolve",
+                                   help="teachers x alpha x T x seeds; sweep.json/sweep.md (first arm = baseline)")
+    add_distill_args(parser)
+    parser.add_argument("--teacher", nargs="+", required=True, help="one or more teacher directories")
+    parser.add_argument("--alphas", type=parse_list(float), default=[0.0, 0.5])
+    parser.add_argument("--kd-temperatures", type=parse_list(float), default=[2.0])
+    parser.add_argument("--seeds", type=parse_list(int), default=[0, 1, 2])
+    parser.set_defaults(func=run_distill_sweep_command)
+
+
+def register_distill_commands(subparsers) -> None:
+    """``distill``, ``select-teacher`` and ``distill-sweep``."""
+    register_distill(subparsers)
+    register_select_teacher(subparsers)
+    register_distill_sweep(subparsers)
