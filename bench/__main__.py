@@ -22,7 +22,7 @@ if not torch.cuda.is_available():
     # The fused provider then runs in the Triton interpreter; must be set before triton is imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from . import cmi_op, e2e, report  # noqa: E402
+from . import cmi_op, e2e, report
 
 DEFAULT_OUTPUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 QUICK_PROVIDERS = ("eager", "fused", "noop")  # compile left out: inductor's first CPU compile takes ~25 s
@@ -33,25 +33,52 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m bench",
         description="Benchmark cmi_loss (fused triton vs eager torch vs torch.compile) and a BERT training step.",
     )
-    parser.add_argument("--quick", action="store_true",
-                        help="CPU smoke subset for CI: tiny shapes, wall timing, providers eager/fused/noop, tiny BERT")
-    parser.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR, help="where the JSON/markdown/PNG go (default: %(default)s)")
-    parser.add_argument("--shapes", nargs="+", type=cmi_op.parse_shape, metavar="NxD:C[:DTYPE]",
-                        help="shapes to time instead of the default set, e.g. 4096x768:2:bf16 32x768:2:fp32")
-    parser.add_argument("--providers", nargs="+", choices=cmi_op.PROVIDERS, help="default: all (quick: eager fused noop)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="CPU smoke subset for CI: tiny shapes, wall timing, providers eager/fused/noop, tiny BERT",
+    )
+    parser.add_argument(
+        "--output-dir", default=DEFAULT_OUTPUT_DIR, help="where the JSON/markdown/PNG go (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--shapes",
+        nargs="+",
+        type=cmi_op.parse_shape,
+        metavar="NxD:C[:DTYPE]",
+        help="shapes to time instead of the default set, e.g. 4096x768:2:bf16 32x768:2:fp32",
+    )
+    parser.add_argument(
+        "--providers", nargs="+", choices=cmi_op.PROVIDERS, help="default: all (quick: eager fused noop)"
+    )
     parser.add_argument("--modes", nargs="+", choices=cmi_op.MODES, default=list(cmi_op.MODES))
     parser.add_argument("--passes", nargs="+", choices=cmi_op.PASSES, default=list(cmi_op.PASSES))
-    parser.add_argument("--timings", nargs="+", choices=cmi_op.TIMINGS, default=list(cmi_op.TIMINGS),
-                        help="device timing needs CUDA and is dropped on CPU")
+    parser.add_argument(
+        "--timings",
+        nargs="+",
+        choices=cmi_op.TIMINGS,
+        default=list(cmi_op.TIMINGS),
+        help="device timing needs CUDA and is dropped on CPU",
+    )
     parser.add_argument("--no-op-bench", action="store_true", help="skip the cmi_loss timings")
     parser.add_argument("--no-e2e", action="store_true", help="skip the BERT training-step benchmark")
     parser.add_argument("--e2e-rounds", type=int, help="interleaved rounds of the e2e benchmark")
-    parser.add_argument("--merge", action="store_true",
-                        help="merge into an existing results file of the same device and day instead of replacing it")
-    parser.add_argument("--resume", action="store_true",
-                        help="like --merge, but skip the shapes (and the e2e benchmark) that file already has")
-    parser.add_argument("--time-limit", type=float, metavar="SECONDS",
-                        help="start no new shape after this many seconds; the rest is listed as skipped")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="merge into an existing results file of the same device and day instead of replacing it",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="like --merge, but skip the shapes (and the e2e benchmark) that file already has",
+    )
+    parser.add_argument(
+        "--time-limit",
+        type=float,
+        metavar="SECONDS",
+        help="start no new shape after this many seconds; the rest is listed as skipped",
+    )
     parser.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -147,8 +174,16 @@ def main(argv=None) -> int:
                 results["skipped"].append([shape.n_rows, shape.dim, shape.num_classes, shape.dtype])
                 continue
             rows = cmi_op.run_op_bench(
-                [shape], providers, tuple(args.modes), tuple(args.passes), tuple(args.timings),
-                device, budget, copy_tbps, seed=args.seed, log=log,
+                [shape],
+                providers,
+                tuple(args.modes),
+                tuple(args.passes),
+                tuple(args.timings),
+                device,
+                budget,
+                copy_tbps,
+                seed=args.seed,
+                log=log,
             )
             results["rows"] += [dict(row, run=0) for row in rows]
             save()

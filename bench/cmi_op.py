@@ -30,10 +30,11 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import importlib
 import math
 import statistics
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
@@ -106,10 +107,10 @@ def bytes_moved(shape: Shape, mode: str, pass_name: str) -> int:
     return activations + centroid_rows
 
 
-def fused_unavailable_reason() -> Optional[str]:
+def fused_unavailable_reason() -> str | None:
     """``None`` when the triton backend imports, else the error that stops it."""
     try:
-        import cmi_fused.fused  # noqa: F401  (imports the triton kernels)
+        importlib.import_module("cmi_fused.fused")  # imports the triton kernels
     except Exception as error:  # any import failure (no triton, a kernel that does not build) disables it
         return f"{type(error).__name__}: {error}"
     return None
@@ -136,7 +137,7 @@ def make_loss_fn(provider: str, num_classes: int) -> Callable:
 class InputSet:
     features: torch.Tensor  # (N, d) leaf with requires_grad
     labels: torch.Tensor  # (N,) int64
-    centroids: Optional[torch.Tensor]  # (C, d) float32 rows summing to 1, or None (batch mode)
+    centroids: torch.Tensor | None  # (C, d) float32 rows summing to 1, or None (batch mode)
 
 
 def num_input_sets(shape: Shape, mode: str, l2_bytes: int, max_sets: int) -> int:
@@ -167,7 +168,7 @@ def build_step(loss_fn: Callable, inputs: list[InputSet], pass_name: str, *, for
     ``for_graph``: backward as ``torch.autograd.grad(..., retain_graph=True)`` so that a captured
     backward can be replayed and never accumulates; otherwise ``loss.backward()`` as users write it.
     """
-    losses: list[Optional[torch.Tensor]] = [None] * len(inputs)
+    losses: list[torch.Tensor | None] = [None] * len(inputs)
 
     def forward(k):
         item = inputs[k]
@@ -250,10 +251,18 @@ class Budget:
     warmup_steps: int = 3
 
     @classmethod
-    def quick(cls) -> "Budget":
+    def quick(cls) -> Budget:
         """CI smoke run: the fused provider runs in the Triton interpreter (tens of ms per call)."""
-        return cls(wall_ms=1.0, device_ms=1.0, graph_ms=0.5, max_graph_steps=16, min_reps=3, max_reps=5,
-                   max_input_sets=2, warmup_steps=1)
+        return cls(
+            wall_ms=1.0,
+            device_ms=1.0,
+            graph_ms=0.5,
+            max_graph_steps=16,
+            min_reps=3,
+            max_reps=5,
+            max_input_sets=2,
+            warmup_steps=1,
+        )
 
 
 def graph_replay_ms(prepare, run, num_sets: int, estimate_ms: float, budget: Budget) -> tuple[list[float], int]:
@@ -350,7 +359,7 @@ def bench_case(
     loss_fn: Callable,
     device: torch.device,
     budget: Budget,
-    copy_tbps: Optional[float],
+    copy_tbps: float | None,
 ) -> list[dict]:
     """All timing rows of one (shape, mode, provider, pass); a failure becomes an ``error`` row."""
     base = dict(row_key(shape, mode, provider, pass_name), input_sets=len(inputs))
@@ -394,7 +403,7 @@ def run_op_bench(
     timings,
     device: torch.device,
     budget: Budget,
-    copy_tbps: Optional[float],
+    copy_tbps: float | None,
     seed: int = 0,
     log: Callable[[str], None] = print,
 ) -> list[dict]:
@@ -414,15 +423,22 @@ def run_op_bench(
     rows = []
     for shape in shapes:
         for mode in modes:
-            inputs = make_inputs(shape, mode, num_input_sets(shape, mode, l2_bytes, budget.max_input_sets), device, generator)
+            inputs = make_inputs(
+                shape, mode, num_input_sets(shape, mode, l2_bytes, budget.max_input_sets), device, generator
+            )
             for provider in providers:
                 if provider == "noop" and "fwd_bwd" not in passes:
                     continue
                 case_passes = ("fwd_bwd",) if provider == "noop" else passes
                 if provider in unavailable:
                     rows += [
-                        dict(row_key(shape, mode, provider, pass_name), timing=timing, ms=None, peak_mb=None,
-                             error=unavailable[provider])
+                        dict(
+                            row_key(shape, mode, provider, pass_name),
+                            timing=timing,
+                            ms=None,
+                            peak_mb=None,
+                            error=unavailable[provider],
+                        )
                         for pass_name in case_passes
                         for timing in timings
                     ]

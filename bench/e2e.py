@@ -15,7 +15,7 @@ import copy
 import dataclasses
 import statistics
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -42,15 +42,15 @@ class E2ESettings:
     model_overrides: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def quick(cls) -> "E2ESettings":
-        tiny = dict(
-            vocab_size=128,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=64,
-        )
+    def quick(cls) -> E2ESettings:
+        tiny = {
+            "vocab_size": 128,
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "intermediate_size": 64,
+            "max_position_embeddings": 64,
+        }
         return cls(batch_size=4, seq_len=16, rounds=2, steps_per_round=2, warmup_steps=1, model_overrides=tiny)
 
 
@@ -131,7 +131,7 @@ def summarise(round_ms: dict[str, list[float]]) -> list[dict]:
 def run_e2e(
     settings: E2ESettings,
     device: torch.device,
-    fused_error: Optional[str],
+    fused_error: str | None,
     seed: int = 0,
     log: Callable[[str], None] = print,
 ) -> dict:
@@ -180,6 +180,9 @@ def run_e2e(
         shift = round_index % max(1, len(names))
         for name in names[shift:] + names[:shift]:
             round_ms[name].append(time_block_ms(steps[name], batches, settings.steps_per_round, device))
-        log(f"e2e round {round_index + 1}/{settings.rounds}: " + ", ".join(f"{n} {round_ms[n][-1]:.2f} ms" for n in names))
+        log(
+            f"e2e round {round_index + 1}/{settings.rounds}: "
+            + ", ".join(f"{n} {round_ms[n][-1]:.2f} ms" for n in names)
+        )
     section["configs"] = summarise(round_ms) if names else []
     return section

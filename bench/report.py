@@ -19,7 +19,6 @@ import math
 import os
 import re
 import warnings
-from typing import Optional
 
 ROW_KEY = ("N", "d", "C", "dtype", "mode", "provider", "pass", "timing")
 ELEMENT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -83,12 +82,12 @@ def shapes_in(rows: list[dict]) -> list[tuple]:
     return list(dict.fromkeys((r["N"], r["d"], r["C"], r["dtype"]) for r in rows))
 
 
-def ms_of(index: dict, shape: tuple, mode: str, provider: str, pass_name: str, timing: str) -> Optional[float]:
+def ms_of(index: dict, shape: tuple, mode: str, provider: str, pass_name: str, timing: str) -> float | None:
     row = index.get((*shape, mode, provider, pass_name, timing))
     return None if row is None else row.get("ms")
 
 
-def speedup(other_ms: Optional[float], fused_ms: Optional[float]) -> Optional[float]:
+def speedup(other_ms: float | None, fused_ms: float | None) -> float | None:
     """How many times faster fused is than ``other`` (``other_ms / fused_ms``)."""
     if other_ms is None or fused_ms is None or fused_ms <= 0:
         return None
@@ -101,13 +100,17 @@ def _fmt(value, spec: str, suffix: str = "") -> str:
 
 def comparison_table(index: dict, shapes: list[tuple], mode: str, pass_name: str, timings: list[str]) -> list[str]:
     lines = [
-        "| shape | timing | eager ms | compile ms | fused ms | fused vs eager | fused vs compile "
-        "| fused GB/s | % of copy | no-op step ms |",
+        (
+            "| shape | timing | eager ms | compile ms | fused ms | fused vs eager | fused vs compile "
+            "| fused GB/s | % of copy | no-op step ms |"
+        ),
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for shape in shapes:
         for timing in timings:
-            eager, compiled, fused = (ms_of(index, shape, mode, p, pass_name, timing) for p in ("eager", "compile", "fused"))
+            eager, compiled, fused = (
+                ms_of(index, shape, mode, p, pass_name, timing) for p in ("eager", "compile", "fused")
+            )
             if eager is None and compiled is None and fused is None:
                 continue
             fused_row = index.get((*shape, mode, "fused", pass_name, timing), {})
@@ -126,8 +129,11 @@ def all_rows_table(rows: list[dict]) -> list[str]:
     providers = list(dict.fromkeys(r["provider"] for r in rows))
     index = index_rows(rows)
     lines = [
-        "| shape | mode | pass | timing | " + " | ".join(f"{p} ms" for p in providers) + " | "
-        + " | ".join(f"{p} peak MB" for p in providers) + " |",
+        "| shape | mode | pass | timing | "
+        + " | ".join(f"{p} ms" for p in providers)
+        + " | "
+        + " | ".join(f"{p} peak MB" for p in providers)
+        + " |",
         "|---|---|---|---|" + "---:|" * (2 * len(providers)),
     ]
     cases = dict.fromkeys((r["N"], r["d"], r["C"], r["dtype"], r["mode"], r["pass"], r["timing"]) for r in rows)
@@ -149,7 +155,7 @@ def memory_budget_mb(shape: tuple) -> float:
     return PEAK_MEMORY_FACTOR * (n_rows * dim * ELEMENT_BYTES[dtype] + 2 * num_classes * dim * 4) / 2**20
 
 
-def _verdict(measured: Optional[float], limit: float) -> str:
+def _verdict(measured: float | None, limit: float) -> str:
     if measured is None:
         return "not measured"
     if measured <= limit:
@@ -166,8 +172,13 @@ def target_checks(results: dict) -> list[dict]:
 
     def add(criterion, shape, measured, limit):
         checks.append(
-            {"criterion": criterion, "shape": shape_label(shape), "measured": measured, "limit": limit,
-             "verdict": _verdict(measured, limit)}
+            {
+                "criterion": criterion,
+                "shape": shape_label(shape),
+                "measured": measured,
+                "limit": limit,
+                "verdict": _verdict(measured, limit),
+            }
         )
 
     for shape in shapes:
@@ -186,39 +197,55 @@ def target_checks(results: dict) -> list[dict]:
             add(f"fused wall ms <= {NOOP_WALL_FACTOR:g}x no-op step", shape, fused_wall, NOOP_WALL_FACTOR * noop_wall)
         batch_device = ms_of(index, shape, "batch", "fused", "fwd_bwd", "device")
         if n_rows * dim >= LARGE_SHAPE_ELEMENTS and fused_device is not None:
-            add(f"batch-centroid device ms <= {BATCH_VS_FIXED_FACTOR:g}x fixed", shape, batch_device,
-                BATCH_VS_FIXED_FACTOR * fused_device)
+            add(
+                f"batch-centroid device ms <= {BATCH_VS_FIXED_FACTOR:g}x fixed",
+                shape,
+                batch_device,
+                BATCH_VS_FIXED_FACTOR * fused_device,
+            )
         for mode in ("fixed", "batch"):
-            row = index.get((*shape, mode, "fused", "fwd_bwd", "wall")) or index.get((*shape, mode, "fused", "fwd_bwd", "device"))
+            row = index.get((*shape, mode, "fused", "fwd_bwd", "wall")) or index.get(
+                (*shape, mode, "fused", "fwd_bwd", "device")
+            )
             if row is not None and row.get("peak_mb") is not None:
-                add(f"fused peak MB ({mode}) <= 1.1 x (N*d*elem + 2*C*d*4)", shape, row["peak_mb"], memory_budget_mb(shape))
+                add(
+                    f"fused peak MB ({mode}) <= 1.1 x (N*d*elem + 2*C*d*4)",
+                    shape,
+                    row["peak_mb"],
+                    memory_budget_mb(shape),
+                )
     return checks
 
 
 def e2e_table(section: dict) -> list[str]:
     lines = [
-        f"{section['model']}, batch {section['batch_size']} x seq {section['seq_len']}, {section['autocast']} autocast, "
-        f"{section['optimizer']}, CMI weight {section['cmi_weight']} on the {section['cmi_input']}; "
-        f"{section['rounds']} interleaved rounds of {section['steps_per_round']} steps per config.",
+        (
+            f"{section['model']}, batch {section['batch_size']} x seq {section['seq_len']}, "
+            f"{section['autocast']} autocast, {section['optimizer']}, CMI weight {section['cmi_weight']} on the "
+            f"{section['cmi_input']}; {section['rounds']} interleaved rounds of {section['steps_per_round']} "
+            "steps per config."
+        ),
         "",
-        "| config | step ms (median of rounds) | rounds min..max ms | overhead vs plain (median, min..max over rounds) | verdict |",
+        "| config | step ms (median of rounds) | rounds min..max ms | overhead vs plain (median, min..max) | verdict |",
         "|---|---:|---:|---:|---|",
     ]
     for entry in section.get("configs", []):
         overhead, verdict = "–", "baseline"
         if "overhead_pct" in entry:
-            overhead = f"{entry['overhead_pct']:+.1f}% ({entry['overhead_pct_min']:+.1f}..{entry['overhead_pct_max']:+.1f}%)"
+            overhead = (
+                f"{entry['overhead_pct']:+.1f}% ({entry['overhead_pct_min']:+.1f}..{entry['overhead_pct_max']:+.1f}%)"
+            )
             verdict = "above the run-to-run spread" if entry["significant"] else "within the run-to-run spread"
+        fastest, slowest = min(entry["round_ms"]), max(entry["round_ms"])
         lines.append(
-            f"| {entry['config']} | {entry['step_ms']:.3f} | {min(entry['round_ms']):.3f}..{max(entry['round_ms']):.3f} "
-            f"| {overhead} | {verdict} |"
+            f"| {entry['config']} | {entry['step_ms']:.3f} | {fastest:.3f}..{slowest:.3f} | {overhead} | {verdict} |"
         )
     for config_name, error in section.get("errors", {}).items():
         lines.append(f"| {config_name} | error: {error} | | | |")
     return lines
 
 
-def render_markdown(results: dict, plot_name: Optional[str] = None) -> str:
+def render_markdown(results: dict, plot_name: str | None = None) -> str:
     """The human-readable report of one results file."""
     rows = results["rows"]
     index = index_rows(rows)
@@ -232,9 +259,12 @@ def render_markdown(results: dict, plot_name: Optional[str] = None) -> str:
         + (" (--quick: CPU smoke run, not a performance result)" if results.get("quick") else "")
         + f". Copy bandwidth measured in this run: {_fmt(copy, '.2f', ' TB/s')} (bytes read + written).",
         "",
-        "`device` = CUDA-graph replay (GPU time alone); `wall` = the eager step as users run it, from an idle GPU. "
-        "Speedup = provider ms / fused ms (> 1: fused is faster). GB/s uses the bytes model of `bench/cmi_op.py` "
-        "(3 passes over N*d*elem for fwd_bwd, plus min(N, C)*d*4 centroid rows with fixed centroids).",
+        (
+            "`device` = CUDA-graph replay (GPU time alone); `wall` = the eager step as users run it, from an idle "
+            "GPU. Speedup = provider ms / fused ms (> 1: fused is faster). GB/s uses the bytes model of "
+            "`bench/cmi_op.py` (3 passes over N*d*elem for fwd_bwd, plus min(N, C)*d*4 centroid rows with fixed "
+            "centroids)."
+        ),
         "",
     ]
     if plot_name:
@@ -323,7 +353,7 @@ def write_report(json_path: str) -> None:
     """(Re)write the markdown and the PNG next to a results JSON."""
     with open(json_path, encoding="utf-8") as handle:
         results = json.load(handle)
-    stem = json_path[: -len(".json")] if json_path.endswith(".json") else json_path
+    stem = json_path.removesuffix(".json")
     has_plot = bool(results["rows"]) and plot_speedups(results, stem + ".png")
     with open(stem + ".md", "w", encoding="utf-8") as handle:
         handle.write(render_markdown(results, os.path.basename(stem) + ".png" if has_plot else None))

@@ -1,7 +1,9 @@
 """pytest-benchmark timings of ``cmi_loss`` (fused / eager / compile, fwd and fwd+bwd) and checks of the
 benchmark's CUDA paths (CUDA-graph device timing, peak memory). Skipped without CUDA.
 
-Run on a GPU: ``python -m pytest tests/test_benchmark_cuda.py --benchmark-group-by=param:shape,param:mode,param:pass_name``.
+Run on a GPU (tests are grouped per shape, mode and pass)::
+
+    python -m pytest tests/test_benchmark_cuda.py --benchmark-columns=median,iqr,rounds
 """
 
 import pytest
@@ -64,8 +66,15 @@ def test_device_and_wall_rows_without_errors():
     shape = cmi_op.Shape(4096, 768, 2, "bf16")
     device = torch.device("cuda")
     rows = cmi_op.run_op_bench(
-        [shape], ("fused", "eager", "compile", "noop"), cmi_op.MODES, cmi_op.PASSES, cmi_op.TIMINGS,
-        device, cmi_op.Budget.quick(), copy_tbps=cmi_op.measure_copy_tbps(device), log=lambda message: None,
+        [shape],
+        ("fused", "eager", "compile", "noop"),
+        cmi_op.MODES,
+        cmi_op.PASSES,
+        cmi_op.TIMINGS,
+        device,
+        cmi_op.Budget.quick(),
+        copy_tbps=cmi_op.measure_copy_tbps(device),
+        log=lambda message: None,
     )
     assert len(rows) == 2 * (3 * 3 + 1) * 2
     for row in rows:
