@@ -88,9 +88,7 @@ def default_student_layers(num_teacher_layers: int, num_student_layers: Optional
         or not isinstance(num_student_layers, int)
         or not 1 <= num_student_layers <= num_teacher_layers
     ):
-        raise ValueError(
-            f"num_student_layers must be an int in [1, {num_teacher_layers}], got {num_student_layers!r}"
-        )
+        raise ValueError(f"num_student_layers must be an int in [1, {num_teacher_layers}], got {num_student_layers!r}")
     if num_student_layers == 1:
         return [0]
     step = (num_teacher_layers - 1) / (num_student_layers - 1)
@@ -314,7 +312,9 @@ def training_set_cmi(teacher_dir: str, data_dir: Optional[str] = None, batch_siz
     """
     results_path = os.path.join(teacher_dir, RESULTS_FILE)
     if not os.path.isfile(results_path):
-        raise FileNotFoundError(f"--runs: {teacher_dir} has no {RESULTS_FILE}; pass directories written by cmi-glue train")
+        raise FileNotFoundError(
+            f"--runs: {teacher_dir} has no {RESULTS_FILE}; pass directories written by cmi-glue train"
+        )
     with open(results_path) as handle:
         results = json.load(handle)
     config = results["config"]

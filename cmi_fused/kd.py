@@ -139,9 +139,7 @@ def kd_loss(
     else:
         row_ce = nn.functional.cross_entropy(student, labels.long(), reduction="none")
     row_loss = (1.0 - alpha) * row_ce + (alpha * temperature**2) * row_kl
-    return KDOutput(
-        reduce_rows(row_loss, reduction), reduce_rows(row_ce, reduction), reduce_rows(row_kl, reduction)
-    )
+    return KDOutput(reduce_rows(row_loss, reduction), reduce_rows(row_ce, reduction), reduce_rows(row_kl, reduction))
 
 
 class KDLoss(nn.Module):

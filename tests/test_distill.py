@@ -35,8 +35,8 @@ from cmi_fused.distill import (  # noqa: E402
     with_teacher_logits,
 )
 from cmi_fused.glue.cli import main  # noqa: E402
-from cmi_fused.glue.distill_cli import sweep_grid  # noqa: E402
 from cmi_fused.glue.data import load_task, tokenize_split  # noqa: E402
+from cmi_fused.glue.distill_cli import sweep_grid  # noqa: E402
 from cmi_fused.glue.train import TrainConfig, build_training_arguments, train  # noqa: E402
 
 NUM_TEACHER_LAYERS = 4
@@ -215,27 +215,70 @@ def teachers(tmp_path_factory, glue_dir):
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
     BertTokenizerFast(str(vocab)).save_pretrained(model_dir)
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=NUM_TEACHER_LAYERS,
-                        num_attention_heads=4, intermediate_size=48, max_position_embeddings=64)
+    config = BertConfig(
+        vocab_size=len(WORDS) + 5,
+        hidden_size=32,
+        num_hidden_layers=NUM_TEACHER_LAYERS,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=64,
+    )
     BertForSequenceClassification(config).save_pretrained(model_dir)
     runs = {}
     for cmi, centroids in (("none", "batch"), ("max", "epoch")):
         runs[cmi] = str(base / cmi)
-        train(TrainConfig(task="mrpc", model=str(model_dir), output_dir=runs[cmi], data_dir=glue_dir, cmi=cmi,
-                          cmi_lambda=0.5, centroids=centroids, temperature=0.5, epochs=1, batch_size=8, lr=1e-3,
-                          disable_tqdm=True))
+        train(
+            TrainConfig(
+                task="mrpc",
+                model=str(model_dir),
+                output_dir=runs[cmi],
+                data_dir=glue_dir,
+                cmi=cmi,
+                cmi_lambda=0.5,
+                centroids=centroids,
+                temperature=0.5,
+                epochs=1,
+                batch_size=8,
+                lr=1e-3,
+                disable_tqdm=True,
+            )
+        )
     return runs
 
 
 def distill_args(teacher, glue_dir, output_dir):
-    return ["--task", "mrpc", "--teacher", teacher, "--data-dir", glue_dir, "--output-dir", str(output_dir),
-            "--batch-size", "8", "--lr", "1e-3", "--epochs", "2", "--disable-tqdm"]
+    return [
+        "--task",
+        "mrpc",
+        "--teacher",
+        teacher,
+        "--data-dir",
+        glue_dir,
+        "--output-dir",
+        str(output_dir),
+        "--batch-size",
+        "8",
+        "--lr",
+        "1e-3",
+        "--epochs",
+        "2",
+        "--disable-tqdm",
+    ]
 
 
 def test_distill_end_to_end(teachers, glue_dir, tmp_path):
     out = tmp_path / "student"
-    main(["distill", *distill_args(teachers["max"], glue_dir, out), "--alpha", "0.7", "--kd-temperature", "3",
-          "--cache-teacher-logits"])
+    main(
+        [
+            "distill",
+            *distill_args(teachers["max"], glue_dir, out),
+            "--alpha",
+            "0.7",
+            "--kd-temperature",
+            "3",
+            "--cache-teacher-logits",
+        ]
+    )
     results = json.loads((out / "results.json").read_text())
     assert results["metric"] == "f1" and results["student_layers"] == [0, 3]
     assert results["config"]["alpha"] == 0.7 and results["config"]["kd_temperature"] == 3.0
@@ -259,13 +302,17 @@ def kd_trainer(teacher_dir, glue_dir, tmp_path, cache):
     train_dataset = tokenize_split(data.train, tokenizer, 64)
     if cache:
         train_dataset = with_teacher_logits(train_dataset, teacher_logits_for(teacher, train_dataset, tokenizer, 5))
-    config = TrainConfig(task="mrpc", model=teacher_dir, output_dir=str(tmp_path), epochs=1, batch_size=8,
-                         disable_tqdm=True)
+    config = TrainConfig(
+        task="mrpc", model=teacher_dir, output_dir=str(tmp_path), epochs=1, batch_size=8, disable_tqdm=True
+    )
     trainer = DistillationTrainer(
         model=student,
-        args=build_training_arguments(config, "f1", eval_strategy="no", save_strategy="no", load_best_model_at_end=False),
+        args=build_training_arguments(
+            config, "f1", eval_strategy="no", save_strategy="no", load_best_model_at_end=False
+        ),
         train_dataset=train_dataset,
-        data_collator=DataCollatorWithPadding(tokenizer), teacher=None if cache else teacher,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        teacher=None if cache else teacher,
         kd=KDLoss(alpha=0.6, temperature=2.5),
     )
     return trainer, teacher
@@ -282,7 +329,9 @@ def test_cached_teacher_logits_equal_per_batch_and_teacher_gets_no_gradient(teac
     for model in (trainer.model, cached_trainer.model):
         model.train()
     teacher_inputs = []
-    hook = teacher.register_forward_pre_hook(lambda module, args, kwargs: teacher_inputs.append(kwargs), with_kwargs=True)
+    hook = teacher.register_forward_pre_hook(
+        lambda module, args, kwargs: teacher_inputs.append(kwargs), with_kwargs=True
+    )
     loss = trainer.compute_loss(trainer.model, trainer._prepare_inputs(batch))
     hook.remove()
     # The teacher sees the second segment (token types) although the DistilBERT student takes none.
@@ -337,9 +386,20 @@ def test_sweep_grid_runs_alpha_zero_once():
 def test_distill_sweep_table(teachers, glue_dir, tmp_path):
     out = tmp_path / "sweep"
     args = distill_args(teachers["none"], glue_dir, out)
-    args[args.index("--teacher") + 1: args.index("--teacher") + 2] = [teachers["none"], teachers["max"]]
-    args += ["--epochs", "1", "--alphas", "0.5", "--kd-temperatures", "4", "--seeds", "0,1", "--student-layers", "1",
-             "--cache-teacher-logits"]
+    args[args.index("--teacher") + 1 : args.index("--teacher") + 2] = [teachers["none"], teachers["max"]]
+    args += [
+        "--epochs",
+        "1",
+        "--alphas",
+        "0.5",
+        "--kd-temperatures",
+        "4",
+        "--seeds",
+        "0,1",
+        "--student-layers",
+        "1",
+        "--cache-teacher-logits",
+    ]
     main(["distill-sweep", *args])
     summary = json.loads((out / "sweep.json").read_text())
     assert [row["arm"] for row in summary["arms"]] == [f"{teachers[t]}: alpha 0.5, T 4" for t in ("none", "max")]

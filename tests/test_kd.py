@@ -60,9 +60,7 @@ def test_mean_is_batchmean_kl():
 def test_gradient_float64_gradcheck():
     student, teacher, labels = make_inputs(n=4, c=3, seed=2, dtype=torch.float64)
     student.requires_grad_(True)
-    assert torch.autograd.gradcheck(
-        lambda s: kd_loss(s, teacher, labels, alpha=0.4, temperature=2.0).loss, (student,)
-    )
+    assert torch.autograd.gradcheck(lambda s: kd_loss(s, teacher, labels, alpha=0.4, temperature=2.0).loss, (student,))
 
 
 def test_teacher_never_receives_gradient():

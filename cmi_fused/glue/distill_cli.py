@@ -66,7 +66,9 @@ class DistillConfig(TrainConfig):
         if not self.teacher:
             raise ValueError("teacher must name a directory written by cmi-glue train")
         if self.student is not None and self.student_layers is not None:
-            raise ValueError("give student (a ready student model) or student_layers (built from the teacher), not both")
+            raise ValueError(
+                "give student (a ready student model) or student_layers (built from the teacher), not both"
+            )
         if self.cmi != "none":
             raise ValueError(f"cmi must be 'none' for distillation (the KD loss replaces it), got {self.cmi!r}")
         KDLoss(self.alpha, self.kd_temperature)  # raises ValueError naming alpha / temperature
@@ -78,7 +80,9 @@ def load_teacher(teacher_dir: str, num_labels: int):
         tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
         teacher = AutoModelForSequenceClassification.from_pretrained(teacher_dir)
     except OSError as error:
-        raise OSError(f"could not load --teacher {teacher_dir!r} ({error}); pass a directory written by cmi-glue train") from error
+        raise OSError(
+            f"could not load --teacher {teacher_dir!r} ({error}); pass a directory written by cmi-glue train"
+        ) from error
     if teacher.config.num_labels != num_labels:
         raise ValueError(f"--teacher {teacher_dir!r} has {teacher.config.num_labels} labels, the task has {num_labels}")
     return teacher, tokenizer
@@ -151,7 +155,9 @@ def distill(
     )
     trainer.train()
 
-    results = build_results(config, data.task.metric, distill_history(trainer.state.log_history, eval_metric_names(data)))
+    results = build_results(
+        config, data.task.metric, distill_history(trainer.state.log_history, eval_metric_names(data))
+    )
     results["student_layers"] = layers
     if trainer.is_world_process_zero():
         trainer.save_model(config.output_dir)
@@ -161,7 +167,6 @@ def distill(
         with open(os.path.join(config.output_dir, RESULTS_FILE), "w") as handle:
             json.dump(results, handle, indent=2)
     return results
-
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -228,8 +233,16 @@ def run_distill_sweep(
                     results = distill(config, data, teacher, cached)
                 values.setdefault(arm, {})[seed] = results["best"][data.task.metric]
                 runs.append(
-                    {"arm": arm, "teacher": teacher_dir, "alpha": alpha, "kd_temperature": kd_temperature, "seed": seed,
-                     "best_epoch": results["best_epoch"], "best": results["best"], "output_dir": config.output_dir}
+                    {
+                        "arm": arm,
+                        "teacher": teacher_dir,
+                        "alpha": alpha,
+                        "kd_temperature": kd_temperature,
+                        "seed": seed,
+                        "best_epoch": results["best_epoch"],
+                        "best": results["best"],
+                        "output_dir": config.output_dir,
+                    }
                 )
     rows = summarize_arms({arm: values[arm] for arm in arm_order}, arm_order[0])
     machine = machine_description()
@@ -243,7 +256,11 @@ def run_distill_sweep(
         "arms": rows,
         "runs": runs,
     }
-    student = f"`{base.student}`" if base.student else f"DistilBERT from teacher layers {base.student_layers or 'evenly spread'}"
+    student = (
+        f"`{base.student}`"
+        if base.student
+        else f"DistilBERT from teacher layers {base.student_layers or 'evenly spread'}"
+    )
     notes = [
         f"command: `{command}`" if command else "command: (library call)",
         f"machine: {machine}",
@@ -252,7 +269,9 @@ def run_distill_sweep(
         f"max_train_samples {base.max_train_samples}, max_eval_samples {base.max_eval_samples}",
     ]
     title = f"{base.task}: knowledge distillation sweep"
-    write_sweep(base.output_dir, summary, format_sweep_markdown(title, data.task.metric, rows, "arm", arm_order[0], notes))
+    write_sweep(
+        base.output_dir, summary, format_sweep_markdown(title, data.task.metric, rows, "arm", arm_order[0], notes)
+    )
     return summary
 
 
@@ -263,14 +282,24 @@ def add_distill_args(parser: argparse.ArgumentParser) -> None:
     add_common_args(parser)
     parser.set_defaults(epochs=10.0)
     # conflict_handler="resolve": this replaces the required --model of add_common_args.
-    parser.add_argument("--student", "--model", dest="student",
-                        help="student model dir or hub name (same vocabulary as the teacher); "
-                             "default: a DistilBERT built from the teacher's layers")
-    parser.add_argument("--student-layers", type=parse_layers,
-                        help="teacher layers copied into the built student, e.g. 0,2,4,7,9,11 (default: evenly spread)")
+    parser.add_argument(
+        "--student",
+        "--model",
+        dest="student",
+        help="student model dir or hub name (same vocabulary as the teacher); "
+        "default: a DistilBERT built from the teacher's layers",
+    )
+    parser.add_argument(
+        "--student-layers",
+        type=parse_layers,
+        help="teacher layers copied into the built student, e.g. 0,2,4,7,9,11 (default: evenly spread)",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cache-teacher-logits", action="store_true",
-                        help="compute the teacher's training-set logits once instead of once per batch")
+    parser.add_argument(
+        "--cache-teacher-logits",
+        action="store_true",
+        help="compute the teacher's training-set logits once instead of once per batch",
+    )
 
 
 def distill_config_from_args(args: argparse.Namespace, **overrides) -> DistillConfig:
@@ -284,7 +313,9 @@ def distill_config_from_args(args: argparse.Namespace, **overrides) -> DistillCo
 def run_distill_command(args: argparse.Namespace) -> None:
     results = distill(distill_config_from_args(args))
     best = ", ".join(f"{name} {value:.4f}" for name, value in results["best"].items())
-    print(f"{args.task}: student best epoch {results['best_epoch']}: {best}; results in {args.output_dir}/{RESULTS_FILE}")
+    print(
+        f"{args.task}: student best epoch {results['best_epoch']}: {best}; results in {args.output_dir}/{RESULTS_FILE}"
+    )
 
 
 def run_select_teacher_command(args: argparse.Namespace) -> None:
@@ -297,8 +328,10 @@ def run_select_teacher_command(args: argparse.Namespace) -> None:
     print(f"| run | cmi | lambda | best {metric} | training-set CMI | ratio | centroids |")
     print("|---|---|---|---|---|---|---|")
     for row in selection["runs"]:
-        print(f"| {row['run']} | {row['cmi']} | {row['cmi_lambda']:g} | {row['best_metric']:.4f} | "
-              f"{row['train_set_cmi']:.4f} | {row['ratio']:.4f} | {row['centroids_source']} |")
+        print(
+            f"| {row['run']} | {row['cmi']} | {row['cmi_lambda']:g} | {row['best_metric']:.4f} | "
+            f"{row['train_set_cmi']:.4f} | {row['ratio']:.4f} | {row['centroids_source']} |"
+        )
     print(f"selected: {selection['selected']}\nwhy: {selection['reason']}")
     if args.json:
         with open(args.json, "w") as handle:
@@ -315,8 +348,9 @@ def run_distill_sweep_command(args: argparse.Namespace) -> None:
 
 
 def register_distill(subparsers) -> None:
-    parser = subparsers.add_parser("distill", conflict_handler="resolve",
-                                   help="distil a cmi-glue train teacher into a student")
+    parser = subparsers.add_parser(
+        "distill", conflict_handler="resolve", help="distil a cmi-glue train teacher into a student"
+    )
     add_distill_args(parser)
     parser.add_argument("--teacher", required=True, help="teacher directory written by cmi-glue train")
     parser.add_argument("--alpha", type=float, default=0.5, help="weight of the KD term, in [0, 1]")
@@ -326,8 +360,12 @@ def register_distill(subparsers) -> None:
 
 def register_select_teacher(subparsers) -> None:
     parser = subparsers.add_parser("select-teacher", help="the run with the highest best-metric / training-set CMI")
-    parser.add_argument("--runs", nargs="+", required=True,
-                        help="cmi-glue train output directories (or sweep directories: all runs inside)")
+    parser.add_argument(
+        "--runs",
+        nargs="+",
+        required=True,
+        help="cmi-glue train output directories (or sweep directories: all runs inside)",
+    )
     parser.add_argument("--data-dir", help="GLUE TSV root; default: the one each run was trained with")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--json", help="also write the selection to this JSON file")
@@ -335,8 +373,11 @@ def register_select_teacher(subparsers) -> None:
 
 
 def register_distill_sweep(subparsers) -> None:
-    parser = subparsers.add_parser("distill-sweep", conflict_handler="resolve",
-                                   help="teachers x alpha x T x seeds; sweep.json/sweep.md (first arm = baseline)")
+    parser = subparsers.add_parser(
+        "distill-sweep",
+        conflict_handler="resolve",
+        help="teachers x alpha x T x seeds; sweep.json/sweep.md (first arm = baseline)",
+    )
     add_distill_args(parser)
     parser.add_argument("--teacher", nargs="+", required=True, help="one or more teacher directories")
     parser.add_argument("--alphas", type=parse_list(float), default=[0.0, 0.5])
