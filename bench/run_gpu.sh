@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU benchmark run of issue 3: `python -m bench` over the default shape set (fused / eager / compile /
-# fused_compiled / noop; fixed and per-batch centroids; fwd, bwd, fwd_bwd; device and wall timing) and the
+# noop; fixed and per-batch centroids; fwd, bwd, fwd_bwd; device and wall timing) and the
 # BERT-base training step. Needs no network and no package install: run it from a checkout on the GPU host.
 #
 #   bench/run_gpu.sh [extra python -m bench options]

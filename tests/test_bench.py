@@ -290,3 +290,22 @@ def test_report_without_matplotlib_writes_markdown_and_warns(tmp_path, monkeypat
     markdown = (tmp_path / "gpu-2026-01-01.md").read_text()
     assert "| 32x768 C=2 bf16 | wall | 0.5000 | – | 0.2000 | 2.5x |" in markdown
     assert ".png" not in markdown and not (tmp_path / "gpu-2026-01-01.png").exists()
+
+
+def test_unavailable_fused_provider_becomes_error_rows(monkeypatch):
+    monkeypatch.setattr(cmi_op, "fused_unavailable_reason", lambda: "ImportError: no kernels")
+    rows = cmi_op.run_op_bench(
+        [cmi_op.Shape(6, 33, 10, "fp32")],
+        ("fused", "eager"),
+        ("fixed",),
+        ("fwd_bwd",),
+        ("wall",),
+        torch.device("cpu"),
+        cmi_op.Budget.quick(),
+        copy_tbps=None,
+        log=lambda message: None,
+    )
+    by_provider = {row["provider"]: row for row in rows}
+    assert by_provider["fused"]["ms"] is None and by_provider["fused"]["error"] == "ImportError: no kernels"
+    assert by_provider["eager"]["ms"] > 0 and "error" not in by_provider["eager"]
+    assert "frac_copy" not in by_provider["eager"]  # no copy rate, no fraction of it
