@@ -19,7 +19,8 @@ Inputs are fresh random tensors (``randn`` features, uniform labels). Small shap
 input sets, so that the sets together are about twice the L2 cache (at most ``Budget.max_input_sets``).
 
 Peak memory (CUDA): ``max_memory_allocated`` during one eager step minus the allocation before it,
-measured once per (provider, mode, pass) and reported in both its device and wall rows.
+measured once per (provider, mode, pass) and reported in both its device and wall rows. ``gpu_launches``
+(fwd_bwd rows, CUDA): the kernels, memsets and copies the profiler saw in one eager step.
 
 Bytes model (achieved GB/s): a pass reads or writes the (N, d) activations ``passes`` times
 (fwd 1: read h; bwd 2: read h, write dh; fwd_bwd 3), plus, with fixed centroids, the gathered centroid
@@ -313,6 +314,21 @@ def peak_extra_mb(prepare, run) -> float:
     return (torch.cuda.max_memory_allocated() - baseline) / 2**20
 
 
+def count_gpu_activities(prepare, run) -> int | None:
+    """GPU kernels, memsets and copies of one eager step, from the profiler; ``None`` if it cannot trace."""
+    from torch.profiler import ProfilerActivity, profile
+
+    prepare(0)
+    torch.cuda.synchronize()
+    try:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as trace:
+            run(0)
+            torch.cuda.synchronize()
+    except Exception:  # no CUPTI on this host: the rows simply carry no count
+        return None
+    return sum(1 for event in trace.events() if event.device_type == torch.autograd.DeviceType.CUDA)
+
+
 def measure_copy_tbps(device: torch.device) -> float:
     """Device-to-device (or host memory) copy rate in TB/s, counting bytes read + written."""
     numel = 2**28 if device.type == "cuda" else 2**24  # 1 GiB / 64 MiB of float32
@@ -371,6 +387,8 @@ def bench_case(
         prepare, run = build_step(loss_fn, inputs, pass_name, for_graph=False)
         estimate_ms = estimate_step_ms(prepare, run, len(inputs), timer, budget.warmup_steps)
         peak_mb = peak_extra_mb(prepare, run) if device.type == "cuda" else None
+        if device.type == "cuda" and pass_name == "fwd_bwd":
+            base["gpu_launches"] = count_gpu_activities(prepare, run)
     except Exception as error:  # the provider cannot run this case at all
         return [dict(base, timing=t, ms=None, peak_mb=None, error=f"{type(error).__name__}: {error}") for t in timings]
 

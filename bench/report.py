@@ -102,9 +102,9 @@ def comparison_table(index: dict, shapes: list[tuple], mode: str, pass_name: str
     lines = [
         (
             "| shape | timing | eager ms | compile ms | fused ms | fused vs eager | fused vs compile "
-            "| fused GB/s | % of copy | no-op step ms |"
+            "| fused GB/s | % of copy | no-op step ms | GPU launches eager/compile/fused |"
         ),
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for shape in shapes:
         for timing in timings:
@@ -116,11 +116,16 @@ def comparison_table(index: dict, shapes: list[tuple], mode: str, pass_name: str
             fused_row = index.get((*shape, mode, "fused", pass_name, timing), {})
             noop = ms_of(index, shape, mode, "noop", "fwd_bwd", timing) if pass_name == "fwd_bwd" else None
             frac = fused_row.get("frac_copy")
+            launches = "/".join(
+                _fmt(index.get((*shape, mode, p, pass_name, timing), {}).get("gpu_launches"), "d")
+                for p in ("eager", "compile", "fused")
+            )
             lines.append(
                 f"| {shape_label(shape)} | {timing} | {_fmt(eager, '.4f')} | {_fmt(compiled, '.4f')} "
                 f"| {_fmt(fused, '.4f')} | {_fmt(speedup(eager, fused), '.3g', 'x')} "
                 f"| {_fmt(speedup(compiled, fused), '.3g', 'x')} | {_fmt(fused_row.get('gbps'), '.4g')} "
-                f"| {_fmt(None if frac is None else 100 * frac, '.3g', '%')} | {_fmt(noop, '.4f')} |"
+                f"| {_fmt(None if frac is None else 100 * frac, '.3g', '%')} | {_fmt(noop, '.4f')} "
+                f"| {launches} |"
             )
     return lines
 

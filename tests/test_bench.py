@@ -193,12 +193,13 @@ def synthetic_results(device, rows):
 def test_comparison_table_speedups():
     shape = (4096, 768, 2, "bf16")
     rows = [
-        make_row(shape, "fixed", "eager", "fwd_bwd", "device", 0.155),
-        make_row(shape, "fixed", "compile", "fwd_bwd", "device", 0.044),
+        dict(make_row(shape, "fixed", "eager", "fwd_bwd", "device", 0.155), gpu_launches=21),
+        dict(make_row(shape, "fixed", "compile", "fwd_bwd", "device", 0.044), gpu_launches=4),
         make_row(shape, "fixed", "fused", "fwd_bwd", "device", 0.022),
     ]
     table = report.comparison_table(report.index_rows(rows), [shape], "fixed", "fwd_bwd", ["device"])
     assert table[2].startswith("| 4096x768 C=2 bf16 | device | 0.1550 | 0.0440 | 0.0220 | 7.05x | 2x |")
+    assert table[2].endswith("| 21/4/– |")
 
 
 def test_target_checks_flag_misses():

@@ -85,3 +85,7 @@ def test_device_and_wall_rows_without_errors():
     for row in rows:
         if row["provider"] == "fused" and row["pass"] == "fwd_bwd":
             assert row["peak_mb"] <= budget, row
+    launches = {(r["provider"], r["mode"]): r["gpu_launches"] for r in rows if r["pass"] == "fwd_bwd"}
+    for mode in cmi_op.MODES:
+        if launches[("fused", mode)] is not None:  # None: the profiler cannot trace on this host
+            assert 0 < launches[("fused", mode)] < launches[("eager", mode)], launches
