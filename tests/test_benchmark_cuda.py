@@ -89,3 +89,24 @@ def test_device_and_wall_rows_without_errors():
     for mode in cmi_op.MODES:
         if launches[("fused", mode)] is not None:  # None: the profiler cannot trace on this host
             assert 0 < launches[("fused", mode)] < launches[("eager", mode)], launches
+
+
+@pytest.mark.parametrize("mode", cmi_op.MODES)
+def test_fused_step_never_synchronises(mode):
+    """Issue 3: no host syncs (``.item()``, ``torch.equal``) in the fused forward or backward."""
+    shape = cmi_op.Shape(4096, 768, 2, "bf16")
+    device = torch.device("cuda")
+    inputs = cmi_op.make_inputs(shape, mode, 1, device, torch.Generator(device=device).manual_seed(0))
+    prepare, run = cmi_op.build_step(
+        cmi_op.make_loss_fn("fused", shape.num_classes), inputs, "fwd_bwd", for_graph=False
+    )
+    prepare(0)
+    run(0)  # compiles the kernels
+    torch.cuda.synchronize()
+    prepare(0)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run(0)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
