@@ -261,7 +261,7 @@ def render_markdown(results: dict, plot_name: str | None = None) -> str:
         f"# cmi_loss benchmark: {results['device']}",
         "",
         f"torch {results['torch']}, triton {results['triton']}, {results['date']}"
-        + (" (--quick: CPU smoke run, not a performance result)" if results.get("quick") else "")
+        + (" (--quick: smoke run, not a performance result)" if results.get("quick") else "")
         + f". Copy bandwidth measured in this run: {_fmt(copy, '.2f', ' TB/s')} (bytes read + written).",
         "",
         (
