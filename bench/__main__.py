@@ -28,6 +28,13 @@ DEFAULT_OUTPUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "r
 QUICK_PROVIDERS = ("eager", "fused", "noop")  # compile left out: inductor's first CPU compile takes ~25 s
 
 
+def shape_argument(text: str) -> cmi_op.Shape:
+    try:
+        return cmi_op.parse_shape(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
@@ -44,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--shapes",
         nargs="+",
-        type=cmi_op.parse_shape,
+        type=shape_argument,
         metavar="NxD:C[:DTYPE]",
         help="shapes to time instead of the default set, e.g. 4096x768:2:bf16 32x768:2:fp32",
     )

@@ -121,6 +121,9 @@ def test_bad_arguments_name_the_option(capsys):
     with pytest.raises(SystemExit):
         bench_main(["--quick", "--e2e-rounds", "0"])
     assert "--e2e-rounds" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench_main(["--quick", "--shapes", "4096x768"])
+    assert "--shapes entries must look like NxD:C" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
