@@ -29,11 +29,12 @@ from .cmi_forward import cmi_forward_kernel
 PROGRAMS_PER_SM = 4
 # Programs of the forward grid under TRITON_INTERPRET=1 (CPU): each one is a Python loop, keep it small.
 INTERPRETER_PROGRAMS = 4
-# Smallest partial-sum budget; beyond it the per-program slots may take 1/16 of the features' bytes, so that
-# they stay a small fraction of the op's memory (the gradient itself is N x d).
-MIN_PARTIALS_BYTES = 4 << 20
-# With deterministic=None, per-program slots are used when at least this many programs (or all of them) fit.
-MIN_PARTIAL_PROGRAMS = 64
+# The per-program slots may take 1/16 of the features' bytes: the op's peak extra memory stays within 1.1x of
+# what it must hold anyway (dh, class statistics).
+PARTIALS_BUDGET_FRACTION = 16
+# With deterministic=None, slots are used when at least this many programs (or all of them) get one; fewer
+# would serialise the rows on too few programs, so atomics are used instead (tiny batches, vocabulary-sized C).
+MIN_PARTIAL_PROGRAMS = 32
 
 
 @functools.lru_cache(maxsize=None)
@@ -62,12 +63,13 @@ def accumulator_slots(features: torch.Tensor, num_classes: int, programs: int, a
     """Per-program slots of the class-statistics accumulator; 1 means fp32 atomics into one slot.
 
     ``accumulate``: "partials" (always slots: deterministic), "atomics", or "auto" (slots when enough fit in the
-    budget, which is the case for every classification-sized C; atomics for vocabulary-sized C).
+    budget: classification-sized C on batches of a few hundred rows and more; atomics for tiny batches and
+    vocabulary-sized C).
     """
     if accumulate == "atomics":
         return 1
     slot_bytes = num_classes * (features.shape[1] + 1) * 4
-    budget = max(MIN_PARTIALS_BYTES, features.numel() * features.element_size() // 16)
+    budget = features.numel() * features.element_size() // PARTIALS_BUDGET_FRACTION
     fitting = max(1, min(programs, budget // slot_bytes))
     if accumulate == "partials":
         return fitting
