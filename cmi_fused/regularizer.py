@@ -197,7 +197,8 @@ class CMIRegularizer(nn.Module):
             means = torch.where(self.centroid_valid[:, None], blended, means)
         self.centroids.copy_(torch.where(present[:, None], means, self.centroids))
         self.centroid_valid |= present
-        self._all_classes_valid = bool(self.centroid_valid.all())
+        if not self._all_classes_valid:  # a device sync only until every class has a centroid
+            self._all_classes_valid = bool(self.centroid_valid.all())
 
     @torch.no_grad()
     def _accumulate(self, class_sums: torch.Tensor, class_counts: torch.Tensor) -> None:
