@@ -34,7 +34,7 @@ All state lives in buffers, so ``state_dict`` / checkpoints carry it.
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -155,7 +155,7 @@ class CMIRegularizer(nn.Module):
             mean = features.detach().float().mean(0)
         return nn.functional.normalize(features.float() - mean, dim=-1)
 
-    def _centroids_for(self, labels: torch.Tensor) -> Optional[torch.Tensor]:
+    def _centroids_for(self, labels: torch.Tensor) -> torch.Tensor | None:
         """The stored centroids if every class in ``labels`` has one, else ``None`` (per-batch centroids)."""
         if self.mode == "batch":
             return None
@@ -230,7 +230,9 @@ class CMIRegularizer(nn.Module):
             raise RuntimeError(f"freeze() is for centroids='frozen', this regulariser uses {self.mode!r}")
         if self.normalization == "center_l2" and not bool(self.feature_mean_valid):
             if iter(batches) is batches:
-                raise TypeError("freeze(batches) with center_l2 needs a re-iterable (list, DataLoader), not an iterator")
+                raise TypeError(
+                    "freeze(batches) with center_l2 needs a re-iterable (list, DataLoader), not an iterator"
+                )
             feature_sum, count = torch.zeros_like(self.feature_mean), torch.zeros((), device=self.feature_mean.device)
             for features, _ in batches:
                 feature_sum += features.detach().float().sum(0).to(feature_sum.device)

@@ -58,9 +58,9 @@ def test_two_ranks_match_one_process_on_the_union(tmp_path):
         ranked = torch.load(tmp_path / f"rank{rank}.pt")
         for setting, reference in single.items():
             for name in ("centroids", "centroid_valid", "feature_mean", "epoch"):
-                assert torch.allclose(
-                    ranked[setting][name].double(), reference[name].double(), atol=1e-6
-                ), f"rank {rank}, {setting}: {name} differs from one process on the union"
+                assert torch.allclose(ranked[setting][name].double(), reference[name].double(), atol=1e-6), (
+                    f"rank {rank}, {setting}: {name} differs from one process on the union"
+                )
     # the shards differ, so matching the union is not automatic
     first_batch = union_batches(1, seed=0)
     assert not torch.equal(shard(first_batch, 0, WORLD_SIZE)[0][0], shard(first_batch, 1, WORLD_SIZE)[0][0])

@@ -10,7 +10,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from transformers import (  # noqa: E402
+from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     BertConfig,
@@ -20,14 +20,33 @@ from transformers import (  # noqa: E402
     DistilBertForSequenceClassification,
 )
 
-from cmi_fused import CMIRegularizer, cmi_loss  # noqa: E402
-from cmi_fused.glue.cli import build_parser, main  # noqa: E402
-from cmi_fused.glue.data import load_task, tokenize_split  # noqa: E402
-from cmi_fused.glue.metrics import glue_metrics  # noqa: E402
-from cmi_fused.glue.sweep import summarize_arms  # noqa: E402
-from cmi_fused.glue.train import CMITrainer, FeatureCapture, TrainConfig, build_training_arguments  # noqa: E402
+from cmi_fused import CMIRegularizer, cmi_loss
+from cmi_fused.glue.cli import build_parser, main
+from cmi_fused.glue.data import load_task, tokenize_split
+from cmi_fused.glue.metrics import glue_metrics
+from cmi_fused.glue.sweep import summarize_arms
+from cmi_fused.glue.train import CMITrainer, FeatureCapture, TrainConfig, build_training_arguments
 
-WORDS = "the a cat dog sat on mat good bad movie is was not very it he said stated".split()
+WORDS = [
+    "the",
+    "a",
+    "cat",
+    "dog",
+    "sat",
+    "on",
+    "mat",
+    "good",
+    "bad",
+    "movie",
+    "is",
+    "was",
+    "not",
+    "very",
+    "it",
+    "he",
+    "said",
+    "stated",
+]
 HIDDEN = 32
 
 
@@ -38,8 +57,14 @@ def tiny_bert(tmp_path_factory):
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
     BertTokenizerFast(str(vocab)).save_pretrained(directory)
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(WORDS) + 5, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64)
+    config = BertConfig(
+        vocab_size=len(WORDS) + 5,
+        hidden_size=HIDDEN,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     BertForSequenceClassification(config).save_pretrained(directory)
     return str(directory)
 
@@ -56,30 +81,61 @@ def glue_dir(tmp_path_factory):
     (root / "MRPC").mkdir()
     for name, rows in (("train.tsv", 32), ("dev.tsv", 16)):
         lines = ["Quality\t#1 ID\t#2 ID\t#1 String\t#2 String"]
-        lines += [f"{i % 2}\t{i}\t{i + 1}\t{sentence(rng, 6)} \"\t{sentence(rng, 5)}" for i in range(rows)]
+        lines += [f'{i % 2}\t{i}\t{i + 1}\t{sentence(rng, 6)} "\t{sentence(rng, 5)}' for i in range(rows)]
         (root / "MRPC" / name).write_text("\n".join(lines) + "\n")
     (root / "MNLI").mkdir()
     header = ["index", "promptID", "pairID", "genre", "s1b", "s2b", "s1p", "s2p", "sentence1", "sentence2", "label1"]
     gold = ["entailment", "neutral", "contradiction"]
     for name, rows in (("train.tsv", 24), ("dev_matched.tsv", 9), ("dev_mismatched.tsv", 6)):
         lines = ["\t".join(header + ["gold_label"])]
-        lines += ["\t".join([str(i), "1", "2", "fiction", "x", "y", "x", "y", sentence(rng, 5), sentence(rng, 4),
-                             gold[i % 3], gold[i % 3]]) for i in range(rows)]
+        lines += [
+            "\t".join(
+                [
+                    str(i),
+                    "1",
+                    "2",
+                    "fiction",
+                    "x",
+                    "y",
+                    "x",
+                    "y",
+                    sentence(rng, 5),
+                    sentence(rng, 4),
+                    gold[i % 3],
+                    gold[i % 3],
+                ]
+            )
+            for i in range(rows)
+        ]
         (root / "MNLI" / name).write_text("\n".join(lines) + "\n")
     return str(root)
 
 
 def common_args(tiny_bert, glue_dir, output_dir, task="mrpc"):
-    return ["--task", task, "--model", tiny_bert, "--data-dir", glue_dir, "--output-dir", str(output_dir),
-            "--batch-size", "8", "--lr", "1e-3", "--disable-tqdm"]
+    return [
+        "--task",
+        task,
+        "--model",
+        tiny_bert,
+        "--data-dir",
+        glue_dir,
+        "--output-dir",
+        str(output_dir),
+        "--batch-size",
+        "8",
+        "--lr",
+        "1e-3",
+        "--disable-tqdm",
+    ]
 
 
 def predict(model_dir, split, task):
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     encoded = tokenize_split(split, tokenizer, 128)
-    batch = tokenizer.pad([{k: row[k] for k in ("input_ids", "token_type_ids", "attention_mask")} for row in encoded],
-                          return_tensors="pt")
+    batch = tokenizer.pad(
+        [{k: row[k] for k in ("input_ids", "token_type_ids", "attention_mask")} for row in encoded], return_tensors="pt"
+    )
     with torch.no_grad():
         predictions = model(**batch).logits.argmax(-1).numpy()
     return glue_metrics(task, predictions, np.array(split["label"]))
@@ -87,8 +143,22 @@ def predict(model_dir, split, task):
 
 def test_train_writes_results_and_the_best_checkpoint(tiny_bert, glue_dir, tmp_path):
     out = tmp_path / "run"
-    main(["train", *common_args(tiny_bert, glue_dir, out), "--cmi", "min", "--cmi-lambda", "0.5",
-          "--centroids", "epoch", "--temperature", "0.2", "--epochs", "3"])
+    main(
+        [
+            "train",
+            *common_args(tiny_bert, glue_dir, out),
+            "--cmi",
+            "min",
+            "--cmi-lambda",
+            "0.5",
+            "--centroids",
+            "epoch",
+            "--temperature",
+            "0.2",
+            "--epochs",
+            "3",
+        ]
+    )
     results = json.loads((out / "results.json").read_text())
     assert set(results) == {"task", "config", "metric", "best_epoch", "best", "history"}
     assert results["task"] == "mrpc" and results["metric"] == "f1"
@@ -112,8 +182,24 @@ def test_train_writes_results_and_the_best_checkpoint(tiny_bert, glue_dir, tmp_p
 
 def test_mnli_cls_frozen_reports_matched_and_mismatched(tiny_bert, glue_dir, tmp_path):
     out = tmp_path / "mnli"
-    main(["train", *common_args(tiny_bert, glue_dir, out, task="mnli"), "--cmi", "max", "--feature", "cls",
-          "--centroids", "frozen", "--normalization", "center_l2", "--temperature", "0.1", "--epochs", "1"])
+    main(
+        [
+            "train",
+            *common_args(tiny_bert, glue_dir, out, task="mnli"),
+            "--cmi",
+            "max",
+            "--feature",
+            "cls",
+            "--centroids",
+            "frozen",
+            "--normalization",
+            "center_l2",
+            "--temperature",
+            "0.1",
+            "--epochs",
+            "1",
+        ]
+    )
     results = json.loads((out / "results.json").read_text())
     assert results["metric"] == "matched_accuracy"
     assert set(results["best"]) == {"matched_accuracy", "mismatched_accuracy"}
@@ -124,8 +210,20 @@ def test_mnli_cls_frozen_reports_matched_and_mismatched(tiny_bert, glue_dir, tmp
 
 def test_sweep_summarises_paired_seeds(tiny_bert, glue_dir, tmp_path):
     out = tmp_path / "sweep"
-    main(["sweep", *common_args(tiny_bert, glue_dir, out), "--lambdas", "0.5", "--seeds", "0,1", "--epochs", "1",
-          "--temperature", "0.2"])
+    main(
+        [
+            "sweep",
+            *common_args(tiny_bert, glue_dir, out),
+            "--lambdas",
+            "0.5",
+            "--seeds",
+            "0,1",
+            "--epochs",
+            "1",
+            "--temperature",
+            "0.2",
+        ]
+    )
     summary = json.loads((out / "sweep.json").read_text())
     assert summary["metric"] == "f1" and summary["command"].startswith("cmi-glue sweep --task mrpc")
     best = {}
@@ -155,17 +253,24 @@ def test_summarize_arms_hand_values():
 
 @pytest.mark.parametrize("cmi, sign", [("min", 1.0), ("max", -1.0), ("none", 0.0)])
 def test_training_loss_is_ce_plus_signed_lambda_cmi(tiny_bert, glue_dir, tmp_path, cmi, sign):
-    model = BertForSequenceClassification.from_pretrained(tiny_bert, hidden_dropout_prob=0.0,
-                                                          attention_probs_dropout_prob=0.0)
+    model = BertForSequenceClassification.from_pretrained(
+        tiny_bert, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
+    )
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
     config = TrainConfig("mrpc", tiny_bert, str(tmp_path), cmi=cmi, cmi_lambda=0.3, temperature=0.2)
     capture = FeatureCapture(model, "pooled")
     args = build_training_arguments(config, "f1", eval_strategy="no", save_strategy="no", load_best_model_at_end=False)
-    trainer = CMITrainer(model=model, args=args, regularizer=CMIRegularizer(
-        2, HIDDEN, temperature=0.2), capture=capture, cmi_weight=config.cmi_weight)
+    trainer = CMITrainer(
+        model=model,
+        args=args,
+        regularizer=CMIRegularizer(2, HIDDEN, temperature=0.2),
+        capture=capture,
+        cmi_weight=config.cmi_weight,
+    )
     split = tokenize_split(load_task("mrpc", glue_dir).train.select(range(8)), tokenizer, 64)
-    inputs = tokenizer.pad([{k: row[k] for k in ("input_ids", "token_type_ids", "attention_mask")} for row in split],
-                           return_tensors="pt")
+    inputs = tokenizer.pad(
+        [{k: row[k] for k in ("input_ids", "token_type_ids", "attention_mask")} for row in split], return_tensors="pt"
+    )
     inputs["labels"] = torch.tensor(split["label"])
     model.train()
     loss = trainer.compute_loss(model, dict(inputs))
@@ -179,10 +284,12 @@ def test_training_loss_is_ce_plus_signed_lambda_cmi(tiny_bert, glue_dir, tmp_pat
 
 def test_feature_capture_is_the_classifier_input(tmp_path):
     torch.manual_seed(0)
-    bert = BertForSequenceClassification(BertConfig(vocab_size=30, hidden_size=HIDDEN, num_hidden_layers=1,
-                                                    num_attention_heads=2, intermediate_size=64)).eval()
-    distil = DistilBertForSequenceClassification(DistilBertConfig(vocab_size=30, dim=HIDDEN, n_layers=1, n_heads=2,
-                                                                  hidden_dim=64)).eval()
+    bert = BertForSequenceClassification(
+        BertConfig(vocab_size=30, hidden_size=HIDDEN, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    ).eval()
+    distil = DistilBertForSequenceClassification(
+        DistilBertConfig(vocab_size=30, dim=HIDDEN, n_layers=1, n_heads=2, hidden_dim=64)
+    ).eval()
     input_ids = torch.randint(0, 30, (3, 7))
     with torch.no_grad():
         capture = FeatureCapture(bert, "pooled")

@@ -20,8 +20,22 @@ MNLI_DEV_HEADER = (
 
 def mnli_row(index, premise, hypothesis, gold, dev):
     labels = [gold] * (5 if dev else 1)
-    return "\t".join([str(index), "31193", f"{index}n", "government", "( ( x ) )", "( y )", "(ROOT x)", "(ROOT y)",
-                      premise, hypothesis, *labels, gold])
+    return "\t".join(
+        [
+            str(index),
+            "31193",
+            f"{index}n",
+            "government",
+            "( ( x ) )",
+            "( y )",
+            "(ROOT x)",
+            "(ROOT y)",
+            premise,
+            hypothesis,
+            *labels,
+            gold,
+        ]
+    )
 
 
 # task -> (directory, {file: lines}, expected train rows as (text_a, text_b or None, label))
@@ -29,18 +43,18 @@ FIXTURES = {
     "cola": (
         "CoLA",
         {
-            "train.tsv": ["gj04\t1\t\tOur friends won't buy this analysis.", "gj04\t0\t*\tThe more he \"reads , the."],
+            "train.tsv": ["gj04\t1\t\tOur friends won't buy this analysis.", 'gj04\t0\t*\tThe more he "reads , the.'],
             "dev.tsv": ["cj99\t1\t\tThe sailors rode the breeze clear of the rocks."],
         },
-        [("Our friends won't buy this analysis.", None, 1), ("The more he \"reads , the.", None, 0)],
+        [("Our friends won't buy this analysis.", None, 1), ('The more he "reads , the.', None, 0)],
     ),
     "sst2": (
         "SST-2",
         {
-            "train.tsv": ["sentence\tlabel", "hide new \" secretions \t0", "a gorgeous film \t1"],
+            "train.tsv": ["sentence\tlabel", 'hide new " secretions \t0', "a gorgeous film \t1"],
             "dev.tsv": ["sentence\tlabel", "it 's a charming journey . \t1"],
         },
-        [("hide new \" secretions ", None, 0), ("a gorgeous film ", None, 1)],
+        [('hide new " secretions ', None, 0), ("a gorgeous film ", None, 1)],
     ),
     "mrpc": (
         "MRPC",
@@ -52,8 +66,10 @@ FIXTURES = {
             ],
             "dev.tsv": ["Quality\t#1 ID\t#2 ID\t#1 String\t#2 String", "1\t1\t2\tHe said .\tHe stated ."],
         },
-        [('Amrozi called " the witness " .', 'Referring to him as " the witness " .', 1),
-         ("Yucaipa owned Dominick 's .", "Yucaipa bought Dominick 's .", 0)],
+        [
+            ('Amrozi called " the witness " .', 'Referring to him as " the witness " .', 1),
+            ("Yucaipa owned Dominick 's .", "Yucaipa bought Dominick 's .", 0),
+        ],
     ),
     "qqp": (
         "QQP",
@@ -61,12 +77,14 @@ FIXTURES = {
             "train.tsv": [
                 "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate",
                 "133273\t213221\t213222\tHow is the life of a math student?\tWhich level of math is needed?\t0",
-                "402555\t536040\t536041\tHow do I control my \"horny\" emotions?\tHow do you control it?\t1",
+                '402555\t536040\t536041\tHow do I control my "horny" emotions?\tHow do you control it?\t1',
             ],
             "dev.tsv": ["id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate", "1\t2\t3\tWhy?\tWhy not?\t0"],
         },
-        [("How is the life of a math student?", "Which level of math is needed?", 0),
-         ('How do I control my "horny" emotions?', "How do you control it?", 1)],
+        [
+            ("How is the life of a math student?", "Which level of math is needed?", 0),
+            ('How do I control my "horny" emotions?', "How do you control it?", 1),
+        ],
     ),
     "qnli": (
         "QNLI",
@@ -78,8 +96,10 @@ FIXTURES = {
             ],
             "dev.tsv": ["index\tquestion\tsentence\tlabel", "0\tWhat?\tThis .\tentailment"],
         },
-        [("When did the third Digimon series begin?", "Unlike the two seasons before it .", 1),
-         ("Which missile batteries often have?", "The missile batteries have a range .", 0)],
+        [
+            ("When did the third Digimon series begin?", "Unlike the two seasons before it .", 1),
+            ("Which missile batteries often have?", "The missile batteries have a range .", 0),
+        ],
     ),
     "rte": (
         "RTE",
@@ -91,8 +111,10 @@ FIXTURES = {
             ],
             "dev.tsv": ["index\tsentence1\tsentence2\tlabel", "0\tDana went.\tDana left.\tentailment"],
         },
-        [("No Weapons of Mass Destruction Found in Iraq Yet.", "Weapons Found in Iraq.", 1),
-         ("A place of sorrow, after Pope John Paul II died.", "Pope died.", 0)],
+        [
+            ("No Weapons of Mass Destruction Found in Iraq Yet.", "Weapons Found in Iraq.", 1),
+            ("A place of sorrow, after Pope John Paul II died.", "Pope died.", 0),
+        ],
     ),
     "wnli": (
         "WNLI",
@@ -104,27 +126,37 @@ FIXTURES = {
             ],
             "dev.tsv": ["index\tsentence1\tsentence2\tlabel", "0\tThe drain is clogged.\tThe hair is clogged.\t0"],
         },
-        [("I stuck a pin through a carrot.", "The carrot had a hole.", 1),
-         ("John couldn't see the stage.", "John is so tall.", 0)],
+        [
+            ("I stuck a pin through a carrot.", "The carrot had a hole.", 1),
+            ("John couldn't see the stage.", "John is so tall.", 0),
+        ],
     ),
     "mnli": (
         "MNLI",
         {
             "train.tsv": [
                 MNLI_TRAIN_HEADER,
-                mnli_row(0, "Conceptually cream skimming has two dimensions.", "Product and geography.", "neutral", False),
+                mnli_row(
+                    0, "Conceptually cream skimming has two dimensions.", "Product and geography.", "neutral", False
+                ),
                 mnli_row(1, "you know during the season", "You lose the things.", "entailment", False),
-                mnli_row(2, "One of our number will carry out \"your\" instructions.", "No one.", "contradiction",
-                         False),
+                mnli_row(2, 'One of our number will carry out "your" instructions.', "No one.", "contradiction", False),
             ],
-            "dev_matched.tsv": [MNLI_DEV_HEADER, mnli_row(0, "The new rights are nice.", "Everyone likes.", "neutral",
-                                                          True)],
-            "dev_mismatched.tsv": [MNLI_DEV_HEADER, mnli_row(0, "Your gift is appreciated.", "Hi.", "contradiction",
-                                                             True), mnli_row(1, "a", "b", "entailment", True)],
+            "dev_matched.tsv": [
+                MNLI_DEV_HEADER,
+                mnli_row(0, "The new rights are nice.", "Everyone likes.", "neutral", True),
+            ],
+            "dev_mismatched.tsv": [
+                MNLI_DEV_HEADER,
+                mnli_row(0, "Your gift is appreciated.", "Hi.", "contradiction", True),
+                mnli_row(1, "a", "b", "entailment", True),
+            ],
         },
-        [("Conceptually cream skimming has two dimensions.", "Product and geography.", 1),
-         ("you know during the season", "You lose the things.", 0),
-         ('One of our number will carry out "your" instructions.', "No one.", 2)],
+        [
+            ("Conceptually cream skimming has two dimensions.", "Product and geography.", 1),
+            ("you know during the season", "You lose the things.", 0),
+            ('One of our number will carry out "your" instructions.', "No one.", 2),
+        ],
     ),
 }
 
@@ -212,8 +244,10 @@ def test_hub_splits_are_renamed_to_the_common_columns(monkeypatch):
     def fake_hub(path, name):
         assert (path, name) == ("nyu-mll/glue", "mnli")
         split = {"premise": ["p1", "p2"], "hypothesis": ["h1", "h2"], "label": [2, 0], "idx": [0, 1]}
-        return {key: datasets.Dataset.from_dict(split) for key in ("train", "validation_matched",
-                                                                    "validation_mismatched", "test_matched")}
+        return {
+            key: datasets.Dataset.from_dict(split)
+            for key in ("train", "validation_matched", "validation_mismatched", "test_matched")
+        }
 
     monkeypatch.setattr(glue_data.datasets, "load_dataset", fake_hub)
     data = load_task("mnli", max_eval_samples=1)
@@ -247,8 +281,9 @@ def test_metrics_match_hand_computed_values():
     tp, tn, fp, fn = 2, 2, 1, 1
     mcc = (tp * tn - fp * fn) / np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
     assert glue_metrics("cola", predictions, labels) == pytest.approx({"matthews_correlation": mcc})
-    assert glue_metrics("mrpc", predictions, labels) == pytest.approx({"f1": 2 * tp / (2 * tp + fp + fn),
-                                                                       "accuracy": 4 / 6})
+    assert glue_metrics("mrpc", predictions, labels) == pytest.approx(
+        {"f1": 2 * tp / (2 * tp + fp + fn), "accuracy": 4 / 6}
+    )
     assert glue_metrics("qqp", predictions, labels).keys() == {"f1", "accuracy"}
     assert glue_metrics("rte", predictions, labels) == pytest.approx({"accuracy": 4 / 6})
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from ..regularizer import CENTROID_MODES, NORMALIZATIONS
 from .data import TASKS
@@ -52,11 +52,19 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
 
 def add_cmi_args(parser: argparse.ArgumentParser, default_cmi: str = "none") -> None:
     """The CMI regulariser options."""
-    parser.add_argument("--cmi", choices=tuple(CMI_SIGNS), default=default_cmi,
-                        help="min: CE + lambda*CMI, max: CE - lambda*CMI, none: CE (CMI only logged)")
+    parser.add_argument(
+        "--cmi",
+        choices=tuple(CMI_SIGNS),
+        default=default_cmi,
+        help="min: CE + lambda*CMI, max: CE - lambda*CMI, none: CE (CMI only logged)",
+    )
     parser.add_argument("--centroids", choices=CENTROID_MODES, default="batch")
-    parser.add_argument("--feature", choices=FEATURES, default="pooled",
-                        help="pooled: the classifier input; cls: last hidden state of the first token")
+    parser.add_argument(
+        "--feature",
+        choices=FEATURES,
+        default="pooled",
+        help="pooled: the classifier input; cls: last hidden state of the first token",
+    )
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--normalization", choices=NORMALIZATIONS, default="none")
     parser.add_argument("--momentum", type=float, default=0.9, help="EMA momentum of --centroids ema")
@@ -114,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv

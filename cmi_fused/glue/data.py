@@ -11,7 +11,7 @@ import csv
 import dataclasses
 import os
 import sys
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import datasets
 
@@ -36,7 +36,7 @@ class GlueTask:
     tsv_text_columns: tuple
     tsv_label_column: object
     hf_text_columns: tuple
-    label_map: Optional[dict] = None
+    label_map: dict | None = None
     has_header: bool = True
     eval_files: tuple = (("validation", "dev.tsv"),)
 
@@ -99,7 +99,7 @@ def get_task(task: str) -> GlueTask:
     return TASKS[key]
 
 
-def _column_index(header: Optional[list], column, path: str) -> int:
+def _column_index(header: list | None, column, path: str) -> int:
     if isinstance(column, int):
         return column
     if column not in header:
@@ -183,7 +183,7 @@ def _load_hub(task: GlueTask) -> tuple:
     return train, evals
 
 
-def _take(split: datasets.Dataset, limit: Optional[int]) -> datasets.Dataset:
+def _take(split: datasets.Dataset, limit: int | None) -> datasets.Dataset:
     if limit is None or limit >= len(split):
         return split
     return split.select(range(limit))
@@ -191,9 +191,9 @@ def _take(split: datasets.Dataset, limit: Optional[int]) -> datasets.Dataset:
 
 def load_task(
     task: str,
-    data_dir: Optional[str] = None,
-    max_train_samples: Optional[int] = None,
-    max_eval_samples: Optional[int] = None,
+    data_dir: str | None = None,
+    max_train_samples: int | None = None,
+    max_eval_samples: int | None = None,
 ) -> GlueData:
     """Load a GLUE task from ``data_dir/<TASK>/*.tsv`` or, without ``data_dir``, from the Hugging Face hub.
 

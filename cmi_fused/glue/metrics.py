@@ -7,7 +7,7 @@ accuracy. MNLI is evaluated on two splits, so its metric names carry the split: 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef

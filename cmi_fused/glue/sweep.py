@@ -13,7 +13,7 @@ import json
 import os
 import platform
 import statistics
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -61,7 +61,9 @@ def summarize_arms(values: dict, baseline) -> list:
         row["paired_diffs"] = diffs
         if diffs:
             row.update(
-                diff_median=statistics.median(diffs), diff_min=min(diffs), diff_max=max(diffs),
+                diff_median=statistics.median(diffs),
+                diff_min=min(diffs),
+                diff_max=max(diffs),
                 wins=sum(diff > 0 for diff in diffs),
             )
         rows.append(row)
@@ -116,7 +118,7 @@ def run_sweep(
     base: TrainConfig,
     lambdas: Sequence[float],
     seeds: Sequence[int],
-    command: Optional[str] = None,
+    command: str | None = None,
     train_fn: Callable = train,
 ) -> dict:
     """Train CE (lambda 0, ``cmi="none"``) and ``base.cmi`` at every lambda for every seed; summarise.
@@ -150,8 +152,13 @@ def run_sweep(
                 results = train_fn(config, data)
             values.setdefault(cmi_lambda, {})[seed] = results["best"][metric]
             runs.append(
-                {"lambda": cmi_lambda, "seed": seed, "best_epoch": results["best_epoch"], "best": results["best"],
-                 "output_dir": config.output_dir}
+                {
+                    "lambda": cmi_lambda,
+                    "seed": seed,
+                    "best_epoch": results["best_epoch"],
+                    "best": results["best"],
+                    "output_dir": config.output_dir,
+                }
             )
     rows = summarize_arms(values, 0.0)
     summary = {

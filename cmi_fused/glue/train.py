@@ -15,7 +15,6 @@ import glob
 import json
 import os
 import shutil
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -48,7 +47,7 @@ class TrainConfig:
     task: str
     model: str
     output_dir: str
-    data_dir: Optional[str] = None
+    data_dir: str | None = None
     cmi: str = "none"
     cmi_lambda: float = 0.1
     centroids: str = "batch"
@@ -58,15 +57,15 @@ class TrainConfig:
     momentum: float = 0.9
     epochs: float = 5.0
     batch_size: int = 32
-    eval_batch_size: Optional[int] = None
+    eval_batch_size: int | None = None
     lr: float = 2e-5
     weight_decay: float = 0.0
     warmup_ratio: float = 0.0
     max_seq_length: int = 128
     seed: int = 0
     bf16: bool = False
-    max_train_samples: Optional[int] = None
-    max_eval_samples: Optional[int] = None
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
     keep_checkpoints: bool = False
     resume: bool = False
     disable_tqdm: bool = False
@@ -254,7 +253,7 @@ def history_from_log(log_history: list, metric_names: list) -> list:
     for entry in log_history:
         if "epoch" not in entry:
             continue
-        epoch = int(round(entry["epoch"]))
+        epoch = round(entry["epoch"])
         row = by_epoch.setdefault(epoch, {"epoch": epoch, "train_ce": None, "train_cmi": None, "eval": {}})
         for key in ("train_ce", "train_cmi"):
             if key in entry:
@@ -307,7 +306,7 @@ def load_model_and_tokenizer(model_name: str, num_labels: int):
     return model, tokenizer
 
 
-def train(config: TrainConfig, data: Optional[GlueData] = None) -> dict:
+def train(config: TrainConfig, data: GlueData | None = None) -> dict:
     """Run one fine-tuning; return the ``results.json`` document (also written to ``config.output_dir``)."""
     if data is None:
         data = load_task(config.task, config.data_dir, config.max_train_samples, config.max_eval_samples)
@@ -350,7 +349,9 @@ def train(config: TrainConfig, data: Optional[GlueData] = None) -> dict:
     trainer.save_model(config.output_dir)  # every rank calls it; only the main process writes
     if trainer.is_world_process_zero():
         best_checkpoint = trainer.state.best_model_checkpoint
-        shutil.copyfile(os.path.join(best_checkpoint, REGULARIZER_FILE), os.path.join(config.output_dir, REGULARIZER_FILE))
+        shutil.copyfile(
+            os.path.join(best_checkpoint, REGULARIZER_FILE), os.path.join(config.output_dir, REGULARIZER_FILE)
+        )
         if not config.keep_checkpoints:
             for path in glob.glob(os.path.join(config.output_dir, "checkpoint-*")):
                 shutil.rmtree(path)
