@@ -28,8 +28,8 @@ def machine_description() -> str:
     else:
         device = f"CPU only ({platform.processor() or platform.machine()})"
     return (
-        f"{device}, {os.cpu_count()} CPU cores, torch {torch.__version__}, torch intra-op threads: {torch.get_num_threads()}, "
-        f"{platform.system()} {platform.release()}"
+        f"{device}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+        f"torch intra-op threads: {torch.get_num_threads()}, {platform.system()} {platform.release()}"
     )
 
 
