@@ -311,3 +311,17 @@ def test_bad_arguments_say_what_to_pass(tiny_bert, glue_dir, tmp_path):
         main(["train", *common_args(tiny_bert, glue_dir, tmp_path / "x"), "--cmi", "min", "--cmi-lambda", "-1"])
     with pytest.raises(SystemExit):
         build_parser().parse_args(["sweep", *common_args(tiny_bert, glue_dir, tmp_path / "x"), "--lambdas", "0,a"])
+
+
+def test_resume_continues_from_the_last_checkpoint(tiny_bert, glue_dir, tmp_path):
+    out = tmp_path / "resume"
+    args = [*common_args(tiny_bert, glue_dir, out), "--cmi", "min", "--centroids", "epoch", "--keep-checkpoints"]
+    main(["train", *args, "--epochs", "1"])
+    assert [name for name in os.listdir(out) if name.startswith("checkpoint-")] == ["checkpoint-4"]
+    main(["train", *args, "--epochs", "2", "--resume"])
+    assert "checkpoint-8" in os.listdir(out)  # the last checkpoint is kept next to the best
+    results = json.loads((out / "results.json").read_text())
+    assert [row["epoch"] for row in results["history"]] == [1, 2]
+    reg = CMIRegularizer(2, HIDDEN, "epoch")
+    reg.load_state_dict(torch.load(out / "checkpoint-8" / "cmi_regularizer.pt"))
+    assert int(reg.epoch) == 2  # the epoch count carried over from the first run's checkpoint

@@ -46,7 +46,11 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision")
     parser.add_argument("--max-train-samples", type=int, help="keep the first N training rows")
     parser.add_argument("--max-eval-samples", type=int, help="keep the first N rows of each evaluation split")
-    parser.add_argument("--keep-checkpoints", action="store_true", help="keep checkpoint-* (with optimizer state)")
+    parser.add_argument(
+        "--keep-checkpoints",
+        action="store_true",
+        help="keep the best and the last checkpoint-* (with optimizer state, for --resume)",
+    )
     parser.add_argument("--disable-tqdm", action="store_true")
 
 

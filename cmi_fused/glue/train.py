@@ -236,7 +236,7 @@ def build_training_arguments(config: TrainConfig, metric_for_best_model: str, **
         load_best_model_at_end=True,
         metric_for_best_model=metric_for_best_model,
         greater_is_better=True,
-        save_total_limit=1,
+        save_total_limit=2 if config.keep_checkpoints else 1,  # the best and the last (for --resume)
         save_only_model=not config.keep_checkpoints,
         report_to="none",
         disable_tqdm=config.disable_tqdm,
