@@ -3,7 +3,6 @@ frozen teacher, teacher selection and end-to-end ``cmi-glue distill`` / ``distil
 
 import json
 import os
-import random
 
 import pytest
 import torch
@@ -15,7 +14,6 @@ from transformers import (  # noqa: E402
     AutoTokenizer,
     BertConfig,
     BertForSequenceClassification,
-    BertTokenizerFast,
     DataCollatorWithPadding,
     DistilBertConfig,
     DistilBertForSequenceClassification,
@@ -38,6 +36,7 @@ from cmi_fused.glue.cli import main  # noqa: E402
 from cmi_fused.glue.data import load_task, tokenize_split  # noqa: E402
 from cmi_fused.glue.distill_cli import sweep_grid  # noqa: E402
 from cmi_fused.glue.train import TrainConfig, build_training_arguments, train  # noqa: E402
+from glue_fixtures import save_tiny_bert  # noqa: E402
 
 NUM_TEACHER_LAYERS = 4
 
@@ -186,44 +185,13 @@ def test_build_errors():
 
 # ------------------------------------------------------------------------------------------------------
 # End to end on a tiny random BERT teacher trained by cmi-glue train
-WORDS = "the a cat dog sat on mat good bad movie is was not very it he said stated".split()
-
-
-def sentence(rng, length):
-    return " ".join(rng.choice(WORDS) for _ in range(length))
-
-
-@pytest.fixture(scope="module")
-def glue_dir(tmp_path_factory):
-    """MRPC in the official TSV layout: 32 train rows, 16 dev rows of random words."""
-    root = tmp_path_factory.mktemp("glue")
-    rng = random.Random(0)
-    (root / "MRPC").mkdir()
-    for name, rows in (("train.tsv", 32), ("dev.tsv", 16)):
-        lines = ["Quality\t#1 ID\t#2 ID\t#1 String\t#2 String"]
-        lines += [f"{i % 2}\t{i}\t{i + 1}\t{sentence(rng, 6)}\t{sentence(rng, 5)}" for i in range(rows)]
-        (root / "MRPC" / name).write_text("\n".join(lines) + "\n")
-    return str(root)
-
-
 @pytest.fixture(scope="module")
 def teachers(tmp_path_factory, glue_dir):
     """Two teachers trained for 1 epoch: ``none`` (batch centroids) and ``max`` (epoch centroids)."""
     base = tmp_path_factory.mktemp("teachers")
-    model_dir = base / "init"
-    vocab = base / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
-    BertTokenizerFast(str(vocab)).save_pretrained(model_dir)
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(WORDS) + 5,
-        hidden_size=32,
-        num_hidden_layers=NUM_TEACHER_LAYERS,
-        num_attention_heads=4,
-        intermediate_size=48,
-        max_position_embeddings=64,
+    model_dir = save_tiny_bert(
+        base / "init", num_layers=NUM_TEACHER_LAYERS, num_heads=4, intermediate_size=48
     )
-    BertForSequenceClassification(config).save_pretrained(model_dir)
     runs = {}
     for cmi, centroids in (("none", "batch"), ("max", "epoch")):
         runs[cmi] = str(base / cmi)

@@ -2,7 +2,6 @@
 
 import json
 import os
-import random
 
 import numpy as np
 import pytest
@@ -15,7 +14,6 @@ from transformers import (
     AutoTokenizer,
     BertConfig,
     BertForSequenceClassification,
-    BertTokenizerFast,
     DistilBertConfig,
     DistilBertForSequenceClassification,
 )
@@ -26,89 +24,14 @@ from cmi_fused.glue.data import load_task, tokenize_split
 from cmi_fused.glue.metrics import glue_metrics
 from cmi_fused.glue.sweep import summarize_arms
 from cmi_fused.glue.train import CMITrainer, FeatureCapture, TrainConfig, build_training_arguments
+from glue_fixtures import save_tiny_bert
 
-WORDS = [
-    "the",
-    "a",
-    "cat",
-    "dog",
-    "sat",
-    "on",
-    "mat",
-    "good",
-    "bad",
-    "movie",
-    "is",
-    "was",
-    "not",
-    "very",
-    "it",
-    "he",
-    "said",
-    "stated",
-]
 HIDDEN = 32
 
 
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tiny-bert")
-    vocab = directory / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
-    BertTokenizerFast(str(vocab)).save_pretrained(directory)
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(WORDS) + 5,
-        hidden_size=HIDDEN,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    BertForSequenceClassification(config).save_pretrained(directory)
-    return str(directory)
-
-
-def sentence(rng, length):
-    return " ".join(rng.choice(WORDS) for _ in range(length))
-
-
-@pytest.fixture(scope="module")
-def glue_dir(tmp_path_factory):
-    """MRPC and MNLI fixture files in the official layout: a few dozen random rows."""
-    root = tmp_path_factory.mktemp("glue")
-    rng = random.Random(0)
-    (root / "MRPC").mkdir()
-    for name, rows in (("train.tsv", 32), ("dev.tsv", 16)):
-        lines = ["Quality\t#1 ID\t#2 ID\t#1 String\t#2 String"]
-        lines += [f'{i % 2}\t{i}\t{i + 1}\t{sentence(rng, 6)} "\t{sentence(rng, 5)}' for i in range(rows)]
-        (root / "MRPC" / name).write_text("\n".join(lines) + "\n")
-    (root / "MNLI").mkdir()
-    header = ["index", "promptID", "pairID", "genre", "s1b", "s2b", "s1p", "s2p", "sentence1", "sentence2", "label1"]
-    gold = ["entailment", "neutral", "contradiction"]
-    for name, rows in (("train.tsv", 24), ("dev_matched.tsv", 9), ("dev_mismatched.tsv", 6)):
-        lines = ["\t".join(header + ["gold_label"])]
-        lines += [
-            "\t".join(
-                [
-                    str(i),
-                    "1",
-                    "2",
-                    "fiction",
-                    "x",
-                    "y",
-                    "x",
-                    "y",
-                    sentence(rng, 5),
-                    sentence(rng, 4),
-                    gold[i % 3],
-                    gold[i % 3],
-                ]
-            )
-            for i in range(rows)
-        ]
-        (root / "MNLI" / name).write_text("\n".join(lines) + "\n")
-    return str(root)
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), hidden_size=HIDDEN)
 
 
 def common_args(tiny_bert, glue_dir, output_dir, task="mrpc"):
