@@ -30,10 +30,11 @@ def parse_list(kind):
     return parse
 
 
-def add_common_args(parser: argparse.ArgumentParser) -> None:
-    """Task, model, data and training options shared by every subcommand."""
+def add_common_args(parser: argparse.ArgumentParser, with_model: bool = True) -> None:
+    """Task, model, data and training options shared by every subcommand (``with_model=False``: no ``--model``)."""
     parser.add_argument("--task", required=True, choices=sorted(TASKS), help="GLUE classification task")
-    parser.add_argument("--model", required=True, help="hub name or local directory of the model and tokenizer")
+    if with_model:
+        parser.add_argument("--model", required=True, help="hub name or local directory of the model and tokenizer")
     parser.add_argument("--output-dir", required=True, help="where checkpoints and results are written")
     parser.add_argument("--data-dir", help="GLUE TSV root (<dir>/<TASK>/train.tsv, dev.tsv); default: datasets hub")
     parser.add_argument("--epochs", type=float, default=5.0)

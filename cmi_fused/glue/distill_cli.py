@@ -279,9 +279,8 @@ def run_distill_sweep(
 # Command line
 def add_distill_args(parser: argparse.ArgumentParser) -> None:
     """The common ``train`` options, with ``--student`` (alias ``--model``) in place of the required ``--model``."""
-    add_common_args(parser)
+    add_common_args(parser, with_model=False)
     parser.set_defaults(epochs=10.0)
-    # conflict_handler="resolve": this replaces the required --model of add_common_args.
     parser.add_argument(
         "--student",
         "--model",
@@ -348,9 +347,7 @@ def run_distill_sweep_command(args: argparse.Namespace) -> None:
 
 
 def register_distill(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "distill", conflict_handler="resolve", help="distil a cmi-glue train teacher into a student"
-    )
+    parser = subparsers.add_parser("distill", help="distil a cmi-glue train teacher into a student")
     add_distill_args(parser)
     parser.add_argument("--teacher", required=True, help="teacher directory written by cmi-glue train")
     parser.add_argument("--alpha", type=float, default=0.5, help="weight of the KD term, in [0, 1]")
@@ -375,7 +372,6 @@ def register_select_teacher(subparsers) -> None:
 def register_distill_sweep(subparsers) -> None:
     parser = subparsers.add_parser(
         "distill-sweep",
-        conflict_handler="resolve",
         help="teachers x alpha x T x seeds; sweep.json/sweep.md (first arm = baseline)",
     )
     add_distill_args(parser)
