@@ -20,7 +20,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
-from .options import REDUCTIONS, validate_labels
+from .options import REDUCTIONS, check_check_labels, check_label_tensor, validate_labels
 from .reference import reduce_rows
 
 
@@ -74,21 +74,13 @@ def check_kd_inputs(
     temperature = _check_number("temperature", temperature, 0.0, float("inf"), low_open=True)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if check_labels not in (None, True, False):
-        raise ValueError(f"check_labels must be None, True or False, got {check_labels!r}")
+    check_check_labels(check_labels)
     if labels is None:
         if alpha != 1.0:
             raise ValueError(f"labels may be None only when alpha == 1 (pure distillation), got alpha={alpha}")
         return alpha, temperature
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
     n_rows, num_classes = student_logits.shape
-    if labels.dim() != 1 or labels.shape[0] != n_rows:
-        raise ValueError(f"labels must have shape ({n_rows},) to match student_logits, got {tuple(labels.shape)}")
-    if labels.device != student_logits.device:
-        raise ValueError(f"labels are on {labels.device} but student_logits on {student_logits.device}")
+    check_label_tensor(labels, n_rows, student_logits.device, "student_logits")
     if check_labels or (check_labels is None and labels.device.type == "cpu"):
         validate_labels(labels, num_classes)
     return alpha, temperature

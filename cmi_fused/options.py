@@ -2,8 +2,8 @@
 
 All checks read shapes, dtypes and devices only, so none of them synchronises with the GPU. The one
 value check (labels inside ``[0, num_classes)``) needs the label values on the host: it runs for CPU
-tensors (free; skipped while torch.compile traces) and, on CUDA, only when asked (``check_labels=True``); without it the kernels still
-never touch memory out of bounds and give such rows a NaN loss (see the README).
+tensors (free; skipped while torch.compile traces) and, on CUDA, only when asked (``check_labels=True``);
+without it the kernels still never touch memory out of bounds and give such rows a NaN loss (see the README).
 """
 
 from __future__ import annotations
@@ -56,6 +56,31 @@ def validate_labels(labels: torch.Tensor, num_classes: int) -> None:
         raise ValueError(f"labels must lie in [0, num_classes={num_classes}); found label {bad}")
 
 
+def check_label_tensor(labels, n_rows: int, device: torch.device, reference: str) -> None:
+    """``labels`` is an integer (n_rows,) tensor on ``device`` (that of the tensor named ``reference``)."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+    if labels.dim() != 1 or labels.shape[0] != n_rows:
+        raise ValueError(f"labels must have shape ({n_rows},) to match {reference}, got {tuple(labels.shape)}")
+    if labels.device != device:
+        raise ValueError(f"labels are on {labels.device} but {reference} on {device}")
+
+
+def check_check_labels(check_labels) -> None:
+    if check_labels not in (None, True, False):
+        raise ValueError(f"check_labels must be None, True or False, got {check_labels!r}")
+
+
+def maybe_validate_labels(labels: torch.Tensor, num_classes: int, check_labels: Optional[bool]) -> None:
+    """The label-range check where it is asked for or free (CPU tensors, outside torch.compile tracing)."""
+    # Under torch.compile the default skips the check: reading values would break the graph.
+    check_by_default = labels.device.type == "cpu" and not torch.compiler.is_compiling()
+    if check_labels or (check_labels is None and check_by_default):
+        validate_labels(labels, num_classes)
+
+
 def check_inputs(
     features: torch.Tensor,
     labels: torch.Tensor,
@@ -79,14 +104,7 @@ def check_inputs(
     n_rows, dim = features.shape
     if n_rows == 0 or dim == 0:
         raise ValueError(f"features must have at least one row and one column, got shape {tuple(features.shape)}")
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
-    if labels.dim() != 1 or labels.shape[0] != n_rows:
-        raise ValueError(f"labels must have shape ({n_rows},) to match features, got {tuple(labels.shape)}")
-    if labels.device != features.device:
-        raise ValueError(f"labels are on {labels.device} but features on {features.device}")
+    check_label_tensor(labels, n_rows, features.device, "features")
     if not _is_int(num_classes) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     if centroids is not None:
@@ -108,13 +126,8 @@ def check_inputs(
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if deterministic not in (None, True, False):
         raise ValueError(f"deterministic must be None, True or False, got {deterministic!r}")
-    if check_labels not in (None, True, False):
-        raise ValueError(f"check_labels must be None, True or False, got {check_labels!r}")
-
-    # Under torch.compile the default skips the check: reading values would break the graph.
-    check_by_default = labels.device.type == "cpu" and not torch.compiler.is_compiling()
-    if check_labels or (check_labels is None and check_by_default):
-        validate_labels(labels, num_classes)
+    check_check_labels(check_labels)
+    maybe_validate_labels(labels, num_classes, check_labels)
 
     if backend == "auto":
         backend = "triton" if features.is_cuda else "torch"
