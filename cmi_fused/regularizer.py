@@ -119,7 +119,9 @@ class CMIRegularizer(nn.Module):
         # center_l2: running feature mean.
         self.register_buffer("feature_mean", torch.zeros(dim))
         self.register_buffer("feature_mean_valid", torch.zeros((), dtype=torch.bool))
-        self._all_classes_valid = False  # host copy of centroid_valid.all(): no device sync per step
+        # Host copies of centroid_valid.all() and feature_mean_valid: no device sync per step.
+        self._all_classes_valid = False
+        self._feature_mean_ready = False
 
     def extra_repr(self) -> str:
         return (
@@ -130,6 +132,7 @@ class CMIRegularizer(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._all_classes_valid = bool(self.centroid_valid.all())
+        self._feature_mean_ready = bool(self.feature_mean_valid)
 
     # ----------------------------------------------------------------------------------------------
     def normalize(self, features: torch.Tensor, update: bool) -> torch.Tensor:
@@ -145,15 +148,19 @@ class CMIRegularizer(nn.Module):
             count = torch.tensor(float(detached.shape[0]), device=detached.device)
             batch_sum, count = _all_reduce_sum(detached.sum(0), count)
             batch_mean = batch_sum / count
-            if bool(self.feature_mean_valid):
+            if self._feature_mean_ready:
                 batch_mean = self.feature_momentum * self.feature_mean + (1 - self.feature_momentum) * batch_mean
-            self.feature_mean.copy_(batch_mean)
-            self.feature_mean_valid.fill_(True)
-        if bool(self.feature_mean_valid):
+            self._set_feature_mean(batch_mean)
+        if self._feature_mean_ready:
             mean = self.feature_mean
         else:
             mean = features.detach().float().mean(0)
         return nn.functional.normalize(features.float() - mean, dim=-1)
+
+    def _set_feature_mean(self, mean: torch.Tensor) -> None:
+        self.feature_mean.copy_(mean)
+        self.feature_mean_valid.fill_(True)
+        self._feature_mean_ready = True
 
     def _centroids_for(self, labels: torch.Tensor) -> torch.Tensor | None:
         """The stored centroids if every class in ``labels`` has one, else ``None`` (per-batch centroids)."""
@@ -228,7 +235,7 @@ class CMIRegularizer(nn.Module):
         """
         if self.mode != "frozen":
             raise RuntimeError(f"freeze() is for centroids='frozen', this regulariser uses {self.mode!r}")
-        if self.normalization == "center_l2" and not bool(self.feature_mean_valid):
+        if self.normalization == "center_l2" and not self._feature_mean_ready:
             if iter(batches) is batches:
                 raise TypeError(
                     "freeze(batches) with center_l2 needs a re-iterable (list, DataLoader), not an iterator"
@@ -240,8 +247,7 @@ class CMIRegularizer(nn.Module):
             feature_sum, count = _all_reduce_sum(feature_sum, count)
             if not count > 0:
                 raise ValueError("freeze(batches) got no rows")
-            self.feature_mean.copy_(feature_sum / count)
-            self.feature_mean_valid.fill_(True)
+            self._set_feature_mean(feature_sum / count)
         class_sums = torch.zeros_like(self.centroids)
         class_counts = torch.zeros_like(self.epoch_class_counts)
         for features, labels in batches:
