@@ -9,8 +9,9 @@ Forward (see ``cmi_forward.py`` for the math):
 The kernels return per-row KL; the reduction (mean/sum/none) is a torch op on an (N,) vector, so autograd hands
 the backward kernel a per-row gradient whatever the reduction and grad_output are.
 
-The launchers are registered as ``torch.library`` custom ops with fake (meta) implementations, so a model that
-calls ``cmi_loss`` compiles with ``torch.compile(fullgraph=True)``; the autograd Function calls those ops.
+The launchers are also registered as ``torch.library`` custom ops with fake (meta) implementations, so a model
+that calls ``cmi_loss`` compiles with ``torch.compile(fullgraph=True)``: the autograd Function calls the ops while
+torch.compile traces and the plain launchers in eager mode.
 Nothing here reads tensor values on the host: no ``.item()``, no synchronisation.
 """
 

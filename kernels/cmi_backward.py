@@ -26,7 +26,7 @@ masked off and never address memory outside the centroid matrix.
 import triton
 import triton.language as tl
 
-from .cmi_forward import block_d, num_warps_for
+from .cmi_forward import block_d, load_class, log_centroid, num_warps_for
 
 
 @triton.heuristics(
@@ -62,15 +62,11 @@ def cmi_backward_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
-    label = tl.load(labels_ptr + row * stride_label).to(tl.int64)
-    label_ok = (label >= 0) & (label < num_classes)
-    class_idx = tl.where(label_ok, label, 0)
+    class_idx, label_ok = load_class(labels_ptr, row, stride_label, num_classes)
 
     lse = tl.load(lse_ptr + row)
     row_kl = tl.load(row_kl_ptr + row)
     scale = tl.load(grad_rows_ptr + row * stride_grad).to(tl.float32) * inv_temperature
-    if not HAS_CENTROIDS:
-        class_count = tl.load(stats_ptr + class_idx * stride_stats_row + dim, mask=label_ok, other=1.0)
 
     row_ptr = features_ptr + row * stride_feat_row
     out_ptr = grad_features_ptr + row * dim
@@ -82,12 +78,9 @@ def cmi_backward_kernel(
         z = tl.load(row_ptr + offs * stride_feat_col, mask=in_row, other=0.0).to(tl.float32)
         log_f = z * inv_temperature - lse
         f = tl.exp(log_f)
-        if HAS_CENTROIDS:
-            g = tl.load(
-                centroids_ptr + class_idx * stride_cent_row + offs * stride_cent_col, mask=class_mask, other=1.0
-            ).to(tl.float32)
-        else:
-            g = tl.load(stats_ptr + class_idx * stride_stats_row + offs, mask=class_mask, other=1.0) / class_count
-        log_g = tl.log(tl.maximum(g, eps))
+        log_g = log_centroid(
+            centroids_ptr, stride_cent_row, stride_cent_col, stats_ptr, stride_stats_row,
+            class_idx, label_ok, offs, class_mask, dim, eps, HAS_CENTROIDS,
+        )  # fmt: skip
         grad = scale * f * (log_f - log_g - row_kl)
         tl.store(out_ptr + offs, grad.to(grad_features_ptr.dtype.element_ty), mask=in_row)

@@ -46,6 +46,40 @@ def num_warps_for(block: int) -> int:
     return max(4, min(16, block // 256))
 
 
+@triton.jit
+def load_class(labels_ptr, row, stride_label, num_classes):
+    """The row's class index, safe to address with (0 for a bad label), and whether its label is in [0, C)."""
+    label = tl.load(labels_ptr + row * stride_label).to(tl.int64)
+    label_ok = (label >= 0) & (label < num_classes)
+    return tl.where(label_ok, label, 0), label_ok
+
+
+@triton.jit
+def log_centroid(
+    centroids_ptr,
+    stride_cent_row,
+    stride_cent_col,
+    stats_ptr,
+    stride_stats_row,
+    class_idx,
+    label_ok,
+    offs,
+    class_mask,
+    dim,
+    eps,
+    HAS_CENTROIDS: tl.constexpr,
+):
+    """log max(G_{y, offs}, eps): the given centroid row, or S_y / n_y read from the class statistics."""
+    if HAS_CENTROIDS:
+        g = tl.load(
+            centroids_ptr + class_idx * stride_cent_row + offs * stride_cent_col, mask=class_mask, other=1.0
+        ).to(tl.float32)
+    else:
+        stats_row = stats_ptr + class_idx * stride_stats_row
+        g = tl.load(stats_row + offs, mask=class_mask, other=1.0) / tl.load(stats_row + dim, mask=label_ok, other=1.0)
+    return tl.log(tl.maximum(g, eps))
+
+
 @triton.heuristics(
     {
         "HAS_LSE": lambda args: args["lse_in_ptr"] is not None,
@@ -94,9 +128,7 @@ def cmi_forward_kernel(
         slot = pid
 
     for row in tl.range(pid, n_rows, num_programs):
-        label = tl.load(labels_ptr + row * stride_label).to(tl.int64)
-        label_ok = (label >= 0) & (label < num_classes)
-        class_idx = tl.where(label_ok, label, 0)
+        class_idx, label_ok = load_class(labels_ptr, row, stride_label, num_classes)
         row_ptr = features_ptr + row * stride_feat_row
 
         if HAS_LSE:
@@ -116,8 +148,6 @@ def cmi_forward_kernel(
             tl.store(lse_out_ptr + row, lse)
 
         if COMPUTE_KL or ACCUMULATE:
-            if COMPUTE_KL and not HAS_CENTROIDS:
-                class_count = tl.load(stats_ptr + class_idx * stride_stats_row + dim, mask=label_ok, other=1.0)
             kl_terms = tl.zeros([BLOCK_D], dtype=tl.float32)
             # Second sweep over the row: it was just read, so these loads hit L1/L2, not DRAM.
             for start in tl.range(0, dim, BLOCK_D):
@@ -129,16 +159,10 @@ def cmi_forward_kernel(
                 log_f = z * inv_temperature - lse
                 f = tl.where(in_row, tl.exp(log_f), 0.0)
                 if COMPUTE_KL:
-                    if HAS_CENTROIDS:
-                        g = tl.load(
-                            centroids_ptr + class_idx * stride_cent_row + offs * stride_cent_col,
-                            mask=class_mask,
-                            other=1.0,
-                        ).to(tl.float32)
-                    else:
-                        g = tl.load(stats_ptr + class_idx * stride_stats_row + offs, mask=class_mask, other=1.0)
-                        g = g / class_count
-                    log_g = tl.log(tl.maximum(g, eps))
+                    log_g = log_centroid(
+                        centroids_ptr, stride_cent_row, stride_cent_col, stats_ptr, stride_stats_row,
+                        class_idx, label_ok, offs, class_mask, dim, eps, HAS_CENTROIDS,
+                    )  # fmt: skip
                     kl_terms += tl.where(in_row, f * (log_f - log_g), 0.0)
                 if ACCUMULATE:
                     sums_ptrs = accum_ptr + (slot * num_classes + class_idx) * accum_row_len + offs
