@@ -15,7 +15,6 @@ import glob
 import json
 import os
 import shlex
-import shutil
 from typing import Optional, Sequence
 
 import torch
@@ -42,6 +41,7 @@ from .train import (
     eval_metric_names,
     history_from_log,
     load_model_and_tokenizer,
+    save_run,
 )
 
 
@@ -159,13 +159,7 @@ def distill(
         config, data.task.metric, distill_history(trainer.state.log_history, eval_metric_names(data))
     )
     results["student_layers"] = layers
-    if trainer.is_world_process_zero():
-        trainer.save_model(config.output_dir)
-        if not config.keep_checkpoints:
-            for path in glob.glob(os.path.join(config.output_dir, "checkpoint-*")):
-                shutil.rmtree(path)
-        with open(os.path.join(config.output_dir, RESULTS_FILE), "w") as handle:
-            json.dump(results, handle, indent=2)
+    save_run(trainer, config.output_dir, results, config.keep_checkpoints)
     return results
 
 

@@ -346,16 +346,22 @@ def train(config: TrainConfig, data: GlueData | None = None) -> dict:
 
     history = history_from_log(trainer.state.log_history, metric_names)
     results = build_results(config, metric, history)
-    trainer.save_model(config.output_dir)  # every rank calls it; only the main process writes
     if trainer.is_world_process_zero():
         best_checkpoint = trainer.state.best_model_checkpoint
         shutil.copyfile(
             os.path.join(best_checkpoint, REGULARIZER_FILE), os.path.join(config.output_dir, REGULARIZER_FILE)
         )
-        if not config.keep_checkpoints:
-            for path in glob.glob(os.path.join(config.output_dir, "checkpoint-*")):
-                shutil.rmtree(path)
-        with open(os.path.join(config.output_dir, RESULTS_FILE), "w") as handle:
-            json.dump(results, handle, indent=2)
+    save_run(trainer, config.output_dir, results, config.keep_checkpoints)
     capture.handle.remove()
     return results
+
+
+def save_run(trainer: Trainer, output_dir: str, results: dict, keep_checkpoints: bool) -> None:
+    """The best model and tokenizer and ``results.json`` in ``output_dir``; ``checkpoint-*`` removed unless kept."""
+    trainer.save_model(output_dir)  # every rank calls it; only the main process writes
+    if trainer.is_world_process_zero():
+        if not keep_checkpoints:
+            for path in glob.glob(os.path.join(output_dir, "checkpoint-*")):
+                shutil.rmtree(path)
+        with open(os.path.join(output_dir, RESULTS_FILE), "w") as handle:
+            json.dump(results, handle, indent=2)
