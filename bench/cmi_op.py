@@ -41,6 +41,8 @@ import torch
 
 from cmi_fused import cmi_loss
 
+from .timing import elapsed_ms, sync
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PROVIDERS = ("fused", "eager", "compile", "fused_compiled", "noop")
 # fused_compiled only on request: its compiles cost device time and the op is the same custom op as fused.
@@ -210,11 +212,10 @@ class Timer:
     """Per-step timing: CUDA events on CUDA (from an idle GPU), ``perf_counter`` on CPU."""
 
     def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
+        self.device = device
 
     def sync(self):
-        if self.cuda:
-            torch.cuda.synchronize()
+        sync(self.device)
 
     def wall_ms(self, prepare, run, num_sets: int, reps: int) -> list[float]:
         times = []
@@ -222,17 +223,7 @@ class Timer:
             k = rep % num_sets
             prepare(k)
             self.sync()
-            if self.cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                run(k)
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                start_s = time.perf_counter()
-                run(k)
-                times.append((time.perf_counter() - start_s) * 1e3)
+            times.append(elapsed_ms(lambda: run(k), self.device))
         return times
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
@@ -22,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from cmi_fused import cmi_loss
+
+from .timing import elapsed_ms, sync
 
 CONFIGS = ("plain", "cmi_eager", "cmi_fused")
 CMI_BACKENDS = {"cmi_eager": "torch", "cmi_fused": "triton"}
@@ -88,26 +89,15 @@ def make_train_step(model: BertClassifier, config_name: str, settings: E2ESettin
     return step
 
 
-def _sync(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def time_block_ms(step: Callable, batches: list, count: int, device: torch.device) -> float:
     """Mean ms per step of ``count`` back-to-back steps (CUDA events on CUDA)."""
-    _sync(device)
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+
+    def block():
         for index in range(count):
             step(batches[index % len(batches)])
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / count
-    start_s = time.perf_counter()
-    for index in range(count):
-        step(batches[index % len(batches)])
-    return (time.perf_counter() - start_s) * 1e3 / count
+
+    sync(device)
+    return elapsed_ms(block, device) / count
 
 
 def summarise(round_ms: dict[str, list[float]]) -> list[dict]:
