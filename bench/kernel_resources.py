@@ -35,7 +35,7 @@ FORWARD_TYPES = dict(
 BACKWARD_TYPES = dict(
     features_ptr="*bf16", stride_feat_row="i32", stride_feat_col="i32", labels_ptr="*i64", stride_label="i32",
     centroids_ptr="*bf16", stride_cent_row="i32", stride_cent_col="i32", stats_ptr="*fp32", stride_stats_row="i32",
-    lse_ptr="*fp32", row_kl_ptr="*fp32", grad_rows_ptr="*fp32", stride_grad="i32", grad_features_ptr="*bf16",
+    lse_ptr="*fp32", row_kl_ptr="*fp32", grad_loss_ptr="*fp32", stride_grad="i32", grad_scale="fp32", grad_features_ptr="*bf16",
     dim="i32", num_classes="i32", inv_temperature="fp32", eps="fp32",
 )  # fmt: skip
 
@@ -54,15 +54,31 @@ FORWARD_USES = [
     ),
 ]
 BLOCKS = (1024, 4096)
+# Integer arguments Triton's launcher specialises to the constant 1 when they are 1 (contiguous rows and labels).
+UNIT_STRIDES = ("stride_feat_col", "stride_cent_col", "stride_label")
+# What the launcher marks divisible by 16 on BERT-like rows (d = 768 or 4096, 16-byte aligned tensors).
+ALIGNED_INTS = ("stride_feat_row", "stride_cent_row", "dim")
+# "aligned": the specialisation real training runs (contiguous bf16 rows, d a multiple of 16, vectorised loads);
+# "generic": any strides, e.g. a column slice of a larger tensor.
+LAYOUTS = ("aligned", "generic")
 
 
-def _compile(kernel, types, none_args, flags, arch):
+def _compile(kernel, types, none_args, flags, arch, layout):
     fn = kernel.fn  # the JITFunction under triton.heuristics
     constexprs = {name: None for name in none_args}
     constexprs.update(flags)
+    attrs = {}
+    if layout == "aligned":
+        constexprs.update({name: 1 for name in UNIT_STRIDES if name not in constexprs})
+        aligned = [name for name in fn.arg_names if name not in constexprs and name in types]
+        aligned = [name for name in aligned if types[name].startswith("*") or name in ALIGNED_INTS]
+        attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
     signature = {name: "constexpr" if name in constexprs else types[name] for name in fn.arg_names}
     source = ASTSource(
-        fn=fn, signature=signature, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()}
+        fn=fn,
+        signature=signature,
+        constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},
+        attrs=attrs,
     )
     options = {"num_warps": num_warps_for(flags["BLOCK_D"])}
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
@@ -79,19 +95,23 @@ def _resources(compiled) -> dict:
 
 def report(arch: int) -> list[dict]:
     rows = []
-    for (use, none_args, flags), block, atomics in itertools.product(FORWARD_USES, BLOCKS, (False, True)):
-        if atomics and not flags["ACCUMULATE"]:
-            continue
-        compiled = _compile(
-            cmi_forward_kernel, FORWARD_TYPES, none_args, dict(flags, USE_ATOMICS=atomics, BLOCK_D=block), arch
-        )
-        rows.append(dict(kernel="forward", use=use, atomics=atomics, block_d=block, **_resources(compiled)))
-    for block, has_centroids in itertools.product(BLOCKS, (True, False)):
-        none_args = () if has_centroids else ("centroids_ptr",)
-        flags = dict(HAS_CENTROIDS=has_centroids, BLOCK_D=block)
-        compiled = _compile(cmi_backward_kernel, BACKWARD_TYPES, none_args, flags, arch)
-        use = "fixed" if has_centroids else "batch"
-        rows.append(dict(kernel="backward", use=use, atomics=False, block_d=block, **_resources(compiled)))
+    for layout in LAYOUTS:
+        for (use, none_args, flags), block, atomics in itertools.product(FORWARD_USES, BLOCKS, (False, True)):
+            if atomics and not flags["ACCUMULATE"]:
+                continue
+            flags = dict(flags, USE_ATOMICS=atomics, BLOCK_D=block)
+            compiled = _compile(cmi_forward_kernel, FORWARD_TYPES, none_args, flags, arch, layout)
+            rows.append(
+                dict(kernel="forward", use=use, layout=layout, atomics=atomics, block_d=block, **_resources(compiled))
+            )
+        for block, has_centroids in itertools.product(BLOCKS, (True, False)):
+            none_args = () if has_centroids else ("centroids_ptr",)
+            flags = dict(HAS_CENTROIDS=has_centroids, BLOCK_D=block)
+            compiled = _compile(cmi_backward_kernel, BACKWARD_TYPES, none_args, flags, arch, layout)
+            use = "fixed" if has_centroids else "batch"
+            rows.append(
+                dict(kernel="backward", use=use, layout=layout, atomics=False, block_d=block, **_resources(compiled))
+            )
     return rows
 
 
@@ -107,11 +127,11 @@ def main(argv=None) -> int:
         print(json.dumps(rows))
         return 0
     print(f"sm_{args.arch}, triton {triton.__version__}")
-    print("| kernel | use | atomics | BLOCK_D | registers | local (spill) bytes | stack | shared |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| kernel | use | layout | atomics | BLOCK_D | registers | local (spill) bytes | stack | shared |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(
-            f"| {row['kernel']} | {row['use']} | {row['atomics']} | {row['block_d']} | {row.get('reg')} | "
+            f"| {row['kernel']} | {row['use']} | {row['layout']} | {row['atomics']} | {row['block_d']} | {row.get('reg')} | "
             f"{row.get('local')} | {row.get('stack')} | {row.get('shared')} |"
         )
     return 0

@@ -9,7 +9,6 @@ import torch
 from kernels.cmi import CMIFunction
 
 from .options import CMIOptions, CMIOutput
-from .reference import reduce_rows
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ACCUMULATE_MODES = {None: "auto", True: "partials", False: "atomics"}
@@ -25,7 +24,7 @@ def cmi_loss_triton(
         )
     if centroids is not None:
         centroids = centroids.detach()
-    row_kl, stats = CMIFunction.apply(
+    loss, stats = CMIFunction.apply(
         features,
         labels,
         centroids,
@@ -33,6 +32,7 @@ def cmi_loss_triton(
         options.temperature,
         options.eps,
         ACCUMULATE_MODES[options.deterministic],
+        options.reduction,
     )
     dim = features.shape[1]
-    return CMIOutput(reduce_rows(row_kl, options.reduction), stats[:, :dim], stats[:, dim])
+    return CMIOutput(loss, stats[:, :dim], stats[:, dim])

@@ -6,8 +6,9 @@ Forward (see ``cmi_forward.py`` for the math):
 * per-batch centroids: phase 1 (lse_i, class statistics), a fixed-order sum of the per-program slots, phase 2
   (KL_i against S_c / n_c read on the fly).
 
-The kernels return per-row KL; the reduction (mean/sum/none) is a torch op on an (N,) vector, so autograd hands
-the backward kernel a per-row gradient whatever the reduction and grad_output are.
+The kernels return per-row KL; the autograd Function reduces it (mean/sum/none) inside its own forward and the
+backward kernel applies the reduction's factor itself, so a step has no separate mean/sum node in the autograd
+graph and no broadcast-gradient launch in the backward.
 
 The launchers are also registered as ``torch.library`` custom ops with fake (meta) implementations, so a model
 that calls ``cmi_loss`` compiles with ``torch.compile(fullgraph=True)``: the autograd Function calls the ops while
@@ -136,7 +137,7 @@ def _(features, labels, centroids, num_classes, temperature, eps, accumulate):
 
 
 def cmi_backward(
-    grad_rows: torch.Tensor,
+    grad_loss: torch.Tensor,
     features: torch.Tensor,
     labels: torch.Tensor,
     centroids: Optional[torch.Tensor],
@@ -145,8 +146,13 @@ def cmi_backward(
     row_kl: torch.Tensor,
     temperature: float,
     eps: float,
+    grad_scale: float,
 ) -> torch.Tensor:
-    """Gradient w.r.t. the features (contiguous, features' dtype) given the gradient w.r.t. each KL_i."""
+    """Gradient w.r.t. the features (contiguous, features' dtype).
+
+    ``grad_loss``: the (N,) gradient w.r.t. each KL_i, or the 0-d gradient of the reduced loss, which the kernel
+    broadcasts (stride 0) and multiplies by ``grad_scale`` (1/N for a mean, 1 for a sum).
+    """
     n_rows, dim = features.shape
     grad_features = torch.empty((n_rows, dim), dtype=features.dtype, device=features.device)
     cmi_backward_kernel[(n_rows,)](
@@ -162,8 +168,9 @@ def cmi_backward(
         stride_stats_row=stats.stride(0),
         lse_ptr=lse,
         row_kl_ptr=row_kl,
-        grad_rows_ptr=grad_rows,
-        stride_grad=grad_rows.stride(0),
+        grad_loss_ptr=grad_loss,
+        stride_grad=grad_loss.stride(0) if grad_loss.dim() else 0,
+        grad_scale=grad_scale,
         grad_features_ptr=grad_features,
         dim=dim,
         num_classes=stats.shape[0],
@@ -177,26 +184,34 @@ cmi_backward_op = torch.library.custom_op("cmi_fused::cmi_backward", cmi_backwar
 
 
 @cmi_backward_op.register_fake
-def _(grad_rows, features, labels, centroids, stats, lse, row_kl, temperature, eps):
+def _(grad_loss, features, labels, centroids, stats, lse, row_kl, temperature, eps, grad_scale):
     return torch.empty(features.shape, dtype=features.dtype, device=features.device)
 
 
 class CMIFunction(torch.autograd.Function):
-    """Per-row KL_i(features) with the class statistics as a non-differentiable side output."""
+    """The reduced KL loss (mean, sum, or per row for "none") with the class statistics as a non-differentiable
+    side output."""
 
     @staticmethod
-    def forward(ctx, features, labels, centroids, num_classes, temperature, eps, accumulate):
+    def forward(ctx, features, labels, centroids, num_classes, temperature, eps, accumulate, reduction):
         forward = cmi_forward_op if torch.compiler.is_compiling() else cmi_forward
         row_kl, lse, stats = forward(features, labels, centroids, num_classes, temperature, eps, accumulate)
         ctx.save_for_backward(features, labels, centroids, stats, lse, row_kl)
         ctx.temperature = temperature
         ctx.eps = eps
+        ctx.grad_scale = 1.0 / features.shape[0] if reduction == "mean" else 1.0
         ctx.mark_non_differentiable(stats)
+        if reduction == "mean":
+            return row_kl.mean(), stats
+        if reduction == "sum":
+            return row_kl.sum(), stats
         return row_kl, stats
 
     @staticmethod
-    def backward(ctx, grad_row_kl, grad_stats):
+    def backward(ctx, grad_loss, grad_stats):
         features, labels, centroids, stats, lse, row_kl = ctx.saved_tensors
         backward = cmi_backward_op if torch.compiler.is_compiling() else cmi_backward
-        grad_features = backward(grad_row_kl, features, labels, centroids, stats, lse, row_kl, ctx.temperature, ctx.eps)
-        return grad_features, None, None, None, None, None, None
+        grad_features = backward(
+            grad_loss, features, labels, centroids, stats, lse, row_kl, ctx.temperature, ctx.eps, ctx.grad_scale
+        )
+        return grad_features, None, None, None, None, None, None, None
