@@ -29,7 +29,7 @@ from kernels.cmi_forward import cmi_forward_kernel, num_warps_for
 FORWARD_TYPES = dict(
     features_ptr="*bf16", stride_feat_row="i32", stride_feat_col="i32", labels_ptr="*i64", stride_label="i32",
     centroids_ptr="*bf16", stride_cent_row="i32", stride_cent_col="i32", stats_ptr="*fp32", stride_stats_row="i32",
-    accum_ptr="*fp32", lse_in_ptr="*fp32", lse_out_ptr="*fp32", row_kl_ptr="*fp32", n_rows="i32", dim="i32",
+    accum_ptr="*fp32", stride_accum_row="i32", lse_in_ptr="*fp32", lse_out_ptr="*fp32", row_kl_ptr="*fp32", n_rows="i32", dim="i32",
     num_classes="i32", inv_temperature="fp32", eps="fp32",
 )  # fmt: skip
 BACKWARD_TYPES = dict(
@@ -56,10 +56,17 @@ FORWARD_USES = [
 BLOCKS = (1024, 4096)
 # Integer arguments Triton's launcher specialises to the constant 1 when they are 1 (contiguous rows and labels).
 UNIT_STRIDES = ("stride_feat_col", "stride_cent_col", "stride_label")
-# What the launcher marks divisible by 16 on BERT-like rows (d = 768 or 4096, 16-byte aligned tensors).
-ALIGNED_INTS = ("stride_feat_row", "stride_cent_row", "dim")
+# Buffers the launchers allocate (16-byte aligned, statistics rows padded to 16 values): divisible by 16 always.
+OWN_ALIGNED = (
+    "stride_accum_row", "stride_stats_row", "accum_ptr", "stats_ptr", "lse_in_ptr", "lse_out_ptr", "row_kl_ptr",
+    "lse_ptr", "grad_features_ptr",
+)  # fmt: skip
+# The caller's tensors, divisible by 16 on BERT-like rows (d = 768 or 4096, 16-byte aligned tensors).
+CALLER_ALIGNED = (
+    "features_ptr", "labels_ptr", "centroids_ptr", "grad_loss_ptr", "stride_feat_row", "stride_cent_row", "dim",
+)  # fmt: skip
 # "aligned": the specialisation real training runs (contiguous bf16 rows, d a multiple of 16, vectorised loads);
-# "generic": any strides, e.g. a column slice of a larger tensor.
+# "generic": any strides and offsets of the caller's tensors, e.g. a column slice of a larger tensor.
 LAYOUTS = ("aligned", "generic")
 
 
@@ -67,12 +74,15 @@ def _compile(kernel, types, none_args, flags, arch, layout):
     fn = kernel.fn  # the JITFunction under triton.heuristics
     constexprs = {name: None for name in none_args}
     constexprs.update(flags)
-    attrs = {}
+    aligned = OWN_ALIGNED
     if layout == "aligned":
         constexprs.update({name: 1 for name in UNIT_STRIDES if name not in constexprs})
-        aligned = [name for name in fn.arg_names if name not in constexprs and name in types]
-        aligned = [name for name in aligned if types[name].startswith("*") or name in ALIGNED_INTS]
-        attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+        aligned += CALLER_ALIGNED
+    attrs = {
+        (fn.arg_names.index(name),): [["tt.divisibility", 16]]
+        for name in aligned
+        if name in fn.arg_names and name not in constexprs
+    }
     signature = {name: "constexpr" if name in constexprs else types[name] for name in fn.arg_names}
     source = ASTSource(
         fn=fn,

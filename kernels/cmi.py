@@ -37,6 +37,14 @@ PARTIALS_BUDGET_FRACTION = 16
 # With deterministic=None, slots are used when at least this many programs (or all of them) get one; fewer
 # would serialise the rows on too few programs, so atomics are used instead (tiny batches, vocabulary-sized C).
 MIN_PARTIAL_PROGRAMS = 32
+# Rows of the class-statistics accumulator are padded to this many fp32 values (64 bytes): aligned class rows let
+# the forward use 128-bit accesses (see cmi_forward.py).
+STATS_ROW_ALIGN = 16
+
+
+def stats_row_len(dim: int) -> int:
+    """Row length of the class statistics: d sums, one count, padding to a multiple of STATS_ROW_ALIGN."""
+    return -(-(dim + 1) // STATS_ROW_ALIGN) * STATS_ROW_ALIGN
 
 
 @functools.lru_cache(maxsize=None)
@@ -70,7 +78,7 @@ def accumulator_slots(features: torch.Tensor, num_classes: int, programs: int, a
     """
     if accumulate == "atomics":
         return 1
-    slot_bytes = num_classes * (features.shape[1] + 1) * 4
+    slot_bytes = num_classes * stats_row_len(features.shape[1]) * 4
     budget = features.numel() * features.element_size() // PARTIALS_BUDGET_FRACTION
     fitting = max(1, min(programs, budget // slot_bytes))
     if accumulate == "partials":
@@ -87,7 +95,7 @@ def cmi_forward(
     eps: float,
     accumulate: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns ``(row_kl (N,), lse (N,), stats (C, d + 1))``, all fp32; stats = [class_sums | class_counts]."""
+    """Returns ``(row_kl (N,), lse (N,), stats (C, R))``, all fp32; stats = [class_sums | class_counts | padding]."""
     _check_device(features)
     n_rows, dim = features.shape
     programs = _forward_programs(features)
@@ -95,7 +103,8 @@ def cmi_forward(
     use_atomics = slots == 1
     if not use_atomics:
         programs = slots
-    accum = torch.zeros(slots, num_classes, dim + 1, dtype=torch.float32, device=features.device)
+    row_len = stats_row_len(dim)
+    accum = torch.zeros(slots, num_classes, row_len, dtype=torch.float32, device=features.device)
     lse = torch.empty(n_rows, dtype=torch.float32, device=features.device)
     row_kl = torch.empty(n_rows, dtype=torch.float32, device=features.device)
 
@@ -106,7 +115,7 @@ def cmi_forward(
             labels, labels.stride(0),
             centroids, *(centroids.stride() if centroids is not None else (0, 0)),
             stats, stats.stride(0) if stats is not None else 0,
-            accum, lse_in, lse_out, row_kl,
+            accum, row_len, lse_in, lse_out, row_kl,
             n_rows, dim, num_classes, 1.0 / temperature, eps,
             USE_ATOMICS=use_atomics,
         )  # fmt: skip
@@ -132,7 +141,7 @@ def _(features, labels, centroids, num_classes, temperature, eps, accumulate):
     n_rows, dim = features.shape
     row_kl = features.new_empty(n_rows, dtype=torch.float32)
     lse = features.new_empty(n_rows, dtype=torch.float32)
-    stats = features.new_empty(num_classes, dim + 1, dtype=torch.float32)
+    stats = features.new_empty(num_classes, stats_row_len(dim), dtype=torch.float32)
     return row_kl, lse, stats
 
 

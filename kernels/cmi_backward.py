@@ -49,7 +49,7 @@ def cmi_backward_kernel(
     centroids_ptr,  # (C, d) given centroids, or None: centroids from stats
     stride_cent_row,
     stride_cent_col,
-    stats_ptr,  # (C, d + 1) class sums and counts (used when centroids_ptr is None)
+    stats_ptr,  # (C, R) class sums and counts (used when centroids_ptr is None)
     stride_stats_row,
     lse_ptr,  # (N,) fp32
     row_kl_ptr,  # (N,) fp32
