@@ -133,20 +133,8 @@ def test_mnli_cls_frozen_reports_matched_and_mismatched(tiny_bert, glue_dir, tmp
 
 def test_sweep_summarises_paired_seeds(tiny_bert, glue_dir, tmp_path):
     out = tmp_path / "sweep"
-    main(
-        [
-            "sweep",
-            *common_args(tiny_bert, glue_dir, out),
-            "--lambdas",
-            "0.5",
-            "--seeds",
-            "0,1",
-            "--epochs",
-            "1",
-            "--temperature",
-            "0.2",
-        ]
-    )
+    args = ["sweep", *common_args(tiny_bert, glue_dir, out), "--lambdas", "0.5", "--seeds", "0,1", "--epochs", "1"]
+    main([*args, "--temperature", "0.2"])
     summary = json.loads((out / "sweep.json").read_text())
     assert summary["metric"] == "f1" and summary["command"].startswith("cmi-glue sweep --task mrpc")
     best = {}
@@ -162,6 +150,12 @@ def test_sweep_summarises_paired_seeds(tiny_bert, glue_dir, tmp_path):
     assert regularised["paired_diffs"] == pytest.approx([best[(0.5, s)] - best[(0.0, s)] for s in (0, 1)])
     markdown = (out / "sweep.md").read_text()
     assert "cmi-glue sweep" in markdown and "| 0.5 | 2 |" in markdown
+    # A second call reads the finished runs instead of training again: same results, files untouched.
+    finished = out / "lambda_0.5" / "seed_1" / "results.json"
+    mtime = os.path.getmtime(finished)
+    main([*args, "--temperature", "0.2"])
+    assert os.path.getmtime(finished) == mtime
+    assert json.loads((out / "sweep.json").read_text())["lambdas"] == summary["lambdas"]
 
 
 def test_summarize_arms_hand_values():

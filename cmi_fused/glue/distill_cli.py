@@ -32,7 +32,7 @@ from ..distill import (
 from ..kd import KDLoss
 from .cli import add_common_args, parse_list
 from .data import GlueData, load_task, tokenize_split, tokenize_task
-from .sweep import format_sweep_markdown, machine_description, summarize_arms, write_sweep
+from .sweep import format_sweep_markdown, machine_description, reuse_or_run, summarize_arms, write_sweep
 from .train import (
     RESULTS_FILE,
     TrainConfig,
@@ -217,14 +217,14 @@ def run_distill_sweep(
                         base.output_dir, f"teacher_{index}", f"alpha_{alpha:g}_T_{kd_temperature:g}", f"seed_{seed}"
                     ),
                 )
-                results_path = os.path.join(config.output_dir, RESULTS_FILE)
-                if os.path.isfile(results_path):
-                    with open(results_path) as handle:
-                        results = json.load(handle)
-                else:
-                    if config.cache_teacher_logits and alpha > 0 and cached is None:
+
+                def run_distill(config=config, teacher=teacher):
+                    nonlocal cached  # the teacher's training-set logits, computed by the first run that needs them
+                    if config.cache_teacher_logits and config.alpha > 0 and cached is None:
                         cached = training_set_teacher_logits(config, data, teacher)
-                    results = distill(config, data, teacher, cached)
+                    return distill(config, data, teacher, cached)
+
+                results = reuse_or_run(config.output_dir, run_distill)
                 values.setdefault(arm, {})[seed] = results["best"][data.task.metric]
                 runs.append(
                     {

@@ -21,6 +21,15 @@ from .data import load_task
 from .train import RESULTS_FILE, TrainConfig, train
 
 
+def reuse_or_run(output_dir: str, run: Callable[[], dict]) -> dict:
+    """The run's ``results.json`` if ``output_dir`` holds one (a sweep resumes where it stopped), else ``run()``."""
+    results_path = os.path.join(output_dir, RESULTS_FILE)
+    if os.path.isfile(results_path):
+        with open(results_path) as handle:
+            return json.load(handle)
+    return run()
+
+
 def machine_description() -> str:
     """One line: CPU or GPU model, cores, torch threads, torch version."""
     if torch.cuda.is_available():
@@ -144,12 +153,7 @@ def run_sweep(
                 cmi_lambda=cmi_lambda,
                 seed=seed,
             )
-            results_path = os.path.join(config.output_dir, RESULTS_FILE)
-            if os.path.isfile(results_path):
-                with open(results_path) as handle:
-                    results = json.load(handle)
-            else:
-                results = train_fn(config, data)
+            results = reuse_or_run(config.output_dir, lambda config=config: train_fn(config, data))
             values.setdefault(cmi_lambda, {})[seed] = results["best"][metric]
             runs.append(
                 {

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Issue 2's GPU check: the README test command (`python -m pytest -q tests`) on a GPU host, where every CUDA-only
+# case runs against CUDA tensors. Needs no network: run it from a checkout (nothing is installed into the
+# environment; the checkout's packages are imported from the working directory).
+#
+#   bench/run_gpu_tests.sh [extra pytest options]
+#
+# Python packages the host lacks (on the lent H100: `datasets` and its `dill`, `multiprocess`) come as wheels in
+# ./.whl, installed into /tmp/site for this run only; bench/NOTES.md has the download command. The log, a JUnit
+# XML file and the skip reasons go to $OUT (when set) or /tmp.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
+out_dir=${OUT:-/tmp}
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
+
+python3 -m pytest -q tests -rs --junitxml "$out_dir/pytest-gpu.xml" "$@" 2>&1 | tee "$out_dir/pytest-gpu.log"
+exit "${PIPESTATUS[0]}"
