@@ -170,7 +170,10 @@ class CMIRegularizer(nn.Module):
             return self.centroids
         if self.mode == "frozen":
             raise RuntimeError("CMIRegularizer(centroids='frozen'): call reg.freeze(batches) before using it")
-        present = torch.bincount(labels.long().clamp(0, self.num_classes - 1), minlength=self.num_classes) > 0
+        # Labels outside [0, C) go to an overflow bin (cmi_loss reports them); none is counted as a class.
+        in_range = (labels >= 0) & (labels < self.num_classes)
+        bins = torch.where(in_range, labels, self.num_classes).long()
+        present = torch.bincount(bins, minlength=self.num_classes + 1)[: self.num_classes] > 0
         if bool((present & ~self.centroid_valid).any()):
             return None
         return self.centroids

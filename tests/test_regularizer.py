@@ -175,3 +175,15 @@ def test_bad_options_name_the_argument(kwargs, message):
 def test_wrong_feature_width_is_reported():
     with pytest.raises(ValueError, match="dim=5"):
         CMIRegularizer(C, D)(torch.randn(4, 6), torch.zeros(4, dtype=torch.long))
+
+
+def test_out_of_range_labels_do_not_count_as_a_class_when_choosing_centroids():
+    """Stored centroids are used when every class in the batch has one; a bad label (reported by cmi_loss) must not
+    be taken for class 0 or C - 1 while deciding that."""
+    reg = CMIRegularizer(C, D, "ema", temperature=T)
+    h = torch.randn(8, D)
+    reg(h, torch.tensor([1, 2] * 4))  # classes 1 and 2 get a centroid, class 0 none
+    assert reg.centroid_valid.tolist() == [False, True, True]
+    assert reg._centroids_for(torch.tensor([1, 2, 2])) is reg.centroids
+    assert reg._centroids_for(torch.tensor([1, -1, 2, C])) is reg.centroids
+    assert reg._centroids_for(torch.tensor([0, 1])) is None
