@@ -262,6 +262,9 @@ CASES = [
         layout="column_slice",
     ),
     Case("d1000_batch_mean", n=40, d=1000, c=5, grad="scalar"),
+    # Vocabulary-sized C (the contract's 50000): most classes absent, atomics by default.
+    Case("c50000_fixed_none", n=24, d=12, c=50000, centroids="fixed", reduction="none", grad="vector"),
+    Case("c50000_batch_sum", n=30, d=20, c=50000, reduction="sum", grad="scalar"),
     Case(
         "d1000_bf16_fixed_none",
         n=33,
@@ -280,6 +283,8 @@ if ON_CUDA:
         Case("cuda_fp16_n1024_d3000_t2", n=1024, d=3000, c=16, dtype=torch.float16, temperature=2.0, reduction="sum"),
         Case("cuda_vocab_c5000_none", n=1024, d=512, c=5000, reduction="none", grad="vector"),
         Case("cuda_fixed_n300_d30522", n=300, d=30522, c=3, centroids="fixed", reduction="none", grad="vector"),
+        Case("cuda_bf16_d16384_batch", n=512, d=16384, c=4, dtype=torch.bfloat16, grad="scalar"),
+        Case("cuda_bf16_c50000_fixed", n=4096, d=768, c=50000, dtype=torch.bfloat16, centroids="fixed", grad="scalar"),
     ]
 
 CASE_PARAMS = [
@@ -599,14 +604,14 @@ def test_triton_deterministic_runs_are_bit_identical(deterministic, request):
 def test_default_reduction_policy(shape, num_classes, slots_by_default):
     """deterministic=None takes the fixed-order slots where they fit in 1/16 of the features, atomics elsewhere."""
     pytest.importorskip("triton")
-    from kernels.cmi import PARTIALS_BUDGET_FRACTION, accumulator_slots
+    from kernels.cmi import PARTIALS_BUDGET_FRACTION, accumulator_slots, stats_row_len
 
     features = torch.empty(shape, dtype=torch.bfloat16, device="meta")
     programs = min(shape[0], 132 * 4)  # an H100's persistent grid
     slots = accumulator_slots(features, num_classes, programs, "auto")
     assert (slots > 1) == slots_by_default
     if slots > 1:
-        assert slots * num_classes * (shape[1] + 1) * 4 <= features.numel() * 2 // PARTIALS_BUDGET_FRACTION
+        assert slots * num_classes * stats_row_len(shape[1]) * 4 <= features.numel() * 2 // PARTIALS_BUDGET_FRACTION
     assert accumulator_slots(features, num_classes, programs, "atomics") == 1
     assert accumulator_slots(features, num_classes, programs, "partials") >= 1
 
