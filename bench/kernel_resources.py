@@ -71,7 +71,6 @@ LAYOUTS = ("aligned", "generic")
 
 
 def _compile(kernel, types, none_args, flags, arch, layout):
-    fn = kernel.fn  # the JITFunction under triton.heuristics
     constexprs = {name: None for name in none_args}
     constexprs.update(flags)
     aligned = OWN_ALIGNED
@@ -79,15 +78,15 @@ def _compile(kernel, types, none_args, flags, arch, layout):
         constexprs.update({name: 1 for name in UNIT_STRIDES if name not in constexprs})
         aligned += CALLER_ALIGNED
     attrs = {
-        (fn.arg_names.index(name),): [["tt.divisibility", 16]]
+        (kernel.arg_names.index(name),): [["tt.divisibility", 16]]
         for name in aligned
-        if name in fn.arg_names and name not in constexprs
+        if name in kernel.arg_names and name not in constexprs
     }
-    signature = {name: "constexpr" if name in constexprs else types[name] for name in fn.arg_names}
+    signature = {name: "constexpr" if name in constexprs else types[name] for name in kernel.arg_names}
     source = ASTSource(
-        fn=fn,
+        fn=kernel,
         signature=signature,
-        constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},
+        constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()},
         attrs=attrs,
     )
     options = {"num_warps": num_warps_for(flags["BLOCK_D"])}

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 
 from .cmi_backward import cmi_backward_kernel
-from .cmi_forward import cmi_forward_kernel
+from .cmi_forward import cmi_forward_kernel, launch_meta
 
 # Programs per SM of the persistent forward grid.
 PROGRAMS_PER_SM = 4
@@ -108,8 +108,10 @@ def cmi_forward(
     lse = torch.empty(n_rows, dtype=torch.float32, device=features.device)
     row_kl = torch.empty(n_rows, dtype=torch.float32, device=features.device)
 
+    meta = launch_meta(dim)
+
     def launch(centroids=None, stats=None, accum=None, lse_in=None, lse_out=None, row_kl=None):
-        # Which pointers are None selects the kernel's use (its triton.heuristics flags).
+        # Which pointers are given selects the kernel's use; the flags say the same to the compiler.
         cmi_forward_kernel[(programs,)](
             features, features.stride(0), features.stride(1),
             labels, labels.stride(0),
@@ -117,7 +119,8 @@ def cmi_forward(
             stats, stats.stride(0) if stats is not None else 0,
             accum, row_len, lse_in, lse_out, row_kl,
             n_rows, dim, num_classes, 1.0 / temperature, eps,
-            USE_ATOMICS=use_atomics,
+            USE_ATOMICS=use_atomics, HAS_LSE=lse_in is not None, HAS_CENTROIDS=centroids is not None,
+            COMPUTE_KL=row_kl is not None, ACCUMULATE=accum is not None, **meta,
         )  # fmt: skip
 
     if centroids is not None:
@@ -185,6 +188,8 @@ def cmi_backward(
         num_classes=stats.shape[0],
         inv_temperature=1.0 / temperature,
         eps=eps,
+        HAS_CENTROIDS=centroids is not None,
+        **launch_meta(dim),
     )
     return grad_features
 

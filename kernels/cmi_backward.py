@@ -29,16 +29,9 @@ masked off and never address memory outside the centroid matrix.
 import triton
 import triton.language as tl
 
-from .cmi_forward import block_d, load_class, log_centroid, num_warps_for
+from .cmi_forward import load_class, log_centroid
 
 
-@triton.heuristics(
-    {
-        "HAS_CENTROIDS": lambda args: args["centroids_ptr"] is not None,
-        "BLOCK_D": lambda args: block_d(args["dim"]),
-        "num_warps": lambda args: num_warps_for(block_d(args["dim"])),
-    }
-)
 @triton.jit
 def cmi_backward_kernel(
     features_ptr,
