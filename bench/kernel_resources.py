@@ -54,6 +54,8 @@ FORWARD_USES = [
     ),
 ]
 BLOCKS = (1024, 4096)
+# Forward (BLOCK_D, SINGLE_CHUNK): below the 4096 cap BLOCK_D covers the row; only d > 4096 loops over chunks.
+FORWARD_BLOCKS = ((1024, True), (4096, True), (4096, False))
 # Integer arguments Triton's launcher specialises to the constant 1 when they are 1 (contiguous rows and labels).
 UNIT_STRIDES = ("stride_feat_col", "stride_cent_col", "stride_label")
 # Buffers the launchers allocate (16-byte aligned, statistics rows padded to 16 values): divisible by 16 always.
@@ -105,13 +107,22 @@ def _resources(compiled) -> dict:
 def report(arch: int) -> list[dict]:
     rows = []
     for layout in LAYOUTS:
-        for (use, none_args, flags), block, atomics in itertools.product(FORWARD_USES, BLOCKS, (False, True)):
+        for (use, none_args, flags), (block, single), atomics in itertools.product(
+            FORWARD_USES, FORWARD_BLOCKS, (False, True)
+        ):
             if atomics and not flags["ACCUMULATE"]:
                 continue
-            flags = dict(flags, USE_ATOMICS=atomics, BLOCK_D=block)
+            flags = dict(flags, USE_ATOMICS=atomics, BLOCK_D=block, SINGLE_CHUNK=single)
             compiled = _compile(cmi_forward_kernel, FORWARD_TYPES, none_args, flags, arch, layout)
             rows.append(
-                dict(kernel="forward", use=use, layout=layout, atomics=atomics, block_d=block, **_resources(compiled))
+                dict(
+                    kernel="forward" if single else "forward_chunked",
+                    use=use,
+                    layout=layout,
+                    atomics=atomics,
+                    block_d=block,
+                    **_resources(compiled),
+                )
             )
         for block, has_centroids in itertools.product(BLOCKS, (True, False)):
             none_args = () if has_centroids else ("centroids_ptr",)

@@ -120,7 +120,7 @@ def cmi_forward(
             accum, row_len, lse_in, lse_out, row_kl,
             n_rows, dim, num_classes, 1.0 / temperature, eps,
             USE_ATOMICS=use_atomics, HAS_LSE=lse_in is not None, HAS_CENTROIDS=centroids is not None,
-            COMPUTE_KL=row_kl is not None, ACCUMULATE=accum is not None, **meta,
+            COMPUTE_KL=row_kl is not None, ACCUMULATE=accum is not None, SINGLE_CHUNK=dim <= meta["BLOCK_D"], **meta,
         )  # fmt: skip
 
     if centroids is not None:

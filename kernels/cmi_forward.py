@@ -96,6 +96,61 @@ def log_centroid(
 
 
 @triton.jit
+def load_scaled(row_ptr, offs, in_row, stride_feat_col, inv_temperature):
+    """z = h / T for one chunk of a row, in fp32; -inf outside the row (so exp(z - .) is 0 there)."""
+    z = tl.load(row_ptr + offs * stride_feat_col, mask=in_row, other=-float("inf"))
+    return z.to(tl.float32) * inv_temperature
+
+
+@triton.jit
+def chunk_kl_and_stats(
+    z,
+    lse,
+    offs,
+    in_row,
+    class_idx,
+    label_ok,
+    slot,
+    centroids_ptr,
+    stride_cent_row,
+    stride_cent_col,
+    stats_ptr,
+    stride_stats_row,
+    accum_ptr,
+    stride_accum_row,
+    num_classes,
+    dim,
+    eps,
+    USE_ATOMICS: tl.constexpr,
+    HAS_CENTROIDS: tl.constexpr,
+    COMPUTE_KL: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+):
+    """One chunk's part of KL_i (a scalar: a [BLOCK_D] accumulator carried across chunks cost up to 50 more
+    registers and an 8-byte spill on triton 3.6) and its f added to the class sums."""
+    # A scalar-and-vector `&` gives int32 under TRITON_INTERPRET (rejected as a mask): use tl.where.
+    class_mask = tl.where(label_ok, in_row, False)
+    log_f = z - lse
+    f = tl.where(in_row, tl.exp(log_f), 0.0)
+    kl = 0.0
+    if COMPUTE_KL:
+        log_g = log_centroid(
+            centroids_ptr, stride_cent_row, stride_cent_col, stats_ptr, stride_stats_row,
+            class_idx, label_ok, offs, class_mask, dim, eps, HAS_CENTROIDS,
+        )  # fmt: skip
+        kl = tl.sum(tl.where(in_row, f * (log_f - log_g), 0.0), axis=0)
+    if ACCUMULATE:
+        sums_ptrs = accum_ptr + (slot * num_classes + class_idx) * stride_accum_row + offs
+        if USE_ATOMICS:
+            # relaxed: nothing reads the sums before the kernel ends. The default acq_rel adds a MEMBAR.ALL.GPU
+            # and an L1 invalidation after every atomic on sm_90.
+            tl.atomic_add(sums_ptrs, f, mask=class_mask, sem="relaxed")
+        else:
+            tl.store(sums_ptrs, tl.load(sums_ptrs, mask=class_mask, other=0.0) + f, mask=class_mask)
+    return kl
+
+
+@triton.jit
 def cmi_forward_kernel(
     features_ptr,
     stride_feat_row,
@@ -122,6 +177,7 @@ def cmi_forward_kernel(
     HAS_CENTROIDS: tl.constexpr,
     COMPUTE_KL: tl.constexpr,
     ACCUMULATE: tl.constexpr,
+    SINGLE_CHUNK: tl.constexpr,  # dim <= BLOCK_D: the row is read once and kept in registers
     BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -135,55 +191,58 @@ def cmi_forward_kernel(
     for row in tl.range(pid, n_rows, num_programs):
         class_idx, label_ok = load_class(labels_ptr, row, stride_label, num_classes)
         row_ptr = features_ptr + row * stride_feat_row
+        row_kl = 0.0
 
-        if HAS_LSE:
-            lse = tl.load(lse_in_ptr + row)
+        if SINGLE_CHUNK:
+            # Every row of d <= 4096 (all BERT-sized features): one load, then lse, KL and sums from registers.
+            in_row = cols < dim
+            z = load_scaled(row_ptr, cols, in_row, stride_feat_col, inv_temperature)
+            if HAS_LSE:
+                lse = tl.load(lse_in_ptr + row)
+            else:
+                row_max = tl.max(z, axis=0)
+                lse = row_max + tl.log(tl.sum(tl.exp(z - row_max), axis=0))
+                tl.store(lse_out_ptr + row, lse)
+            if COMPUTE_KL or ACCUMULATE:
+                row_kl = chunk_kl_and_stats(
+                    z, lse, cols, in_row, class_idx, label_ok, slot,
+                    centroids_ptr, stride_cent_row, stride_cent_col, stats_ptr, stride_stats_row,
+                    accum_ptr, stride_accum_row, num_classes, dim, eps,
+                    USE_ATOMICS, HAS_CENTROIDS, COMPUTE_KL, ACCUMULATE,
+                )  # fmt: skip
         else:
-            # Online log-sum-exp over the chunks (one read of the row).
-            run_max = -float("inf")
-            run_sum = 0.0
-            for start in tl.range(0, dim, BLOCK_D):
-                offs = start + cols
-                z = tl.load(row_ptr + offs * stride_feat_col, mask=offs < dim, other=-float("inf"))
-                z = z.to(tl.float32) * inv_temperature
-                new_max = tl.maximum(run_max, tl.max(z, axis=0))
-                run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max), axis=0)
-                run_max = new_max
-            lse = run_max + tl.log(run_sum)
-            tl.store(lse_out_ptr + row, lse)
-
-        if COMPUTE_KL or ACCUMULATE:
-            # A scalar, reduced per chunk: a [BLOCK_D] accumulator carried across chunks cost up to 50 more registers
-            # (and an 8-byte spill on triton 3.6); rows of d <= 4096 are a single chunk anyway.
-            row_kl = 0.0
-            # Second sweep over the row: it was just read, so these loads hit L1/L2, not DRAM.
-            for start in tl.range(0, dim, BLOCK_D):
-                offs = start + cols
-                in_row = offs < dim
-                # A scalar-and-vector `&` gives int32 under TRITON_INTERPRET (rejected as a mask): use tl.where.
-                class_mask = tl.where(label_ok, in_row, False)
-                z = tl.load(row_ptr + offs * stride_feat_col, mask=in_row, other=0.0).to(tl.float32)
-                log_f = z * inv_temperature - lse
-                f = tl.where(in_row, tl.exp(log_f), 0.0)
-                if COMPUTE_KL:
-                    log_g = log_centroid(
+            if HAS_LSE:
+                lse = tl.load(lse_in_ptr + row)
+            else:
+                # Online log-sum-exp over the chunks (one read of the row).
+                run_max = -float("inf")
+                run_sum = 0.0
+                for start in tl.range(0, dim, BLOCK_D):
+                    offs = start + cols
+                    z = load_scaled(row_ptr, offs, offs < dim, stride_feat_col, inv_temperature)
+                    new_max = tl.maximum(run_max, tl.max(z, axis=0))
+                    run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max), axis=0)
+                    run_max = new_max
+                lse = run_max + tl.log(run_sum)
+                tl.store(lse_out_ptr + row, lse)
+            if COMPUTE_KL or ACCUMULATE:
+                # Second sweep over the row: it was just read, so these loads hit L1/L2, not DRAM.
+                for start in tl.range(0, dim, BLOCK_D):
+                    offs = start + cols
+                    in_row = offs < dim
+                    z = load_scaled(row_ptr, offs, in_row, stride_feat_col, inv_temperature)
+                    row_kl += chunk_kl_and_stats(
+                        z, lse, offs, in_row, class_idx, label_ok, slot,
                         centroids_ptr, stride_cent_row, stride_cent_col, stats_ptr, stride_stats_row,
-                        class_idx, label_ok, offs, class_mask, dim, eps, HAS_CENTROIDS,
+                        accum_ptr, stride_accum_row, num_classes, dim, eps,
+                        USE_ATOMICS, HAS_CENTROIDS, COMPUTE_KL, ACCUMULATE,
                     )  # fmt: skip
-                    row_kl += tl.sum(tl.where(in_row, f * (log_f - log_g), 0.0), axis=0)
-                if ACCUMULATE:
-                    sums_ptrs = accum_ptr + (slot * num_classes + class_idx) * stride_accum_row + offs
-                    if USE_ATOMICS:
-                        # relaxed: nothing reads the sums before the kernel ends. The default acq_rel adds a
-                        # MEMBAR.ALL.GPU and an L1 invalidation after every atomic on sm_90.
-                        tl.atomic_add(sums_ptrs, f, mask=class_mask, sem="relaxed")
-                    else:
-                        tl.store(sums_ptrs, tl.load(sums_ptrs, mask=class_mask, other=0.0) + f, mask=class_mask)
-            if COMPUTE_KL:
-                tl.store(row_kl_ptr + row, tl.where(label_ok, row_kl, float("nan")))
-            if ACCUMULATE:
-                count_ptr = accum_ptr + (slot * num_classes + class_idx) * stride_accum_row + dim
-                if USE_ATOMICS:
-                    tl.atomic_add(count_ptr, 1.0, mask=label_ok, sem="relaxed")
-                else:
-                    tl.store(count_ptr, tl.load(count_ptr, mask=label_ok, other=0.0) + 1.0, mask=label_ok)
+
+        if COMPUTE_KL:
+            tl.store(row_kl_ptr + row, tl.where(label_ok, row_kl, float("nan")))
+        if ACCUMULATE:
+            count_ptr = accum_ptr + (slot * num_classes + class_idx) * stride_accum_row + dim
+            if USE_ATOMICS:
+                tl.atomic_add(count_ptr, 1.0, mask=label_ok, sem="relaxed")
+            else:
+                tl.store(count_ptr, tl.load(count_ptr, mask=label_ok, other=0.0) + 1.0, mask=label_ok)
