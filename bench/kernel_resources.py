@@ -25,6 +25,7 @@ from triton.compiler import ASTSource
 
 from kernels.cmi_backward import cmi_backward_kernel
 from kernels.cmi_forward import cmi_forward_kernel, num_warps_for
+from kernels.cmi_log_centroids import cmi_log_centroids_kernel
 
 FORWARD_TYPES = dict(
     features_ptr="*bf16", stride_feat_row="i32", stride_feat_col="i32", labels_ptr="*i64", stride_label="i32",
@@ -38,20 +39,29 @@ BACKWARD_TYPES = dict(
     lse_ptr="*fp32", row_kl_ptr="*fp32", grad_loss_ptr="*fp32", stride_grad="i32", grad_scale="fp32", grad_features_ptr="*bf16",
     dim="i32", num_classes="i32", inv_temperature="fp32", eps="fp32",
 )  # fmt: skip
+LOG_TABLE_TYPES = dict(
+    centroids_ptr="*bf16", stride_cent_row="i32", stride_cent_col="i32", stats_ptr="*fp32", stride_stats_row="i32",
+    table_ptr="*fp32", stride_table_row="i32", dim="i32", eps="fp32",
+)  # fmt: skip
+# With LOG_CENTROIDS the centroid pointer is the fp32 log-centroid table.
+TABLE_POINTER = {"centroids_ptr": "*fp32"}
 
-# The forward's three uses (see kernels/cmi_forward.py), as (name, pointers passed as None, constexpr flags).
+# The forward's uses (see kernels/cmi_forward.py), as (name, pointers passed as None, constexpr flags).
+FIXED = dict(HAS_LSE=False, HAS_CENTROIDS=True, COMPUTE_KL=True, ACCUMULATE=True)
+BATCH_STATS = dict(HAS_LSE=False, HAS_CENTROIDS=False, COMPUTE_KL=False, ACCUMULATE=True)
+BATCH_KL = dict(HAS_LSE=True, HAS_CENTROIDS=False, COMPUTE_KL=True, ACCUMULATE=False)
 FORWARD_USES = [
-    ("fixed", ("stats_ptr", "lse_in_ptr"), dict(HAS_LSE=False, HAS_CENTROIDS=True, COMPUTE_KL=True, ACCUMULATE=True)),
-    (
-        "batch_stats",
-        ("centroids_ptr", "stats_ptr", "lse_in_ptr", "row_kl_ptr"),
-        dict(HAS_LSE=False, HAS_CENTROIDS=False, COMPUTE_KL=False, ACCUMULATE=True),
-    ),
-    (
-        "batch_kl",
-        ("centroids_ptr", "accum_ptr", "lse_out_ptr"),
-        dict(HAS_LSE=True, HAS_CENTROIDS=False, COMPUTE_KL=True, ACCUMULATE=False),
-    ),
+    ("fixed", ("stats_ptr", "lse_in_ptr"), dict(FIXED, LOG_CENTROIDS=False)),
+    ("fixed_table", ("stats_ptr", "lse_in_ptr"), dict(FIXED, LOG_CENTROIDS=True)),
+    ("batch_stats", ("centroids_ptr", "stats_ptr", "lse_in_ptr", "row_kl_ptr"), dict(BATCH_STATS, LOG_CENTROIDS=False)),
+    ("batch_kl", ("centroids_ptr", "accum_ptr", "lse_out_ptr"), dict(BATCH_KL, LOG_CENTROIDS=False)),
+    ("batch_kl_table", ("stats_ptr", "accum_ptr", "lse_out_ptr"), dict(BATCH_KL, HAS_CENTROIDS=True, LOG_CENTROIDS=True)),
+]
+# The backward's: given centroids, centroids from the statistics, the log-centroid table.
+BACKWARD_USES = [
+    ("fixed", (), dict(HAS_CENTROIDS=True, LOG_CENTROIDS=False)),
+    ("batch", ("centroids_ptr",), dict(HAS_CENTROIDS=False, LOG_CENTROIDS=False)),
+    ("table", (), dict(HAS_CENTROIDS=True, LOG_CENTROIDS=True)),
 ]
 BLOCKS = (1024, 4096)
 # Forward (BLOCK_D, SINGLE_CHUNK): below the 4096 cap BLOCK_D covers the row; only d > 4096 loops over chunks.
@@ -61,7 +71,7 @@ UNIT_STRIDES = ("stride_feat_col", "stride_cent_col", "stride_label")
 # Buffers the launchers allocate (16-byte aligned, statistics rows padded to 16 values): divisible by 16 always.
 OWN_ALIGNED = (
     "stride_accum_row", "stride_stats_row", "accum_ptr", "stats_ptr", "lse_in_ptr", "lse_out_ptr", "row_kl_ptr",
-    "lse_ptr", "grad_features_ptr",
+    "lse_ptr", "grad_features_ptr", "table_ptr", "stride_table_row",
 )  # fmt: skip
 # The caller's tensors, divisible by 16 on BERT-like rows (d = 768 or 4096, 16-byte aligned tensors).
 CALLER_ALIGNED = (
@@ -77,7 +87,7 @@ def _compile(kernel, types, none_args, flags, arch, layout):
     constexprs.update(flags)
     aligned = OWN_ALIGNED
     if layout == "aligned":
-        constexprs.update({name: 1 for name in UNIT_STRIDES if name not in constexprs})
+        constexprs.update({name: 1 for name in UNIT_STRIDES if name in kernel.arg_names and name not in constexprs})
         aligned += CALLER_ALIGNED
     attrs = {
         (kernel.arg_names.index(name),): [["tt.divisibility", 16]]
@@ -113,7 +123,8 @@ def report(arch: int) -> list[dict]:
             if atomics and not flags["ACCUMULATE"]:
                 continue
             flags = dict(flags, USE_ATOMICS=atomics, BLOCK_D=block, SINGLE_CHUNK=single)
-            compiled = _compile(cmi_forward_kernel, FORWARD_TYPES, none_args, flags, arch, layout)
+            types = dict(FORWARD_TYPES, **TABLE_POINTER) if flags["LOG_CENTROIDS"] else FORWARD_TYPES
+            compiled = _compile(cmi_forward_kernel, types, none_args, flags, arch, layout)
             rows.append(
                 dict(
                     kernel="forward" if single else "forward_chunked",
@@ -124,13 +135,19 @@ def report(arch: int) -> list[dict]:
                     **_resources(compiled),
                 )
             )
+        for (use, none_args, flags), block in itertools.product(BACKWARD_USES, BLOCKS):
+            types = dict(BACKWARD_TYPES, **TABLE_POINTER) if flags["LOG_CENTROIDS"] else BACKWARD_TYPES
+            compiled = _compile(cmi_backward_kernel, types, none_args, dict(flags, BLOCK_D=block), arch, layout)
+            rows.append(
+                dict(kernel="backward", use=use, layout=layout, atomics=False, block_d=block, **_resources(compiled))
+            )
         for block, has_centroids in itertools.product(BLOCKS, (True, False)):
             none_args = () if has_centroids else ("centroids_ptr",)
             flags = dict(HAS_CENTROIDS=has_centroids, BLOCK_D=block)
-            compiled = _compile(cmi_backward_kernel, BACKWARD_TYPES, none_args, flags, arch, layout)
+            compiled = _compile(cmi_log_centroids_kernel, LOG_TABLE_TYPES, none_args, flags, arch, layout)
             use = "fixed" if has_centroids else "batch"
             rows.append(
-                dict(kernel="backward", use=use, layout=layout, atomics=False, block_d=block, **_resources(compiled))
+                dict(kernel="log_table", use=use, layout=layout, atomics=False, block_d=block, **_resources(compiled))
             )
     return rows
 

@@ -6,6 +6,9 @@ Forward (see ``cmi_forward.py`` for the math):
 * per-batch centroids: phase 1 (lse_i, class statistics), a fixed-order sum of the per-program slots, phase 2
   (KL_i against S_c / n_c read on the fly).
 
+When N >= 4 C and N >= 1024, a log-centroid table (``cmi_log_centroids.py``, one more launch) replaces the
+per-element log in the KL and in the backward; it is saved for the backward in place of the centroids.
+
 The kernels return per-row KL; the autograd Function reduces it (mean/sum/none) inside its own forward and the
 backward kernel applies the reduction's factor itself, so a step has no separate mean/sum node in the autograd
 graph and no broadcast-gradient launch in the backward.
@@ -26,6 +29,7 @@ import torch
 
 from .cmi_backward import cmi_backward_kernel
 from .cmi_forward import cmi_forward_kernel, launch_meta
+from .cmi_log_centroids import cmi_log_centroids_kernel
 
 # Programs per SM of the persistent forward grid.
 PROGRAMS_PER_SM = 4
@@ -40,6 +44,16 @@ MIN_PARTIAL_PROGRAMS = 32
 # Rows of the class-statistics accumulator are padded to this many fp32 values (64 bytes): aligned class rows let
 # the forward use 128-bit accesses (see cmi_forward.py).
 STATS_ROW_ALIGN = 16
+
+
+# The log-centroid table pays for its launch and its C x d logs when each class row serves several rows
+# (LOG_TABLE_ROWS_PER_CLASS) and the batch is past the launch-bound sizes (LOG_TABLE_MIN_ROWS).
+LOG_TABLE_ROWS_PER_CLASS = 4
+LOG_TABLE_MIN_ROWS = 1024
+
+
+def use_log_table(n_rows: int, num_classes: int) -> bool:
+    return n_rows >= max(LOG_TABLE_MIN_ROWS, LOG_TABLE_ROWS_PER_CLASS * num_classes)
 
 
 def stats_row_len(dim: int) -> int:
@@ -86,6 +100,22 @@ def accumulator_slots(features: torch.Tensor, num_classes: int, programs: int, a
     return fitting if fitting >= min(programs, MIN_PARTIAL_PROGRAMS) and fitting > 1 else 1
 
 
+def log_centroid_table(
+    centroids: Optional[torch.Tensor], stats: Optional[torch.Tensor], num_classes: int, dim: int, eps: float,
+    device: torch.device,
+) -> torch.Tensor:
+    """(C, R) fp32, columns [0, d): log max(G, eps) of the given centroids, or of S_c / n_c from ``stats``."""
+    table = torch.empty(num_classes, stats_row_len(dim), dtype=torch.float32, device=device)
+    cmi_log_centroids_kernel[(num_classes,)](
+        centroids, *(centroids.stride() if centroids is not None else (0, 0)),
+        stats, stats.stride(0) if stats is not None else 0,
+        table, table.stride(0),
+        dim, eps,
+        HAS_CENTROIDS=centroids is not None, **launch_meta(dim),
+    )  # fmt: skip
+    return table
+
+
 def cmi_forward(
     features: torch.Tensor,
     labels: torch.Tensor,
@@ -94,8 +124,12 @@ def cmi_forward(
     temperature: float,
     eps: float,
     accumulate: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns ``(row_kl (N,), lse (N,), stats (C, R))``, all fp32; stats = [class_sums | class_counts | padding]."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns ``(row_kl (N,), lse (N,), stats (C, R), log_table)``, all fp32.
+
+    stats = [class_sums | class_counts | padding]; ``log_table`` is the (C, R) log-centroid table, or an empty
+    (0, R) tensor when the per-element log is used (see ``use_log_table``).
+    """
     _check_device(features)
     n_rows, dim = features.shape
     programs = _forward_programs(features)
@@ -107,10 +141,10 @@ def cmi_forward(
     accum = torch.zeros(slots, num_classes, row_len, dtype=torch.float32, device=features.device)
     lse = torch.empty(n_rows, dtype=torch.float32, device=features.device)
     row_kl = torch.empty(n_rows, dtype=torch.float32, device=features.device)
-
     meta = launch_meta(dim)
+    with_table = use_log_table(n_rows, num_classes)
 
-    def launch(centroids=None, stats=None, accum=None, lse_in=None, lse_out=None, row_kl=None):
+    def launch(centroids=None, stats=None, accum=None, lse_in=None, lse_out=None, row_kl=None, log_table=False):
         # Which pointers are given selects the kernel's use; the flags say the same to the compiler.
         cmi_forward_kernel[(programs,)](
             features, features.stride(0), features.stride(1),
@@ -120,18 +154,30 @@ def cmi_forward(
             accum, row_len, lse_in, lse_out, row_kl,
             n_rows, dim, num_classes, 1.0 / temperature, eps,
             USE_ATOMICS=use_atomics, HAS_LSE=lse_in is not None, HAS_CENTROIDS=centroids is not None,
-            COMPUTE_KL=row_kl is not None, ACCUMULATE=accum is not None, SINGLE_CHUNK=dim <= meta["BLOCK_D"], **meta,
+            LOG_CENTROIDS=log_table, COMPUTE_KL=row_kl is not None, ACCUMULATE=accum is not None,
+            SINGLE_CHUNK=dim <= meta["BLOCK_D"], **meta,
         )  # fmt: skip
 
+    table = None
     if centroids is not None:
-        launch(centroids=centroids, accum=accum, lse_out=lse, row_kl=row_kl)
+        if with_table:
+            table = log_centroid_table(centroids, None, num_classes, dim, eps, features.device)
+            launch(centroids=table, accum=accum, lse_out=lse, row_kl=row_kl, log_table=True)
+        else:
+            launch(centroids=centroids, accum=accum, lse_out=lse, row_kl=row_kl)
     else:
         launch(accum=accum, lse_out=lse)
     # Fixed-order sum of the per-program slots (deterministic); a single slot was filled by atomics.
     stats = accum.sum(0) if slots > 1 else accum[0]
     if centroids is None:
-        launch(stats=stats, lse_in=lse, row_kl=row_kl)
-    return row_kl, lse, stats
+        if with_table:
+            table = log_centroid_table(None, stats, num_classes, dim, eps, features.device)
+            launch(centroids=table, lse_in=lse, row_kl=row_kl, log_table=True)
+        else:
+            launch(stats=stats, lse_in=lse, row_kl=row_kl)
+    if table is None:  # custom ops return tensors only: "no table" is an empty one
+        table = torch.empty(0, row_len, dtype=torch.float32, device=features.device)
+    return row_kl, lse, stats, table
 
 
 # Under torch.compile the launchers are opaque custom ops with fake (meta) kernels. Eager calls skip the op
@@ -142,10 +188,13 @@ cmi_forward_op = torch.library.custom_op("cmi_fused::cmi_forward", cmi_forward, 
 @cmi_forward_op.register_fake
 def _(features, labels, centroids, num_classes, temperature, eps, accumulate):
     n_rows, dim = features.shape
+    row_len = stats_row_len(dim)
     row_kl = features.new_empty(n_rows, dtype=torch.float32)
     lse = features.new_empty(n_rows, dtype=torch.float32)
-    stats = features.new_empty(num_classes, stats_row_len(dim), dtype=torch.float32)
-    return row_kl, lse, stats
+    stats = features.new_empty(num_classes, row_len, dtype=torch.float32)
+    table_rows = num_classes if use_log_table(n_rows, num_classes) else 0
+    log_table = features.new_empty(table_rows, row_len, dtype=torch.float32)
+    return row_kl, lse, stats, log_table
 
 
 def cmi_backward(
@@ -159,8 +208,11 @@ def cmi_backward(
     temperature: float,
     eps: float,
     grad_scale: float,
+    log_centroids: bool,
 ) -> torch.Tensor:
     """Gradient w.r.t. the features (contiguous, features' dtype).
+
+    ``centroids``: the given centroids, the log-centroid table (``log_centroids``), or None (from ``stats``).
 
     ``grad_loss``: the (N,) gradient w.r.t. each KL_i, or the 0-d gradient of the reduced loss, which the kernel
     broadcasts (stride 0) and multiplies by ``grad_scale`` (1/N for a mean, 1 for a sum).
@@ -189,6 +241,7 @@ def cmi_backward(
         inv_temperature=1.0 / temperature,
         eps=eps,
         HAS_CENTROIDS=centroids is not None,
+        LOG_CENTROIDS=log_centroids,
         **launch_meta(dim),
     )
     return grad_features
@@ -198,7 +251,7 @@ cmi_backward_op = torch.library.custom_op("cmi_fused::cmi_backward", cmi_backwar
 
 
 @cmi_backward_op.register_fake
-def _(grad_loss, features, labels, centroids, stats, lse, row_kl, temperature, eps, grad_scale):
+def _(grad_loss, features, labels, centroids, stats, lse, row_kl, temperature, eps, grad_scale, log_centroids):
     return torch.empty(features.shape, dtype=features.dtype, device=features.device)
 
 
@@ -209,8 +262,10 @@ class CMIFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, features, labels, centroids, num_classes, temperature, eps, accumulate, reduction):
         forward = cmi_forward_op if torch.compiler.is_compiling() else cmi_forward
-        row_kl, lse, stats = forward(features, labels, centroids, num_classes, temperature, eps, accumulate)
-        ctx.save_for_backward(features, labels, centroids, stats, lse, row_kl)
+        row_kl, lse, stats, log_table = forward(features, labels, centroids, num_classes, temperature, eps, accumulate)
+        ctx.log_centroids = log_table.shape[0] > 0
+        # The backward needs log G: the table when there is one, else the centroids (or stats) it came from.
+        ctx.save_for_backward(features, labels, log_table if ctx.log_centroids else centroids, stats, lse, row_kl)
         ctx.temperature = temperature
         ctx.eps = eps
         ctx.grad_scale = 1.0 / features.shape[0] if reduction == "mean" else 1.0
@@ -226,6 +281,7 @@ class CMIFunction(torch.autograd.Function):
         features, labels, centroids, stats, lse, row_kl = ctx.saved_tensors
         backward = cmi_backward_op if torch.compiler.is_compiling() else cmi_backward
         grad_features = backward(
-            grad_loss, features, labels, centroids, stats, lse, row_kl, ctx.temperature, ctx.eps, ctx.grad_scale
-        )
+            grad_loss, features, labels, centroids, stats, lse, row_kl,
+            ctx.temperature, ctx.eps, ctx.grad_scale, ctx.log_centroids,
+        )  # fmt: skip
         return grad_features, None, None, None, None, None, None, None

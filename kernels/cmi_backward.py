@@ -39,7 +39,7 @@ def cmi_backward_kernel(
     stride_feat_col,
     labels_ptr,
     stride_label,
-    centroids_ptr,  # (C, d) given centroids, or None: centroids from stats
+    centroids_ptr,  # (C, d) given centroids or their log table (LOG_CENTROIDS), or None: centroids from stats
     stride_cent_row,
     stride_cent_col,
     stats_ptr,  # (C, R) class sums and counts (used when centroids_ptr is None)
@@ -55,6 +55,7 @@ def cmi_backward_kernel(
     inv_temperature,
     eps,
     HAS_CENTROIDS: tl.constexpr,
+    LOG_CENTROIDS: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -77,7 +78,7 @@ def cmi_backward_kernel(
         f = tl.exp(log_f)
         log_g = log_centroid(
             centroids_ptr, stride_cent_row, stride_cent_col, stats_ptr, stride_stats_row,
-            class_idx, label_ok, offs, class_mask, dim, eps, HAS_CENTROIDS,
+            class_idx, label_ok, offs, class_mask, dim, eps, HAS_CENTROIDS, LOG_CENTROIDS,
         )  # fmt: skip
         grad = scale * f * (log_f - log_g - row_kl)
         tl.store(out_ptr + offs, grad.to(grad_features_ptr.dtype.element_ty), mask=in_row)

@@ -17,6 +17,10 @@ constexpr flags (HAS_LSE, HAS_CENTROIDS, COMPUTE_KL, ACCUMULATE), which the laun
 * per-batch centroids, phase 2 (``lse_in_ptr`` given): KL against ``G_c = S_c / n_c`` read on the fly from the
   reduced statistics of phase 1 (``stats_ptr``), so the centroid matrix is never materialised.
 
+In the fixed-centroid forward and phase 2, ``log max(G, eps)`` is either computed per element (``tl.log`` is a
+~20-instruction polynomial) or, with LOG_CENTROIDS, read from a (C, R) fp32 table made once per step by
+``cmi_log_centroids.py`` when enough rows share each class row to pay for it.
+
 Class statistics go to an accumulator of shape (slots, C, R): columns [0, d) hold S_c, column d holds n_c, and the
 row length R = ``stride_accum_row`` is d + 1 rounded up to a multiple of 16 so that every class row starts 64-byte
 aligned: Triton then knows the divisibility and uses 128-bit loads and stores for the slot updates (with R = d + 1
@@ -83,12 +87,16 @@ def log_centroid(
     dim,
     eps,
     HAS_CENTROIDS: tl.constexpr,
+    LOG_CENTROIDS: tl.constexpr,
 ):
-    """log max(G_{y, offs}, eps): the given centroid row, or S_y / n_y read from the class statistics."""
+    """log max(G_{y, offs}, eps): read from a log-centroid table (LOG_CENTROIDS: ``centroids_ptr`` holds it), or
+    the log of the given centroid row, or of S_y / n_y read from the class statistics."""
     if HAS_CENTROIDS:
         g = tl.load(
             centroids_ptr + class_idx * stride_cent_row + offs * stride_cent_col, mask=class_mask, other=1.0
         ).to(tl.float32)
+        if LOG_CENTROIDS:
+            return g
     else:
         stats_row = stats_ptr + class_idx * stride_stats_row
         g = tl.load(stats_row + offs, mask=class_mask, other=1.0) / tl.load(stats_row + dim, mask=label_ok, other=1.0)
@@ -123,6 +131,7 @@ def chunk_kl_and_stats(
     eps,
     USE_ATOMICS: tl.constexpr,
     HAS_CENTROIDS: tl.constexpr,
+    LOG_CENTROIDS: tl.constexpr,
     COMPUTE_KL: tl.constexpr,
     ACCUMULATE: tl.constexpr,
 ):
@@ -136,7 +145,7 @@ def chunk_kl_and_stats(
     if COMPUTE_KL:
         log_g = log_centroid(
             centroids_ptr, stride_cent_row, stride_cent_col, stats_ptr, stride_stats_row,
-            class_idx, label_ok, offs, class_mask, dim, eps, HAS_CENTROIDS,
+            class_idx, label_ok, offs, class_mask, dim, eps, HAS_CENTROIDS, LOG_CENTROIDS,
         )  # fmt: skip
         kl = tl.sum(tl.where(in_row, f * (log_f - log_g), 0.0), axis=0)
     if ACCUMULATE:
@@ -157,7 +166,7 @@ def cmi_forward_kernel(
     stride_feat_col,
     labels_ptr,
     stride_label,
-    centroids_ptr,  # (C, d) any float dtype, or None: per-batch centroids
+    centroids_ptr,  # (C, d) centroids (any float dtype) or their log table (LOG_CENTROIDS), or None: from stats
     stride_cent_row,
     stride_cent_col,
     stats_ptr,  # (C, R) reduced class statistics of phase 1, or None
@@ -175,6 +184,7 @@ def cmi_forward_kernel(
     USE_ATOMICS: tl.constexpr,
     HAS_LSE: tl.constexpr,
     HAS_CENTROIDS: tl.constexpr,
+    LOG_CENTROIDS: tl.constexpr,  # centroids_ptr holds log max(G, eps) (kernels/cmi_log_centroids.py)
     COMPUTE_KL: tl.constexpr,
     ACCUMULATE: tl.constexpr,
     SINGLE_CHUNK: tl.constexpr,  # dim <= BLOCK_D: the row is read once and kept in registers
@@ -208,7 +218,7 @@ def cmi_forward_kernel(
                     z, lse, cols, in_row, class_idx, label_ok, slot,
                     centroids_ptr, stride_cent_row, stride_cent_col, stats_ptr, stride_stats_row,
                     accum_ptr, stride_accum_row, num_classes, dim, eps,
-                    USE_ATOMICS, HAS_CENTROIDS, COMPUTE_KL, ACCUMULATE,
+                    USE_ATOMICS, HAS_CENTROIDS, LOG_CENTROIDS, COMPUTE_KL, ACCUMULATE,
                 )  # fmt: skip
         else:
             if HAS_LSE:
@@ -235,7 +245,7 @@ def cmi_forward_kernel(
                         z, lse, offs, in_row, class_idx, label_ok, slot,
                         centroids_ptr, stride_cent_row, stride_cent_col, stats_ptr, stride_stats_row,
                         accum_ptr, stride_accum_row, num_classes, dim, eps,
-                        USE_ATOMICS, HAS_CENTROIDS, COMPUTE_KL, ACCUMULATE,
+                        USE_ATOMICS, HAS_CENTROIDS, LOG_CENTROIDS, COMPUTE_KL, ACCUMULATE,
                     )  # fmt: skip
 
         if COMPUTE_KL:

@@ -15,9 +15,17 @@ def _step(layer, inputs, labels, centroids, backend):
     return result.loss, result.class_sums, result.class_counts
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "torch", "triton_table"])
 @pytest.mark.parametrize("fixed_centroids", [True, False])
-def test_fullgraph_compile_matches_eager(backend, fixed_centroids):
+def test_fullgraph_compile_matches_eager(backend, fixed_centroids, monkeypatch):
+    """Compiled == eager. With "triton_table" the log-centroid table (an extra op output) is forced on: the fake
+    kernel must agree with the real one."""
+    if backend == "triton_table":
+        import kernels.cmi
+
+        monkeypatch.setattr(kernels.cmi, "LOG_TABLE_MIN_ROWS", 1)
+        monkeypatch.setattr(kernels.cmi, "LOG_TABLE_ROWS_PER_CLASS", 0)
+        backend = "triton"
     torch.manual_seed(11 + fixed_centroids)
     layer = torch.nn.Linear(16, 12).to(DEVICE)
     inputs = torch.randn(10, 16, device=DEVICE)
