@@ -1,10 +1,10 @@
 """The kernels pass Triton's real compiler for the H100 (sm_90) without spilling, checked ahead of time on any machine.
 
 The interpreter tests prove the math; this proves that every specialisation also lowers to a cubin through ptxas,
-and that the specialisation training runs (unit column strides, 16-aligned rows) keeps nothing in local memory.
-The generic one (any strides: a column slice of a larger tensor) must compile too, but may spill a few bytes:
-at 16 warps ptxas 12.8 (triton 3.6) caps some variants at 64 registers for two blocks per SM and spills 8-16
-bytes to L1-resident stack, a trade it makes on purpose; triton 3.9's ptxas does not.
+and that the single-chunk specialisations training runs (d <= 4096, unit column strides, 16-aligned rows) keep
+nothing in local memory. The others (rows of d > 4096; any strides, e.g. a column slice of a larger tensor) must
+compile too and may spill a few bytes: ptxas caps some of them at 40-64 registers to fit more blocks per SM and
+keeps 8-16 bytes on the stack, a trade it makes on purpose and differently per version and arch.
 """
 
 import json
@@ -17,6 +17,12 @@ import pytest
 
 pytest.importorskip("triton")
 REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+# ptxas may keep a loop-carried scalar or two on the (L1-resident) stack to fit more blocks per SM: seen as
+# 8-16 bytes in some chunked (d > 4096) and generic-stride variants, depending on the ptxas version and arch.
+# More than that means a register blow-up (a [BLOCK_D] accumulator carried across chunks spilled far more).
+SMALL_SPILL_BYTES = 16
 
 
 @pytest.mark.parametrize("arch", [90, 80])
@@ -36,5 +42,7 @@ def test_every_specialisation_compiles_without_spills(arch):
     assert len(rows) == 68
     for row in rows:
         assert row["reg"] > 0, row
-        if row["layout"] == "aligned":
+        if row["layout"] == "aligned" and row["kernel"] != "forward_chunked":
             assert row["local"] == 0 and row["stack"] == 0, f"spill in {row}"
+        else:
+            assert row["local"] == 0 and row["stack"] <= SMALL_SPILL_BYTES, f"spill in {row}"
