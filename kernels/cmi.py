@@ -31,8 +31,11 @@ from .cmi_backward import cmi_backward_kernel
 from .cmi_forward import cmi_forward_kernel, launch_meta
 from .cmi_log_centroids import cmi_log_centroids_kernel
 
-# Programs per SM of the persistent forward grid.
-PROGRAMS_PER_SM = 4
+# Programs per SM of the persistent forward grid. The row loop is not software-pipelined (one row's loads in flight
+# per program), so bytes in flight scale with resident programs: 8 x 4 warps = 32 warps per SM (4 gave 16, about
+# 8 KB in flight per SM where ~23 KB are needed to stream at 3 TB/s; bench/NOTES.md item 9). With slots the
+# budget may cap the grid lower.
+PROGRAMS_PER_SM = 8
 # Programs of the forward grid under TRITON_INTERPRET=1 (CPU): each one is a Python loop, keep it small.
 INTERPRETER_PROGRAMS = 4
 # The per-program slots may take 1/16 of the features' bytes: the op's peak extra memory stays within 1.1x of

@@ -116,6 +116,7 @@ def load_scaled(row_ptr, offs, in_row, stride_feat_col, inv_temperature):
 def chunk_kl_and_stats(
     z,
     lse,
+    f,
     offs,
     in_row,
     class_idx,
@@ -138,11 +139,11 @@ def chunk_kl_and_stats(
     ACCUMULATE: tl.constexpr,
 ):
     """One chunk's part of KL_i (a scalar: a [BLOCK_D] accumulator carried across chunks cost up to 50 more
-    registers and an 8-byte spill on triton 3.6) and its f added to the class sums."""
+    registers and an 8-byte spill on triton 3.6) and its f (= exp(z - lse), 0 outside the row: the caller's, who
+    may have it already) added to the class sums."""
     # A scalar-and-vector `&` gives int32 under TRITON_INTERPRET (rejected as a mask): use tl.where.
     class_mask = tl.where(label_ok, in_row, False)
     log_f = z - lse
-    f = tl.where(in_row, tl.exp(log_f), 0.0)
     kl = 0.0
     if COMPUTE_KL:
         log_g = log_centroid(
@@ -211,13 +212,17 @@ def cmi_forward_kernel(
             z = load_scaled(row_ptr, cols, in_row, stride_feat_col, inv_temperature)
             if HAS_LSE:
                 lse = tl.load(lse_in_ptr + row)
+                f = tl.exp(z - lse)
             else:
                 row_max = tl.max(z, axis=0)
-                lse = row_max + tl.log(tl.sum(tl.exp(z - row_max), axis=0))
+                shifted_exp = tl.exp(z - row_max)  # 0 outside the row (z = -inf there)
+                sum_exp = tl.sum(shifted_exp, axis=0)
+                lse = row_max + tl.log(sum_exp)
                 tl.store(lse_out_ptr + row, lse)
+                f = shifted_exp * (1.0 / sum_exp)  # the softmax without a second exp per element
             if COMPUTE_KL or ACCUMULATE:
                 row_kl = chunk_kl_and_stats(
-                    z, lse, cols, in_row, class_idx, label_ok, slot,
+                    z, lse, f, cols, in_row, class_idx, label_ok, slot,
                     centroids_ptr, stride_cent_row, stride_cent_col, stats_ptr, stride_stats_row,
                     accum_ptr, stride_accum_row, num_classes, dim, eps,
                     USE_ATOMICS, HAS_CENTROIDS, LOG_CENTROIDS, COMPUTE_KL, ACCUMULATE,
@@ -244,7 +249,7 @@ def cmi_forward_kernel(
                     in_row = offs < dim
                     z = load_scaled(row_ptr, offs, in_row, stride_feat_col, inv_temperature)
                     row_kl += chunk_kl_and_stats(
-                        z, lse, offs, in_row, class_idx, label_ok, slot,
+                        z, lse, tl.exp(z - lse), offs, in_row, class_idx, label_ok, slot,
                         centroids_ptr, stride_cent_row, stride_cent_col, stats_ptr, stride_stats_row,
                         accum_ptr, stride_accum_row, num_classes, dim, eps,
                         USE_ATOMICS, HAS_CENTROIDS, LOG_CENTROIDS, COMPUTE_KL, ACCUMULATE,

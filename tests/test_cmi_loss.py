@@ -635,10 +635,10 @@ def test_triton_deterministic_runs_are_bit_identical(deterministic, request):
 def test_default_reduction_policy(shape, num_classes, slots_by_default):
     """deterministic=None takes the fixed-order slots where they fit in 1/16 of the features, atomics elsewhere."""
     pytest.importorskip("triton")
-    from kernels.cmi import PARTIALS_BUDGET_FRACTION, accumulator_slots, stats_row_len
+    from kernels.cmi import PARTIALS_BUDGET_FRACTION, PROGRAMS_PER_SM, accumulator_slots, stats_row_len
 
     features = torch.empty(shape, dtype=torch.bfloat16, device="meta")
-    programs = min(shape[0], 132 * 4)  # an H100's persistent grid
+    programs = min(shape[0], 132 * PROGRAMS_PER_SM)  # an H100's persistent grid
     slots = accumulator_slots(features, num_classes, programs, "auto")
     assert (slots > 1) == slots_by_default
     if slots > 1:
