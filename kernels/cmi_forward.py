@@ -113,7 +113,23 @@ def load_scaled(row_ptr, offs, in_row, stride_feat_col, inv_temperature):
 
 
 @triton.jit
-def chunk_kl_and_stats(
+def softmax_in_registers(z, row, has_row, lse_in_ptr, HAS_LSE: tl.constexpr):
+    """(lse, f) of a row held in registers: lse read from phase 1 (HAS_LSE) or computed; f = exp(z - lse), 0
+    outside the row. Computing f from the log-sum-exp's own exp(z - max) saves a second exp per element."""
+    if HAS_LSE:
+        lse = tl.load(lse_in_ptr + row, mask=has_row, other=0.0)
+        f = tl.exp(z - lse)
+    else:
+        row_max = tl.max(z, axis=0)
+        shifted_exp = tl.exp(z - row_max)  # 0 outside the row (z = -inf there)
+        sum_exp = tl.sum(shifted_exp, axis=0)
+        lse = row_max + tl.log(sum_exp)
+        f = shifted_exp * (1.0 / sum_exp)
+    return lse, f
+
+
+@triton.jit
+def chunk_kl(
     z,
     lse,
     f,
@@ -121,45 +137,50 @@ def chunk_kl_and_stats(
     in_row,
     class_idx,
     label_ok,
-    slot,
     centroids_ptr,
     stride_cent_row,
     stride_cent_col,
     stats_ptr,
     stride_stats_row,
-    accum_ptr,
-    stride_accum_row,
-    num_classes,
     dim,
     eps,
-    USE_ATOMICS: tl.constexpr,
     HAS_CENTROIDS: tl.constexpr,
     LOG_CENTROIDS: tl.constexpr,
-    COMPUTE_KL: tl.constexpr,
-    ACCUMULATE: tl.constexpr,
 ):
-    """One chunk's part of KL_i (a scalar: a [BLOCK_D] accumulator carried across chunks cost up to 50 more
-    registers and an 8-byte spill on triton 3.6) and its f (= exp(z - lse), 0 outside the row: the caller's, who
-    may have it already) added to the class sums."""
+    """One chunk's part of KL_i, summed to a scalar (a [BLOCK_D] accumulator carried across chunks cost up to 50
+    more registers and an 8-byte spill on triton 3.6)."""
     # A scalar-and-vector `&` gives int32 under TRITON_INTERPRET (rejected as a mask): use tl.where.
     class_mask = tl.where(label_ok, in_row, False)
-    log_f = z - lse
-    kl = 0.0
-    if COMPUTE_KL:
-        log_g = log_centroid(
-            centroids_ptr, stride_cent_row, stride_cent_col, stats_ptr, stride_stats_row,
-            class_idx, label_ok, offs, class_mask, dim, eps, HAS_CENTROIDS, LOG_CENTROIDS,
-        )  # fmt: skip
-        kl = tl.sum(tl.where(in_row, f * (log_f - log_g), 0.0), axis=0)
-    if ACCUMULATE:
-        sums_ptrs = accum_ptr + (slot * num_classes + class_idx) * stride_accum_row + offs
-        if USE_ATOMICS:
-            # relaxed: nothing reads the sums before the kernel ends. The default acq_rel adds a MEMBAR.ALL.GPU
-            # and an L1 invalidation after every atomic on sm_90.
-            tl.atomic_add(sums_ptrs, f, mask=class_mask, sem="relaxed")
-        else:
-            tl.store(sums_ptrs, tl.load(sums_ptrs, mask=class_mask, other=0.0) + f, mask=class_mask)
-    return kl
+    log_g = log_centroid(
+        centroids_ptr, stride_cent_row, stride_cent_col, stats_ptr, stride_stats_row,
+        class_idx, label_ok, offs, class_mask, dim, eps, HAS_CENTROIDS, LOG_CENTROIDS,
+    )  # fmt: skip
+    return tl.sum(tl.where(in_row, f * (z - lse - log_g), 0.0), axis=0)
+
+
+@triton.jit
+def add_to_class_sums(f, offs, in_row, class_idx, label_ok, slot, accum_ptr, stride_accum_row, num_classes,
+                      USE_ATOMICS: tl.constexpr):  # fmt: skip
+    """S_y += f for one chunk, in the program's slot (plain load/add/store) or slot 0 (atomics)."""
+    class_mask = tl.where(label_ok, in_row, False)
+    sums_ptrs = accum_ptr + (slot * num_classes + class_idx) * stride_accum_row + offs
+    if USE_ATOMICS:
+        # relaxed: nothing reads the sums before the kernel ends. The default acq_rel adds a MEMBAR.ALL.GPU and an
+        # L1 invalidation after every atomic on sm_90.
+        tl.atomic_add(sums_ptrs, f, mask=class_mask, sem="relaxed")
+    else:
+        tl.store(sums_ptrs, tl.load(sums_ptrs, mask=class_mask, other=0.0) + f, mask=class_mask)
+
+
+@triton.jit
+def add_to_class_count(class_idx, label_ok, slot, accum_ptr, stride_accum_row, num_classes, dim,
+                       USE_ATOMICS: tl.constexpr):  # fmt: skip
+    """n_y += 1 (column d of the class row)."""
+    count_ptr = accum_ptr + (slot * num_classes + class_idx) * stride_accum_row + dim
+    if USE_ATOMICS:
+        tl.atomic_add(count_ptr, 1.0, mask=label_ok, sem="relaxed")
+    else:
+        tl.store(count_ptr, tl.load(count_ptr, mask=label_ok, other=0.0) + 1.0, mask=label_ok)
 
 
 @triton.jit
@@ -191,6 +212,7 @@ def cmi_forward_kernel(
     COMPUTE_KL: tl.constexpr,
     ACCUMULATE: tl.constexpr,
     SINGLE_CHUNK: tl.constexpr,  # dim <= BLOCK_D: the row is read once and kept in registers
+    TWO_ROWS: tl.constexpr,  # with SINGLE_CHUNK: two rows per iteration (launcher: BLOCK_D <= 1024)
     BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -201,37 +223,68 @@ def cmi_forward_kernel(
     else:
         slot = pid
 
-    for row in tl.range(pid, n_rows, num_programs):
-        class_idx, label_ok = load_class(labels_ptr, row, stride_label, num_classes)
-        row_ptr = features_ptr + row * stride_feat_row
-        row_kl = 0.0
-
-        if SINGLE_CHUNK:
-            # Every row of d <= 4096 (all BERT-sized features): one load, then lse, KL and sums from registers.
-            in_row = cols < dim
-            z = load_scaled(row_ptr, cols, in_row, stride_feat_col, inv_temperature)
-            if HAS_LSE:
-                lse = tl.load(lse_in_ptr + row)
-                f = tl.exp(z - lse)
-            else:
-                row_max = tl.max(z, axis=0)
-                shifted_exp = tl.exp(z - row_max)  # 0 outside the row (z = -inf there)
-                sum_exp = tl.sum(shifted_exp, axis=0)
-                lse = row_max + tl.log(sum_exp)
-                tl.store(lse_out_ptr + row, lse)
-                f = shifted_exp * (1.0 / sum_exp)  # the softmax without a second exp per element
-            if COMPUTE_KL or ACCUMULATE:
-                row_kl = chunk_kl_and_stats(
-                    z, lse, f, cols, in_row, class_idx, label_ok, slot,
-                    centroids_ptr, stride_cent_row, stride_cent_col, stats_ptr, stride_stats_row,
-                    accum_ptr, stride_accum_row, num_classes, dim, eps,
-                    USE_ATOMICS, HAS_CENTROIDS, LOG_CENTROIDS, COMPUTE_KL, ACCUMULATE,
+    if SINGLE_CHUNK:
+        # Rows of d <= 4096 (all BERT-sized features) are read once and kept in registers. With TWO_ROWS, two per
+        # iteration: rows r and r + P, P = num_programs. Both rows' loads come before any store of the iteration
+        # (the compiler cannot move a load above a store it cannot prove disjoint), so each program has two rows
+        # in flight; the grid with slots can be as small as the slot budget allows (bench/NOTES.md item 9).
+        # Class-sum updates of the two rows stay in program order: same thread, same columns, so a class shared
+        # by both rows adds up correctly. Rows of BLOCK_D 4096 take one row per iteration: two would double the
+        # registers (to 100-170 at 8 warps: one block per SM).
+        in_row = cols < dim
+        for row_a in tl.range(pid, n_rows, (2 if TWO_ROWS else 1) * num_programs):
+            class_a, ok_a = load_class(labels_ptr, row_a, stride_label, num_classes)
+            z_a = load_scaled(features_ptr + row_a * stride_feat_row, cols, in_row, stride_feat_col, inv_temperature)
+            if TWO_ROWS:
+                row_b = row_a + num_programs
+                has_b = row_b < n_rows
+                row_b = tl.minimum(row_b, n_rows - 1)  # an address inside the tensors; row b's writes are masked
+                in_row_b = tl.where(has_b, in_row, False)
+                class_b, ok_b = load_class(labels_ptr, row_b, stride_label, num_classes)
+                ok_b = ok_b & has_b
+                z_b = load_scaled(
+                    features_ptr + row_b * stride_feat_row, cols, in_row_b, stride_feat_col, inv_temperature
+                )
+            lse_a, f_a = softmax_in_registers(z_a, row_a, True, lse_in_ptr, HAS_LSE)
+            if TWO_ROWS:
+                lse_b, f_b = softmax_in_registers(z_b, row_b, has_b, lse_in_ptr, HAS_LSE)
+            if COMPUTE_KL:
+                kl_a = chunk_kl(
+                    z_a, lse_a, f_a, cols, in_row, class_a, ok_a,
+                    centroids_ptr, stride_cent_row, stride_cent_col, stats_ptr, stride_stats_row, dim, eps,
+                    HAS_CENTROIDS, LOG_CENTROIDS,
                 )  # fmt: skip
-        else:
+                if TWO_ROWS:
+                    kl_b = chunk_kl(
+                        z_b, lse_b, f_b, cols, in_row_b, class_b, ok_b,
+                        centroids_ptr, stride_cent_row, stride_cent_col, stats_ptr, stride_stats_row, dim, eps,
+                        HAS_CENTROIDS, LOG_CENTROIDS,
+                    )  # fmt: skip
+                tl.store(row_kl_ptr + row_a, tl.where(ok_a, kl_a, float("nan")))
+                if TWO_ROWS:
+                    tl.store(row_kl_ptr + row_b, tl.where(ok_b, kl_b, float("nan")), mask=has_b)
+            if not HAS_LSE:
+                tl.store(lse_out_ptr + row_a, lse_a)
+                if TWO_ROWS:
+                    tl.store(lse_out_ptr + row_b, lse_b, mask=has_b)
+            if ACCUMULATE:
+                add_to_class_sums(f_a, cols, in_row, class_a, ok_a, slot, accum_ptr, stride_accum_row, num_classes,
+                                  USE_ATOMICS)  # fmt: skip
+                add_to_class_count(class_a, ok_a, slot, accum_ptr, stride_accum_row, num_classes, dim, USE_ATOMICS)
+                if TWO_ROWS:
+                    add_to_class_sums(f_b, cols, in_row_b, class_b, ok_b, slot, accum_ptr, stride_accum_row,
+                                      num_classes, USE_ATOMICS)  # fmt: skip
+                    add_to_class_count(class_b, ok_b, slot, accum_ptr, stride_accum_row, num_classes, dim,
+                                       USE_ATOMICS)  # fmt: skip
+    else:
+        # Longer rows, one per iteration: an online log-sum-exp over the chunks, then a second sweep (the row was
+        # just read, so its loads hit L1/L2) for the KL and the class sums.
+        for row in tl.range(pid, n_rows, num_programs):
+            class_idx, label_ok = load_class(labels_ptr, row, stride_label, num_classes)
+            row_ptr = features_ptr + row * stride_feat_row
             if HAS_LSE:
                 lse = tl.load(lse_in_ptr + row)
             else:
-                # Online log-sum-exp over the chunks (one read of the row).
                 run_max = -float("inf")
                 run_sum = 0.0
                 for start in tl.range(0, dim, BLOCK_D):
@@ -243,23 +296,23 @@ def cmi_forward_kernel(
                 lse = run_max + tl.log(run_sum)
                 tl.store(lse_out_ptr + row, lse)
             if COMPUTE_KL or ACCUMULATE:
-                # Second sweep over the row: it was just read, so these loads hit L1/L2, not DRAM.
+                row_kl = 0.0
                 for start in tl.range(0, dim, BLOCK_D):
                     offs = start + cols
                     in_row = offs < dim
                     z = load_scaled(row_ptr, offs, in_row, stride_feat_col, inv_temperature)
-                    row_kl += chunk_kl_and_stats(
-                        z, lse, tl.exp(z - lse), offs, in_row, class_idx, label_ok, slot,
-                        centroids_ptr, stride_cent_row, stride_cent_col, stats_ptr, stride_stats_row,
-                        accum_ptr, stride_accum_row, num_classes, dim, eps,
-                        USE_ATOMICS, HAS_CENTROIDS, LOG_CENTROIDS, COMPUTE_KL, ACCUMULATE,
-                    )  # fmt: skip
-
-        if COMPUTE_KL:
-            tl.store(row_kl_ptr + row, tl.where(label_ok, row_kl, float("nan")))
-        if ACCUMULATE:
-            count_ptr = accum_ptr + (slot * num_classes + class_idx) * stride_accum_row + dim
-            if USE_ATOMICS:
-                tl.atomic_add(count_ptr, 1.0, mask=label_ok, sem="relaxed")
-            else:
-                tl.store(count_ptr, tl.load(count_ptr, mask=label_ok, other=0.0) + 1.0, mask=label_ok)
+                    f = tl.exp(z - lse)
+                    if COMPUTE_KL:
+                        row_kl += chunk_kl(
+                            z, lse, f, offs, in_row, class_idx, label_ok,
+                            centroids_ptr, stride_cent_row, stride_cent_col, stats_ptr, stride_stats_row, dim, eps,
+                            HAS_CENTROIDS, LOG_CENTROIDS,
+                        )  # fmt: skip
+                    if ACCUMULATE:
+                        add_to_class_sums(f, offs, in_row, class_idx, label_ok, slot, accum_ptr, stride_accum_row,
+                                          num_classes, USE_ATOMICS)  # fmt: skip
+                if COMPUTE_KL:
+                    tl.store(row_kl_ptr + row, tl.where(label_ok, row_kl, float("nan")))
+            if ACCUMULATE:
+                add_to_class_count(class_idx, label_ok, slot, accum_ptr, stride_accum_row, num_classes, dim,
+                                   USE_ATOMICS)  # fmt: skip

@@ -277,6 +277,9 @@ CASES = [
         layout="column_slice",
     ),
     Case("d1000_batch_mean", n=40, d=1000, c=5, grad="scalar"),
+    # 1024 < d <= 4096: single-chunk rows one per iteration (d <= 1024: two per iteration).
+    Case("d3000_one_row_per_iteration_fixed_none", n=9, d=3000, c=3, centroids="fixed", reduction="none", grad="vector"),
+    Case("d2100_one_row_per_iteration_batch", n=10, d=2100, c=2, dtype=torch.bfloat16, grad="scalar"),
     # d > 4096: rows span two column chunks (online log-sum-exp, second sweep), the path of d = 16384 and 30522.
     Case("d4500_two_chunks_fixed_none", n=5, d=4500, c=3, centroids="fixed", reduction="none", grad="vector"),
     Case("d5000_two_chunks_bf16_batch", n=6, d=5000, c=2, dtype=torch.bfloat16, grad="scalar"),
