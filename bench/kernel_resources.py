@@ -122,7 +122,7 @@ def report(arch: int) -> list[dict]:
         ):
             if atomics and not flags["ACCUMULATE"]:
                 continue
-            flags = dict(flags, USE_ATOMICS=atomics, BLOCK_D=block, SINGLE_CHUNK=single, TWO_ROWS=block <= 1024)
+            flags = dict(flags, USE_ATOMICS=atomics, BLOCK_D=block, SINGLE_CHUNK=single)
             types = dict(FORWARD_TYPES, **TABLE_POINTER) if flags["LOG_CENTROIDS"] else FORWARD_TYPES
             compiled = _compile(cmi_forward_kernel, types, none_args, flags, arch, layout)
             rows.append(

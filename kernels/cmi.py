@@ -44,9 +44,6 @@ PARTIALS_BUDGET_FRACTION = 16
 # With deterministic=None, slots are used when at least this many programs (or all of them) get one; fewer
 # would serialise the rows on too few programs, so atomics are used instead (tiny batches, vocabulary-sized C).
 MIN_PARTIAL_PROGRAMS = 32
-# Rows up to this block width go through the forward two per iteration (two rows in flight per program); wider
-# ones one at a time (two would double their registers).
-TWO_ROWS_MAX_BLOCK = 1024
 # Rows of the class-statistics accumulator are padded to this many fp32 values (64 bytes): aligned class rows let
 # the forward use 128-bit accesses (see cmi_forward.py).
 STATS_ROW_ALIGN = 16
@@ -161,7 +158,7 @@ def cmi_forward(
             n_rows, dim, num_classes, 1.0 / temperature, eps,
             USE_ATOMICS=use_atomics, HAS_LSE=lse_in is not None, HAS_CENTROIDS=centroids is not None,
             LOG_CENTROIDS=log_table, COMPUTE_KL=row_kl is not None, ACCUMULATE=accum is not None,
-            SINGLE_CHUNK=dim <= meta["BLOCK_D"], TWO_ROWS=meta["BLOCK_D"] <= TWO_ROWS_MAX_BLOCK, **meta,
+            SINGLE_CHUNK=dim <= meta["BLOCK_D"], **meta,
         )  # fmt: skip
 
     table = None

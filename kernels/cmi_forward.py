@@ -212,7 +212,6 @@ def cmi_forward_kernel(
     COMPUTE_KL: tl.constexpr,
     ACCUMULATE: tl.constexpr,
     SINGLE_CHUNK: tl.constexpr,  # dim <= BLOCK_D: the row is read once and kept in registers
-    TWO_ROWS: tl.constexpr,  # with SINGLE_CHUNK: two rows per iteration (launcher: BLOCK_D <= 1024)
     BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -224,58 +223,27 @@ def cmi_forward_kernel(
         slot = pid
 
     if SINGLE_CHUNK:
-        # Rows of d <= 4096 (all BERT-sized features) are read once and kept in registers. With TWO_ROWS, two per
-        # iteration: rows r and r + P, P = num_programs. Both rows' loads come before any store of the iteration
-        # (the compiler cannot move a load above a store it cannot prove disjoint), so each program has two rows
-        # in flight; the grid with slots can be as small as the slot budget allows (bench/NOTES.md item 9).
-        # Class-sum updates of the two rows stay in program order: same thread, same columns, so a class shared
-        # by both rows adds up correctly. Rows of BLOCK_D 4096 take one row per iteration: two would double the
-        # registers (to 100-170 at 8 warps: one block per SM).
+        # Rows of d <= 4096 (all BERT-sized features): read once and kept in registers for the log-sum-exp, the
+        # KL and the class sums. One row per iteration (two did not overlap their loads in SASS: NOTES item 9).
         in_row = cols < dim
-        for row_a in tl.range(pid, n_rows, (2 if TWO_ROWS else 1) * num_programs):
-            class_a, ok_a = load_class(labels_ptr, row_a, stride_label, num_classes)
-            z_a = load_scaled(features_ptr + row_a * stride_feat_row, cols, in_row, stride_feat_col, inv_temperature)
-            if TWO_ROWS:
-                row_b = row_a + num_programs
-                has_b = row_b < n_rows
-                row_b = tl.minimum(row_b, n_rows - 1)  # an address inside the tensors; row b's writes are masked
-                in_row_b = tl.where(has_b, in_row, False)
-                class_b, ok_b = load_class(labels_ptr, row_b, stride_label, num_classes)
-                ok_b = ok_b & has_b
-                z_b = load_scaled(
-                    features_ptr + row_b * stride_feat_row, cols, in_row_b, stride_feat_col, inv_temperature
-                )
-            lse_a, f_a = softmax_in_registers(z_a, row_a, True, lse_in_ptr, HAS_LSE)
-            if TWO_ROWS:
-                lse_b, f_b = softmax_in_registers(z_b, row_b, has_b, lse_in_ptr, HAS_LSE)
+        for row in tl.range(pid, n_rows, num_programs):
+            class_idx, label_ok = load_class(labels_ptr, row, stride_label, num_classes)
+            z = load_scaled(features_ptr + row * stride_feat_row, cols, in_row, stride_feat_col, inv_temperature)
+            lse, f = softmax_in_registers(z, row, True, lse_in_ptr, HAS_LSE)
+            if not HAS_LSE:
+                tl.store(lse_out_ptr + row, lse)
             if COMPUTE_KL:
-                kl_a = chunk_kl(
-                    z_a, lse_a, f_a, cols, in_row, class_a, ok_a,
+                row_kl = chunk_kl(
+                    z, lse, f, cols, in_row, class_idx, label_ok,
                     centroids_ptr, stride_cent_row, stride_cent_col, stats_ptr, stride_stats_row, dim, eps,
                     HAS_CENTROIDS, LOG_CENTROIDS,
                 )  # fmt: skip
-                if TWO_ROWS:
-                    kl_b = chunk_kl(
-                        z_b, lse_b, f_b, cols, in_row_b, class_b, ok_b,
-                        centroids_ptr, stride_cent_row, stride_cent_col, stats_ptr, stride_stats_row, dim, eps,
-                        HAS_CENTROIDS, LOG_CENTROIDS,
-                    )  # fmt: skip
-                tl.store(row_kl_ptr + row_a, tl.where(ok_a, kl_a, float("nan")))
-                if TWO_ROWS:
-                    tl.store(row_kl_ptr + row_b, tl.where(ok_b, kl_b, float("nan")), mask=has_b)
-            if not HAS_LSE:
-                tl.store(lse_out_ptr + row_a, lse_a)
-                if TWO_ROWS:
-                    tl.store(lse_out_ptr + row_b, lse_b, mask=has_b)
+                tl.store(row_kl_ptr + row, tl.where(label_ok, row_kl, float("nan")))
             if ACCUMULATE:
-                add_to_class_sums(f_a, cols, in_row, class_a, ok_a, slot, accum_ptr, stride_accum_row, num_classes,
+                add_to_class_sums(f, cols, in_row, class_idx, label_ok, slot, accum_ptr, stride_accum_row, num_classes,
                                   USE_ATOMICS)  # fmt: skip
-                add_to_class_count(class_a, ok_a, slot, accum_ptr, stride_accum_row, num_classes, dim, USE_ATOMICS)
-                if TWO_ROWS:
-                    add_to_class_sums(f_b, cols, in_row_b, class_b, ok_b, slot, accum_ptr, stride_accum_row,
-                                      num_classes, USE_ATOMICS)  # fmt: skip
-                    add_to_class_count(class_b, ok_b, slot, accum_ptr, stride_accum_row, num_classes, dim,
-                                       USE_ATOMICS)  # fmt: skip
+                add_to_class_count(class_idx, label_ok, slot, accum_ptr, stride_accum_row, num_classes, dim,
+                                   USE_ATOMICS)  # fmt: skip
     else:
         # Longer rows, one per iteration: an online log-sum-exp over the chunks, then a second sweep (the row was
         # just read, so its loads hit L1/L2) for the KL and the class sums.

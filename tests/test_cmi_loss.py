@@ -277,7 +277,7 @@ CASES = [
         layout="column_slice",
     ),
     Case("d1000_batch_mean", n=40, d=1000, c=5, grad="scalar"),
-    # 1024 < d <= 4096: single-chunk rows one per iteration (d <= 1024: two per iteration).
+    # 1024 < d <= 4096: single-chunk rows of BLOCK_D 4096 (8 warps on the GPU).
     Case("d3000_one_row_per_iteration_fixed_none", n=9, d=3000, c=3, centroids="fixed", reduction="none", grad="vector"),
     Case("d2100_one_row_per_iteration_batch", n=10, d=2100, c=2, dtype=torch.bfloat16, grad="scalar"),
     # d > 4096: rows span two column chunks (online log-sum-exp, second sweep), the path of d = 16384 and 30522.
