@@ -113,11 +113,11 @@ def load_scaled(row_ptr, offs, in_row, stride_feat_col, inv_temperature):
 
 
 @triton.jit
-def softmax_in_registers(z, row, has_row, lse_in_ptr, HAS_LSE: tl.constexpr):
+def softmax_in_registers(z, row, lse_in_ptr, HAS_LSE: tl.constexpr):
     """(lse, f) of a row held in registers: lse read from phase 1 (HAS_LSE) or computed; f = exp(z - lse), 0
     outside the row. Computing f from the log-sum-exp's own exp(z - max) saves a second exp per element."""
     if HAS_LSE:
-        lse = tl.load(lse_in_ptr + row, mask=has_row, other=0.0)
+        lse = tl.load(lse_in_ptr + row)
         f = tl.exp(z - lse)
     else:
         row_max = tl.max(z, axis=0)
@@ -222,14 +222,16 @@ def cmi_forward_kernel(
     else:
         slot = pid
 
-    if SINGLE_CHUNK:
-        # Rows of d <= 4096 (all BERT-sized features): read once and kept in registers for the log-sum-exp, the
-        # KL and the class sums. One row per iteration (two did not overlap their loads in SASS: NOTES item 9).
-        in_row = cols < dim
-        for row in tl.range(pid, n_rows, num_programs):
-            class_idx, label_ok = load_class(labels_ptr, row, stride_label, num_classes)
-            z = load_scaled(features_ptr + row * stride_feat_row, cols, in_row, stride_feat_col, inv_temperature)
-            lse, f = softmax_in_registers(z, row, True, lse_in_ptr, HAS_LSE)
+    for row in tl.range(pid, n_rows, num_programs):
+        class_idx, label_ok = load_class(labels_ptr, row, stride_label, num_classes)
+        row_ptr = features_ptr + row * stride_feat_row
+        row_kl = 0.0
+        if SINGLE_CHUNK:
+            # Rows of d <= 4096 (all BERT-sized features): read once and kept in registers for the log-sum-exp,
+            # the KL and the class sums. (Two rows per iteration did not overlap their loads in SASS: NOTES item 9.)
+            in_row = cols < dim
+            z = load_scaled(row_ptr, cols, in_row, stride_feat_col, inv_temperature)
+            lse, f = softmax_in_registers(z, row, lse_in_ptr, HAS_LSE)
             if not HAS_LSE:
                 tl.store(lse_out_ptr + row, lse)
             if COMPUTE_KL:
@@ -238,18 +240,12 @@ def cmi_forward_kernel(
                     centroids_ptr, stride_cent_row, stride_cent_col, stats_ptr, stride_stats_row, dim, eps,
                     HAS_CENTROIDS, LOG_CENTROIDS,
                 )  # fmt: skip
-                tl.store(row_kl_ptr + row, tl.where(label_ok, row_kl, float("nan")))
             if ACCUMULATE:
                 add_to_class_sums(f, cols, in_row, class_idx, label_ok, slot, accum_ptr, stride_accum_row, num_classes,
                                   USE_ATOMICS)  # fmt: skip
-                add_to_class_count(class_idx, label_ok, slot, accum_ptr, stride_accum_row, num_classes, dim,
-                                   USE_ATOMICS)  # fmt: skip
-    else:
-        # Longer rows, one per iteration: an online log-sum-exp over the chunks, then a second sweep (the row was
-        # just read, so its loads hit L1/L2) for the KL and the class sums.
-        for row in tl.range(pid, n_rows, num_programs):
-            class_idx, label_ok = load_class(labels_ptr, row, stride_label, num_classes)
-            row_ptr = features_ptr + row * stride_feat_row
+        else:
+            # Longer rows: an online log-sum-exp over the chunks, then a second sweep (the row was just read, so
+            # its loads hit L1/L2) for the KL and the class sums.
             if HAS_LSE:
                 lse = tl.load(lse_in_ptr + row)
             else:
@@ -264,7 +260,6 @@ def cmi_forward_kernel(
                 lse = run_max + tl.log(run_sum)
                 tl.store(lse_out_ptr + row, lse)
             if COMPUTE_KL or ACCUMULATE:
-                row_kl = 0.0
                 for start in tl.range(0, dim, BLOCK_D):
                     offs = start + cols
                     in_row = offs < dim
@@ -279,8 +274,7 @@ def cmi_forward_kernel(
                     if ACCUMULATE:
                         add_to_class_sums(f, offs, in_row, class_idx, label_ok, slot, accum_ptr, stride_accum_row,
                                           num_classes, USE_ATOMICS)  # fmt: skip
-                if COMPUTE_KL:
-                    tl.store(row_kl_ptr + row, tl.where(label_ok, row_kl, float("nan")))
-            if ACCUMULATE:
-                add_to_class_count(class_idx, label_ok, slot, accum_ptr, stride_accum_row, num_classes, dim,
-                                   USE_ATOMICS)  # fmt: skip
+        if COMPUTE_KL:
+            tl.store(row_kl_ptr + row, tl.where(label_ok, row_kl, float("nan")))
+        if ACCUMULATE:
+            add_to_class_count(class_idx, label_ok, slot, accum_ptr, stride_accum_row, num_classes, dim, USE_ATOMICS)
