@@ -8,6 +8,7 @@
 import os
 import tempfile
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -15,3 +16,13 @@ if not torch.cuda.is_available():
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="cmi-fused-inductor-"))
 
 from glue_fixtures import glue_dir  # noqa: E402, F401  (shared fixture of the GLUE driver and distillation tests)
+
+
+@pytest.fixture
+def log_table_forced(monkeypatch):
+    """The launchers use the log-centroid table for every shape (normally only from N >= 1024 rows, past what the
+    interpreter can run), so that tests check both ways of getting log G."""
+    import kernels.cmi
+
+    monkeypatch.setattr(kernels.cmi, "LOG_TABLE_MIN_ROWS", 1)
+    monkeypatch.setattr(kernels.cmi, "LOG_TABLE_ROWS_PER_CLASS", 0)

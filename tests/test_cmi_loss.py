@@ -319,17 +319,10 @@ CASE_PARAMS = [
 ]
 
 
-def force_log_table(monkeypatch) -> None:
-    import kernels.cmi
-
-    monkeypatch.setattr(kernels.cmi, "LOG_TABLE_MIN_ROWS", 1)
-    monkeypatch.setattr(kernels.cmi, "LOG_TABLE_ROWS_PER_CLASS", 0)
-
-
 @pytest.mark.parametrize("case, backend", CASE_PARAMS)
-def test_matches_float64_reference(case: Case, backend: str, request, monkeypatch):
+def test_matches_float64_reference(case: Case, backend: str, request):
     if backend == "triton_table":
-        force_log_table(monkeypatch)
+        request.getfixturevalue("log_table_forced")
         backend = "triton"
     gen = generator_for(request)
     per_batch = case.centroids == "batch"
@@ -663,11 +656,10 @@ def test_log_table_policy(n_rows, num_classes, with_table):
 
 
 @pytest.mark.parametrize("centroid_mode", ["fixed", "batch"])
-def test_forward_returns_the_log_table_it_used(centroid_mode, monkeypatch, request):
+def test_forward_returns_the_log_table_it_used(centroid_mode, log_table_forced, request):
     """With the table forced on, the forward returns (C, R) log max(G, eps) (saved for the backward)."""
     from kernels.cmi import cmi_forward, stats_row_len
 
-    force_log_table(monkeypatch)
     gen = generator_for(request)
     n, d, c = 12, 40, 3
     features = make_features(n, d, torch.float32, "contiguous", gen).detach()

@@ -17,14 +17,11 @@ def _step(layer, inputs, labels, centroids, backend):
 
 @pytest.mark.parametrize("backend", ["triton", "torch", "triton_table"])
 @pytest.mark.parametrize("fixed_centroids", [True, False])
-def test_fullgraph_compile_matches_eager(backend, fixed_centroids, monkeypatch):
+def test_fullgraph_compile_matches_eager(backend, fixed_centroids, request):
     """Compiled == eager. With "triton_table" the log-centroid table (an extra op output) is forced on: the fake
     kernel must agree with the real one."""
     if backend == "triton_table":
-        import kernels.cmi
-
-        monkeypatch.setattr(kernels.cmi, "LOG_TABLE_MIN_ROWS", 1)
-        monkeypatch.setattr(kernels.cmi, "LOG_TABLE_ROWS_PER_CLASS", 0)
+        request.getfixturevalue("log_table_forced")
         backend = "triton"
     torch.manual_seed(11 + fixed_centroids)
     layer = torch.nn.Linear(16, 12).to(DEVICE)
