@@ -38,9 +38,14 @@ from .cmi_log_centroids import cmi_log_centroids_kernel
 PROGRAMS_PER_SM = 8
 # Programs of the forward grid under TRITON_INTERPRET=1 (CPU): each one is a Python loop, keep it small.
 INTERPRETER_PROGRAMS = 4
-# The per-program slots may take 1/16 of the features' bytes: the op's peak extra memory stays within 1.1x of
-# what it must hold anyway (dh, class statistics).
-PARTIALS_BUDGET_FRACTION = 16
+# The per-program slots may take half of the features' bytes: the accumulator lives only inside the forward (the
+# slots are summed into the (C, R) statistics and freed before it returns), while the backward allocates dh, the
+# features' full size, so the op's peak extra memory stays the backward's. Larger slots buy programs: the grid has
+# one program per slot (bench/NOTES.md item 9).
+PARTIALS_BUDGET_FRACTION = 2
+# ... and at most this many bytes, so that the zero-fill, the slot updates and the fixed-order slot sum stay in L2
+# (50 MB on an H100, 40 MB on an A100) instead of adding DRAM traffic to a memory-bound op.
+PARTIALS_MAX_BYTES = 16 * 2**20
 # With deterministic=None, slots are used when at least this many programs (or all of them) get one; fewer
 # would serialise the rows on too few programs, so atomics are used instead (tiny batches, vocabulary-sized C).
 MIN_PARTIAL_PROGRAMS = 32
@@ -96,7 +101,7 @@ def accumulator_slots(features: torch.Tensor, num_classes: int, programs: int, a
     if accumulate == "atomics":
         return 1
     slot_bytes = num_classes * stats_row_len(features.shape[1]) * 4
-    budget = features.numel() * features.element_size() // PARTIALS_BUDGET_FRACTION
+    budget = min(features.numel() * features.element_size() // PARTIALS_BUDGET_FRACTION, PARTIALS_MAX_BYTES)
     fitting = max(1, min(programs, budget // slot_bytes))
     if accumulate == "partials":
         return fitting

@@ -629,18 +629,38 @@ def test_triton_deterministic_runs_are_bit_identical(deterministic, request):
     ],
 )
 def test_default_reduction_policy(shape, num_classes, slots_by_default):
-    """deterministic=None takes the fixed-order slots where they fit in 1/16 of the features, atomics elsewhere."""
+    """deterministic=None takes the fixed-order slots where enough fit in half of the features' bytes (and in
+    PARTIALS_MAX_BYTES), atomics elsewhere."""
     pytest.importorskip("triton")
-    from kernels.cmi import PARTIALS_BUDGET_FRACTION, PROGRAMS_PER_SM, accumulator_slots, stats_row_len
+    from kernels.cmi import (
+        PARTIALS_BUDGET_FRACTION, PARTIALS_MAX_BYTES, PROGRAMS_PER_SM, accumulator_slots, stats_row_len,
+    )  # fmt: skip
 
     features = torch.empty(shape, dtype=torch.bfloat16, device="meta")
     programs = min(shape[0], 132 * PROGRAMS_PER_SM)  # an H100's persistent grid
     slots = accumulator_slots(features, num_classes, programs, "auto")
     assert (slots > 1) == slots_by_default
     if slots > 1:
-        assert slots * num_classes * stats_row_len(shape[1]) * 4 <= features.numel() * 2 // PARTIALS_BUDGET_FRACTION
+        budget = min(features.numel() * 2 // PARTIALS_BUDGET_FRACTION, PARTIALS_MAX_BYTES)
+        assert slots * num_classes * stats_row_len(shape[1]) * 4 <= budget
     assert accumulator_slots(features, num_classes, programs, "atomics") == 1
     assert accumulator_slots(features, num_classes, programs, "partials") >= 1
+
+
+@pytest.mark.parametrize("centroid_mode", ["fixed", "batch"])
+def test_slot_accumulator_does_not_outlive_the_forward(centroid_mode, request):
+    """The slots may take half of the features' bytes only because they are freed inside the forward: nothing the
+    forward returns (and so nothing saved for the backward) may keep the (slots, C, R) buffer alive."""
+    from kernels.cmi import cmi_forward
+
+    gen = generator_for(request)
+    n, d, c = 64, 40, 3
+    features = make_features(n, d, torch.float32, "contiguous", gen)
+    labels = random_labels(n, c, gen, per_batch=True).to(DEVICE)
+    centroids = random_centroids(c, d, gen) if centroid_mode == "fixed" else None
+    outputs = cmi_forward(features, labels, centroids, c, 1.0, 1e-12, "partials")
+    for name, tensor in zip(("row_kl", "lse", "stats", "log_table"), outputs):
+        assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size(), name
 
 
 @pytest.mark.parametrize(
