@@ -1,0 +1,278 @@
+"""``python -m bench.tune``: A/B the fused op's launch choices on one GPU, in one process.
+
+The kernels' launch choices (programs per SM, the slot budget, warps per row, when to build the log-centroid
+table, slots or atomics) were set from compiled-code reading, not from GPU timings (``bench/NOTES.md``). Each
+variant below overrides those module-level constants of ``kernels`` for the duration of its measurement, so one
+GPU call compares them all without editing the code; the winner is then made the default in the code.
+
+For each shape and mode the variants are measured in interleaved rounds (the order rotating each round), so that
+drift of clocks and temperature spreads over all of them: ``device`` time of the fused fwd and fwd+bwd, captured
+in a CUDA graph and replayed (``bench.cmi_op.graph_replay_ms``). On the CPU (``--quick``, the CI smoke run) the
+fused op runs in the Triton interpreter and only ``wall`` time exists: a code-path check, not a measurement.
+
+Each row records the grid the variant launched (``programs``, ``slots``, ``log_table``), so a difference can be
+traced to what changed. Output: ``<output-dir>/tune-<device-slug>-<yyyy-mm-dd>.{json,md}``; the markdown gives
+per variant the median over rounds, its ratio to ``main`` and the spread (min..max over rounds) of ``main``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import json
+import os
+import statistics
+import sys
+from unittest import mock
+
+import torch
+
+if not torch.cuda.is_available():
+    # The fused op then runs in the Triton interpreter; must be set before triton is imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import triton
+
+from cmi_fused import cmi_loss
+
+from . import cmi_op, report
+
+UNBOUNDED = 2**62
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """A named set of overrides: ``constants`` of ``kernels.cmi`` and ``warps`` (BLOCK_D -> num_warps of the
+    forward and backward kernels), plus the op's ``deterministic`` argument."""
+
+    name: str
+    question: str
+    constants: tuple[tuple[str, int], ...] = ()
+    warps: tuple[tuple[int, int], ...] = ()
+    deterministic: bool | None = None
+
+    @contextlib.contextmanager
+    def applied(self):
+        import kernels.cmi
+        import kernels.cmi_forward
+
+        with contextlib.ExitStack() as stack:
+            for name, value in self.constants:
+                if not hasattr(kernels.cmi, name):
+                    raise AttributeError(f"variant {self.name!r}: kernels.cmi has no constant {name!r}")
+                stack.enter_context(mock.patch.object(kernels.cmi, name, value))
+            if self.warps:
+                default_warps = kernels.cmi_forward.num_warps_for
+                warps = dict(self.warps)
+                stack.enter_context(
+                    mock.patch.object(
+                        kernels.cmi_forward, "num_warps_for", lambda block: warps.get(block, default_warps(block))
+                    )
+                )
+            yield
+
+
+# What bench/NOTES.md items 7 and 9 leave open, one question per variant.
+VARIANTS = (
+    Variant("main", "the code as it is"),
+    Variant(
+        "budget_1/16",
+        "did the larger slot budget (more programs) help? (the budget before commit a28a92d)",
+        constants=(("PARTIALS_BUDGET_FRACTION", 16), ("PARTIALS_MAX_BYTES", UNBOUNDED)),
+    ),
+    Variant("atomics", "slots or fp32 atomics with the full grid (deterministic=False)", deterministic=False),
+    Variant("programs_per_sm_4", "persistent grid: 4 programs per SM", constants=(("PROGRAMS_PER_SM", 4),)),
+    Variant("programs_per_sm_16", "persistent grid: 16 programs per SM", constants=(("PROGRAMS_PER_SM", 16),)),
+    Variant(
+        "warps_2",
+        "2 warps per row instead of 4 at d <= 1024 (fewer instructions per row)",
+        warps=tuple((2**k, 2) for k in range(11)),
+    ),
+    Variant("warps_16_at_4096", "16 warps instead of 8 at BLOCK_D 4096 (d > 2048)", warps=((4096, 16),)),
+    Variant("no_log_table", "the log-centroid table's worth", constants=(("LOG_TABLE_MIN_ROWS", UNBOUNDED),)),
+)
+VARIANTS_BY_NAME = {variant.name: variant for variant in VARIANTS}
+# The shapes where the launch choices decide most (bench/NOTES.md: "The two numbers").
+DEFAULT_SHAPES = (
+    cmi_op.Shape(4096, 768, 2),
+    cmi_op.Shape(65536, 768, 10),
+    cmi_op.Shape(32768, 4096, 3),
+    cmi_op.Shape(16384, 768, 30522),
+    cmi_op.Shape(8192, 4096, 1000),
+)
+QUICK_SHAPES = (cmi_op.Shape(8, 40, 3, "fp32"),)
+QUICK_VARIANTS = ("main", "budget_1/16", "atomics", "warps_2")
+
+
+def launch_grid(variant: Variant, shape: cmi_op.Shape, device: torch.device) -> dict:
+    """The forward grid the op launches for ``shape`` under ``variant``: programs, accumulator slots, log table."""
+    import kernels.cmi
+    import kernels.cmi_forward
+    from cmi_fused.fused import ACCUMULATE_MODES
+
+    features = torch.empty(shape.n_rows, shape.dim, dtype=shape.torch_dtype, device=device)  # not filled: no cost
+    with variant.applied():
+        meta = kernels.cmi_forward.launch_meta(shape.dim)
+        programs = kernels.cmi._forward_programs(features)
+        slots = kernels.cmi.accumulator_slots(
+            features, shape.num_classes, programs, ACCUMULATE_MODES[variant.deterministic]
+        )
+        return {
+            "programs": slots if slots > 1 else programs,
+            "slots": slots,
+            "log_table": kernels.cmi.use_log_table(shape.n_rows, shape.num_classes),
+            "num_warps": meta["num_warps"],
+        }
+
+
+def measure(variant, shape, mode, pass_name, inputs, device, budget) -> float:
+    """Median ms of one pass of the fused op under ``variant`` (device time on CUDA, wall time on the CPU)."""
+
+    def loss_fn(features, labels, centroids):
+        return cmi_loss(
+            features, labels, shape.num_classes, centroids, backend="triton", check_labels=False,
+            deterministic=variant.deterministic,
+        ).loss  # fmt: skip
+
+    with variant.applied():
+        timer = cmi_op.Timer(device)
+        prepare, run = cmi_op.build_step(loss_fn, inputs, pass_name, for_graph=False)
+        estimate_ms = cmi_op.estimate_step_ms(prepare, run, len(inputs), timer, budget.warmup_steps)
+        if device.type == "cuda":
+            prepare, run = cmi_op.build_step(loss_fn, inputs, pass_name, for_graph=True)
+            times, _ = cmi_op.graph_replay_ms(prepare, run, len(inputs), estimate_ms, budget)
+        else:
+            reps = cmi_op.reps_for(estimate_ms, budget.wall_ms, budget.min_reps, budget.max_reps)
+            times = timer.wall_ms(prepare, run, len(inputs), reps)
+    return statistics.median(times)
+
+
+def run_tune(shapes, variants, modes, passes, rounds, device, budget, log=print) -> list[dict]:
+    timing = "device" if device.type == "cuda" else "wall"
+    l2_bytes = cmi_op.DEFAULT_L2_BYTES
+    if device.type == "cuda":
+        l2_bytes = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", cmi_op.DEFAULT_L2_BYTES)
+    generator = torch.Generator(device=device).manual_seed(0)
+    rows = []
+    for shape in shapes:
+        grids = {variant.name: launch_grid(variant, shape, device) for variant in variants}
+        for mode in modes:
+            count = cmi_op.num_input_sets(shape, mode, l2_bytes, budget.max_input_sets)
+            inputs = cmi_op.make_inputs(shape, mode, count, device, generator)
+            for round_index in range(rounds):
+                shift = round_index % len(variants)
+                for variant in variants[shift:] + variants[:shift]:
+                    for pass_name in passes:
+                        row = dict(
+                            cmi_op.row_key(shape, mode, "fused", pass_name), variant=variant.name,
+                            round=round_index, timing=timing, **grids[variant.name],
+                        )  # fmt: skip
+                        try:
+                            row["ms"] = measure(variant, shape, mode, pass_name, inputs, device, budget)
+                        except Exception as error:  # a variant that fails to compile or launch: keep the rest
+                            row["ms"], row["error"] = None, f"{type(error).__name__}: {error}"
+                        shown = f"{row['ms']:.4f} ms" if row["ms"] is not None else row["error"][:120]
+                        log(f"{shape.label:>26} {mode:5} {pass_name:7} {variant.name:20} r{round_index} {shown}")
+                        rows.append(row)
+            del inputs
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+def summary_markdown(results: dict) -> str:
+    """Per (shape, mode, pass): each variant's median over rounds, its ratio to main, and main's spread."""
+    groups: dict[tuple, dict[str, list[float]]] = {}
+    grids: dict[tuple, dict] = {}
+    for row in results["rows"]:
+        key = (row["N"], row["d"], row["C"], row["dtype"], row["mode"], row["pass"])
+        if row["ms"] is not None:
+            groups.setdefault(key, {}).setdefault(row["variant"], []).append(row["ms"])
+        grids[key + (row["variant"],)] = row
+    lines = [
+        f"# Launch-choice A/B: {results['device']}, {results['date']}",
+        "",
+        f"torch {results['torch']}, triton {results['triton']}; {results['timing']} time, median over "
+        f"{results['rounds']} interleaved rounds. `python -m bench.tune` (bench/tune.py).",
+        "",
+        "| shape | mode | pass | variant | programs | slots | table | warps | ms | vs main |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, by_variant in groups.items():
+        n_rows, dim, num_classes, dtype, mode, pass_name = key
+        main_times = by_variant.get("main")
+        main_ms = statistics.median(main_times) if main_times else None
+        for name, times in by_variant.items():
+            grid = grids[key + (name,)]
+            ms = statistics.median(times)
+            if name == "main":
+                versus = f"spread {min(times):.4f}..{max(times):.4f}"
+            else:
+                versus = f"{ms / main_ms:.2f}x" if main_ms else "n/a"
+            lines.append(
+                f"| {n_rows}x{dim} C={num_classes} {dtype} | {mode} | {pass_name} | {name} | {grid['programs']} | "
+                f"{grid['slots']} | {grid['log_table']} | {grid['num_warps']} | {ms:.4f} | {versus} |"
+            )
+    errors = [row for row in results["rows"] if row.get("error")]
+    if errors:
+        lines += ["", "Errors:", ""]
+        lines += [f"- {row['variant']} {row['N']}x{row['d']} C={row['C']}: {row['error'][:200]}" for row in errors]
+    lines += ["", "Variants:", ""] + [f"- `{v.name}`: {v.question}" for v in VARIANTS]
+    return "\n".join(lines) + "\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench.tune", description=__doc__.splitlines()[0].strip("`"))
+    parser.add_argument("--quick", action="store_true", help="CPU smoke run: one tiny shape, wall time")
+    parser.add_argument("--output-dir", default=os.environ.get("OUT") or "bench/results")
+    parser.add_argument("--shapes", nargs="+", type=cmi_op.parse_shape, metavar="NxD:C[:DTYPE]")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS_BY_NAME), help="default: all")
+    parser.add_argument("--modes", nargs="+", choices=cmi_op.MODES, default=["fixed"])
+    parser.add_argument("--passes", nargs="+", choices=cmi_op.PASSES, default=["fwd", "fwd_bwd"])
+    parser.add_argument("--rounds", type=int, default=3)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and not args.quick:
+        build_parser().error("without CUDA the fused kernels run in the Triton interpreter: use --quick")
+    if args.rounds < 1:
+        build_parser().error(f"--rounds must be >= 1, got {args.rounds}")
+    names = args.variants or (QUICK_VARIANTS if args.quick else [v.name for v in VARIANTS])
+    variants = [VARIANTS_BY_NAME[name] for name in names]
+    if "main" not in names:
+        variants.insert(0, VARIANTS_BY_NAME["main"])
+    shapes = args.shapes or (QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
+    budget = cmi_op.Budget.quick() if args.quick else cmi_op.Budget(device_ms=100.0)
+    if args.quick:
+        torch.set_num_threads(1)
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    results = {
+        "device": device_name,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "date": date,
+        "timing": "device" if device.type == "cuda" else "wall",
+        "rounds": args.rounds,
+        "rows": [],
+    }
+    os.makedirs(args.output_dir, exist_ok=True)
+    stem = os.path.join(args.output_dir, "tune-" + report.results_stem(device_name, date))
+    for shape in shapes:  # the files are rewritten after every shape: a run cut short keeps what it measured
+        results["rows"] += run_tune([shape], variants, tuple(args.modes), tuple(args.passes), args.rounds, device,
+                                    budget)  # fmt: skip
+        with open(stem + ".json", "w", encoding="utf-8") as handle:
+            json.dump(results, handle, indent=1)
+        with open(stem + ".md", "w", encoding="utf-8") as handle:
+            handle.write(summary_markdown(results))
+    print(f"wrote {stem}.json / .md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

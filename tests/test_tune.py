@@ -1,0 +1,64 @@
+"""``python -m bench.tune`` (launch-choice A/B): its overrides really reach the launchers and are undone, and the
+CPU smoke run writes a row per variant, round and pass. The timings themselves are only meaningful on a GPU."""
+
+import json
+import os
+
+import pytest
+
+pytest.importorskip("triton")
+
+import kernels.cmi
+import kernels.cmi_forward
+from bench import cmi_op
+from bench.tune import VARIANTS, VARIANTS_BY_NAME, Variant, launch_grid, main
+
+
+def test_every_variant_overrides_existing_constants():
+    """A renamed constant would turn its variant into a silent copy of main: applying it must fail instead."""
+    for variant in VARIANTS:
+        with variant.applied():
+            for name, value in variant.constants:
+                assert getattr(kernels.cmi, name) == value, (variant.name, name)
+    with pytest.raises(AttributeError, match="NO_SUCH_CONSTANT"), Variant(
+        "bad", "", constants=(("NO_SUCH_CONSTANT", 1),)
+    ).applied():
+        pass
+
+
+def test_overrides_are_undone_and_warps_reach_launch_meta():
+    before = {name: getattr(kernels.cmi, name) for name in ("PARTIALS_BUDGET_FRACTION", "PARTIALS_MAX_BYTES")}
+    default_warps = kernels.cmi_forward.launch_meta(768)["num_warps"]
+    wide_rows_warps = kernels.cmi_forward.launch_meta(8192)["num_warps"]
+    with VARIANTS_BY_NAME["warps_2"].applied():
+        assert kernels.cmi_forward.launch_meta(768)["num_warps"] == 2
+        assert kernels.cmi_forward.launch_meta(8192)["num_warps"] == wide_rows_warps  # BLOCK_D 4096: not overridden
+    with VARIANTS_BY_NAME["budget_1/16"].applied():
+        assert kernels.cmi.PARTIALS_BUDGET_FRACTION == 16
+    assert kernels.cmi_forward.launch_meta(768)["num_warps"] == default_warps
+    assert {name: getattr(kernels.cmi, name) for name in before} == before
+
+
+def test_launch_grid_reports_the_variants_choice():
+    import torch
+
+    shape = cmi_op.Shape(64, 40, 3, "fp32")
+    main_grid = launch_grid(VARIANTS_BY_NAME["main"], shape, torch.device("cpu"))
+    atomics_grid = launch_grid(VARIANTS_BY_NAME["atomics"], shape, torch.device("cpu"))
+    assert atomics_grid["slots"] == 1
+    assert main_grid["num_warps"] == 4
+    assert launch_grid(VARIANTS_BY_NAME["warps_2"], shape, torch.device("cpu"))["num_warps"] == 2
+
+
+def test_quick_run_writes_a_row_per_variant_round_and_pass(tmp_path):
+    assert main(["--quick", "--rounds", "2", "--passes", "fwd", "fwd_bwd", "--output-dir", str(tmp_path)]) == 0
+    (json_path,) = tmp_path.glob("tune-*.json")
+    results = json.loads(json_path.read_text())
+    rows = results["rows"]
+    variants = {row["variant"] for row in rows}
+    assert "main" in variants and len(variants) >= 2
+    assert len(rows) == len(variants) * 2 * 2  # rounds x passes, one shape and mode
+    assert all(row.get("error") is None and row["ms"] > 0 for row in rows), rows
+    markdown = json_path.with_suffix(".md").read_text()
+    assert all(f"| {name} |" in markdown for name in variants)
+    assert os.path.basename(json_path).startswith("tune-cpu-")
