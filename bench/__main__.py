@@ -12,7 +12,6 @@ import datetime
 import importlib.metadata
 import json
 import os
-import platform
 import sys
 import time
 
@@ -23,6 +22,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from . import cmi_op, e2e, report
+from .timing import device_name
 
 DEFAULT_OUTPUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 QUICK_PROVIDERS = ("eager", "fused", "noop")  # compile left out: inductor's first CPU compile takes ~25 s
@@ -91,12 +91,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--seed", type=int, default=0)
     return parser
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU {platform.machine()}"
 
 
 def package_version(name: str):

@@ -346,6 +346,24 @@ def estimate_step_ms(prepare, run, num_sets: int, timer: Timer, warmup_steps: in
     return (time.perf_counter() - start_s) * 1e3 / warmup_steps
 
 
+def timed_steps(loss_fn, inputs, pass_name: str, timing: str, estimate_ms: float, timer: Timer, budget: Budget):
+    """``(per-step ms, steps per graph)`` of one timing: ``device`` replays a CUDA graph of the step (steps per
+    graph given), ``wall`` times eager steps (``None``)."""
+    if timing == "device":
+        graph_prepare, graph_run = build_step(loss_fn, inputs, pass_name, for_graph=True)
+        return graph_replay_ms(graph_prepare, graph_run, len(inputs), estimate_ms, budget)
+    prepare, run = build_step(loss_fn, inputs, pass_name, for_graph=False)
+    reps = reps_for(estimate_ms, budget.wall_ms, budget.min_reps, budget.max_reps)
+    return timer.wall_ms(prepare, run, len(inputs), reps), None
+
+
+def l2_cache_bytes(device: torch.device) -> int:
+    """The GPU's L2 size (what the small shapes' input sets must exceed), or ``DEFAULT_L2_BYTES`` on the CPU."""
+    if device.type == "cuda":
+        return getattr(torch.cuda.get_device_properties(device), "L2_cache_size", DEFAULT_L2_BYTES)
+    return DEFAULT_L2_BYTES
+
+
 def row_key(shape: Shape, mode: str, provider: str, pass_name: str) -> dict:
     return {
         "N": shape.n_rows,
@@ -386,13 +404,9 @@ def bench_case(
     for timing in timings:
         row = dict(base, timing=timing, ms=None, peak_mb=peak_mb)
         try:
-            if timing == "device":
-                graph_prepare, graph_run = build_step(loss_fn, inputs, pass_name, for_graph=True)
-                times, steps = graph_replay_ms(graph_prepare, graph_run, len(inputs), estimate_ms, budget)
+            times, steps = timed_steps(loss_fn, inputs, pass_name, timing, estimate_ms, timer, budget)
+            if steps is not None:
                 row["steps_per_graph"] = steps
-            else:
-                reps = reps_for(estimate_ms, budget.wall_ms, budget.min_reps, budget.max_reps)
-                times = timer.wall_ms(prepare, run, len(inputs), reps)
             row["ms"] = statistics.median(times)
             row["reps"] = len(times)
             if provider != "noop":
@@ -426,10 +440,7 @@ def run_op_bench(
         reason = fused_unavailable_reason()
         if reason:
             unavailable = {"fused": reason, "fused_compiled": reason}
-    l2_bytes = DEFAULT_L2_BYTES
-    if device.type == "cuda":
-        l2_bytes = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", DEFAULT_L2_BYTES)
-
+    l2_bytes = l2_cache_bytes(device)
     generator = torch.Generator(device=device).manual_seed(seed)
     rows = []
     for shape in shapes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import time
 from typing import Callable
 
@@ -25,3 +26,10 @@ def elapsed_ms(fn: Callable[[], None], device: torch.device) -> float:
     start_s = time.perf_counter()
     fn()
     return (time.perf_counter() - start_s) * 1e3
+
+
+def device_name(device: torch.device) -> str:
+    """What the results files name the device by: the GPU's name, or ``CPU <machine>``."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.machine()}"

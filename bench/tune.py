@@ -38,6 +38,7 @@ import triton
 from cmi_fused import cmi_loss
 
 from . import cmi_op, report
+from .timing import device_name
 
 UNBOUNDED = 2**62
 
@@ -106,29 +107,25 @@ QUICK_SHAPES = (cmi_op.Shape(8, 40, 3, "fp32"),)
 QUICK_VARIANTS = ("main", "budget_1/16", "atomics", "warps_2")
 
 
-def launch_grid(variant: Variant, shape: cmi_op.Shape, device: torch.device) -> dict:
-    """The forward grid the op launches for ``shape`` under ``variant``: programs, accumulator slots, log table."""
+def launch_grid(variant: Variant, features: torch.Tensor, num_classes: int) -> dict:
+    """The forward grid the op launches for ``features`` under ``variant``: programs, slots, table, warps."""
     import kernels.cmi
     import kernels.cmi_forward
     from cmi_fused.fused import ACCUMULATE_MODES
 
-    features = torch.empty(shape.n_rows, shape.dim, dtype=shape.torch_dtype, device=device)  # not filled: no cost
+    n_rows, dim = features.shape
     with variant.applied():
-        meta = kernels.cmi_forward.launch_meta(shape.dim)
-        programs = kernels.cmi._forward_programs(features)
-        slots = kernels.cmi.accumulator_slots(
-            features, shape.num_classes, programs, ACCUMULATE_MODES[variant.deterministic]
-        )
+        programs, slots = kernels.cmi.forward_grid(features, num_classes, ACCUMULATE_MODES[variant.deterministic])
         return {
-            "programs": slots if slots > 1 else programs,
+            "programs": programs,
             "slots": slots,
-            "log_table": kernels.cmi.use_log_table(shape.n_rows, shape.num_classes),
-            "num_warps": meta["num_warps"],
+            "log_table": kernels.cmi.use_log_table(n_rows, num_classes),
+            "num_warps": kernels.cmi_forward.launch_meta(dim)["num_warps"],
         }
 
 
-def measure(variant, shape, mode, pass_name, inputs, device, budget) -> float:
-    """Median ms of one pass of the fused op under ``variant`` (device time on CUDA, wall time on the CPU)."""
+def measure(variant, shape, pass_name, timing, inputs, device, budget) -> float:
+    """Median ms of one pass of the fused op under ``variant``."""
 
     def loss_fn(features, labels, centroids):
         return cmi_loss(
@@ -140,27 +137,20 @@ def measure(variant, shape, mode, pass_name, inputs, device, budget) -> float:
         timer = cmi_op.Timer(device)
         prepare, run = cmi_op.build_step(loss_fn, inputs, pass_name, for_graph=False)
         estimate_ms = cmi_op.estimate_step_ms(prepare, run, len(inputs), timer, budget.warmup_steps)
-        if device.type == "cuda":
-            prepare, run = cmi_op.build_step(loss_fn, inputs, pass_name, for_graph=True)
-            times, _ = cmi_op.graph_replay_ms(prepare, run, len(inputs), estimate_ms, budget)
-        else:
-            reps = cmi_op.reps_for(estimate_ms, budget.wall_ms, budget.min_reps, budget.max_reps)
-            times = timer.wall_ms(prepare, run, len(inputs), reps)
+        times, _ = cmi_op.timed_steps(loss_fn, inputs, pass_name, timing, estimate_ms, timer, budget)
     return statistics.median(times)
 
 
 def run_tune(shapes, variants, modes, passes, rounds, device, budget, log=print) -> list[dict]:
     timing = "device" if device.type == "cuda" else "wall"
-    l2_bytes = cmi_op.DEFAULT_L2_BYTES
-    if device.type == "cuda":
-        l2_bytes = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", cmi_op.DEFAULT_L2_BYTES)
+    l2_bytes = cmi_op.l2_cache_bytes(device)
     generator = torch.Generator(device=device).manual_seed(0)
     rows = []
     for shape in shapes:
-        grids = {variant.name: launch_grid(variant, shape, device) for variant in variants}
         for mode in modes:
             count = cmi_op.num_input_sets(shape, mode, l2_bytes, budget.max_input_sets)
             inputs = cmi_op.make_inputs(shape, mode, count, device, generator)
+            grids = {v.name: launch_grid(v, inputs[0].features, shape.num_classes) for v in variants}
             for round_index in range(rounds):
                 shift = round_index % len(variants)
                 for variant in variants[shift:] + variants[:shift]:
@@ -170,7 +160,7 @@ def run_tune(shapes, variants, modes, passes, rounds, device, budget, log=print)
                             round=round_index, timing=timing, **grids[variant.name],
                         )  # fmt: skip
                         try:
-                            row["ms"] = measure(variant, shape, mode, pass_name, inputs, device, budget)
+                            row["ms"] = measure(variant, shape, pass_name, timing, inputs, device, budget)
                         except Exception as error:  # a variant that fails to compile or launch: keep the rest
                             row["ms"], row["error"] = None, f"{type(error).__name__}: {error}"
                         shown = f"{row['ms']:.4f} ms" if row["ms"] is not None else row["error"][:120]
@@ -251,9 +241,8 @@ def main(argv=None) -> int:
     if args.quick:
         torch.set_num_threads(1)
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     results = {
-        "device": device_name,
+        "device": device_name(device),
         "torch": torch.__version__,
         "triton": triton.__version__,
         "date": date,
@@ -262,7 +251,7 @@ def main(argv=None) -> int:
         "rows": [],
     }
     os.makedirs(args.output_dir, exist_ok=True)
-    stem = os.path.join(args.output_dir, "tune-" + report.results_stem(device_name, date))
+    stem = os.path.join(args.output_dir, "tune-" + report.results_stem(results["device"], date))
     for shape in shapes:  # the files are rewritten after every shape: a run cut short keeps what it measured
         results["rows"] += run_tune([shape], variants, tuple(args.modes), tuple(args.passes), args.rounds, device,
                                     budget)  # fmt: skip

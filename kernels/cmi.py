@@ -108,6 +108,14 @@ def accumulator_slots(features: torch.Tensor, num_classes: int, programs: int, a
     return fitting if fitting >= min(programs, MIN_PARTIAL_PROGRAMS) and fitting > 1 else 1
 
 
+def forward_grid(features: torch.Tensor, num_classes: int, accumulate: str) -> tuple[int, int]:
+    """``(programs, slots)`` of the forward: one program per slot, or the full persistent grid with atomics
+    (``slots == 1``)."""
+    programs = _forward_programs(features)
+    slots = accumulator_slots(features, num_classes, programs, accumulate)
+    return (slots if slots > 1 else programs), slots
+
+
 def log_centroid_table(
     centroids: Optional[torch.Tensor], stats: Optional[torch.Tensor], num_classes: int, dim: int, eps: float,
     device: torch.device,
@@ -140,11 +148,8 @@ def cmi_forward(
     """
     _check_device(features)
     n_rows, dim = features.shape
-    programs = _forward_programs(features)
-    slots = accumulator_slots(features, num_classes, programs, accumulate)
+    programs, slots = forward_grid(features, num_classes, accumulate)
     use_atomics = slots == 1
-    if not use_atomics:
-        programs = slots
     row_len = stats_row_len(dim)
     accum = torch.zeros(slots, num_classes, row_len, dtype=torch.float32, device=features.device)
     lse = torch.empty(n_rows, dtype=torch.float32, device=features.device)

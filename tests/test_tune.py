@@ -10,7 +10,6 @@ pytest.importorskip("triton")
 
 import kernels.cmi
 import kernels.cmi_forward
-from bench import cmi_op
 from bench.tune import VARIANTS, VARIANTS_BY_NAME, Variant, launch_grid, main
 
 
@@ -42,12 +41,12 @@ def test_overrides_are_undone_and_warps_reach_launch_meta():
 def test_launch_grid_reports_the_variants_choice():
     import torch
 
-    shape = cmi_op.Shape(64, 40, 3, "fp32")
-    main_grid = launch_grid(VARIANTS_BY_NAME["main"], shape, torch.device("cpu"))
-    atomics_grid = launch_grid(VARIANTS_BY_NAME["atomics"], shape, torch.device("cpu"))
+    features = torch.empty(64, 40)
+    main_grid = launch_grid(VARIANTS_BY_NAME["main"], features, 3)
+    atomics_grid = launch_grid(VARIANTS_BY_NAME["atomics"], features, 3)
     assert atomics_grid["slots"] == 1
     assert main_grid["num_warps"] == 4
-    assert launch_grid(VARIANTS_BY_NAME["warps_2"], shape, torch.device("cpu"))["num_warps"] == 2
+    assert launch_grid(VARIANTS_BY_NAME["warps_2"], features, 3)["num_warps"] == 2
 
 
 def test_quick_run_writes_a_row_per_variant_round_and_pass(tmp_path):
