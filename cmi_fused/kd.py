@@ -20,7 +20,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
-from .options import REDUCTIONS, check_check_labels, check_label_tensor, validate_labels
+from .options import REDUCTIONS, check_check_labels, check_label_tensor, maybe_validate_labels
 from .reference import reduce_rows
 
 
@@ -81,8 +81,7 @@ def check_kd_inputs(
         return alpha, temperature
     n_rows, num_classes = student_logits.shape
     check_label_tensor(labels, n_rows, student_logits.device, "student_logits")
-    if check_labels or (check_labels is None and labels.device.type == "cpu"):
-        validate_labels(labels, num_classes)
+    maybe_validate_labels(labels, num_classes, check_labels)
     return alpha, temperature
 
 

@@ -82,6 +82,24 @@ def test_pure_distillation_without_labels_and_module_form():
     assert "alpha=1.0" in repr(module)
 
 
+def test_fullgraph_compile_matches_eager():
+    """kd_loss compiles without graph breaks: like cmi_loss, the default label check is skipped while tracing
+    (``int(labels.max())`` would break the graph; cross-entropy still rejects a bad label at run time)."""
+    student, teacher, labels = make_inputs(n=9, c=4, seed=4)
+    student.requires_grad_(True)
+
+    def step(s, t, y):
+        return kd_loss(s, t, y, alpha=0.3, temperature=2.0).loss
+
+    eager = step(student, teacher, labels)
+    (eager_grad,) = torch.autograd.grad(eager, student)
+    # aot_eager: dynamo must trace the whole function (fullgraph), without the cost of inductor codegen
+    compiled = torch.compile(step, fullgraph=True, dynamic=False, backend="aot_eager")(student, teacher, labels)
+    (compiled_grad,) = torch.autograd.grad(compiled, student)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-5, atol=1e-6)
+
+
 def test_identical_logits_have_zero_kl():
     student, _, labels = make_inputs(seed=4)
     out = kd_loss(student, student.clone(), labels, alpha=0.5, temperature=4.0, reduction="none")
