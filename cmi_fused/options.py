@@ -75,9 +75,10 @@ def check_check_labels(check_labels) -> None:
 
 def maybe_validate_labels(labels: torch.Tensor, num_classes: int, check_labels: Optional[bool]) -> None:
     """The label-range check where it is asked for or free (CPU tensors, outside torch.compile tracing)."""
-    # Under torch.compile the default skips the check: reading values would break the graph.
-    check_by_default = labels.device.type == "cpu" and not torch.compiler.is_compiling()
-    if check_labels or (check_labels is None and check_by_default):
+    if check_labels is None:
+        # Under torch.compile the default skips the check: reading values would break the graph.
+        check_labels = labels.device.type == "cpu" and not torch.compiler.is_compiling()
+    if check_labels:
         validate_labels(labels, num_classes)
 
 

@@ -151,7 +151,10 @@ def cmi_forward(
     programs, slots = forward_grid(features, num_classes, accumulate)
     use_atomics = slots == 1
     row_len = stats_row_len(dim)
-    accum = torch.zeros(slots, num_classes, row_len, dtype=torch.float32, device=features.device)
+    # With atomics (one slot) the accumulator is the (C, R) statistics themselves: returning a view of a 3-D
+    # buffer would make the autograd Function's output a view, which costs host time per call.
+    accum_shape = (slots, num_classes, row_len) if slots > 1 else (num_classes, row_len)
+    accum = torch.zeros(accum_shape, dtype=torch.float32, device=features.device)
     lse = torch.empty(n_rows, dtype=torch.float32, device=features.device)
     row_kl = torch.empty(n_rows, dtype=torch.float32, device=features.device)
     meta = launch_meta(dim)
@@ -181,7 +184,7 @@ def cmi_forward(
     else:
         launch(accum=accum, lse_out=lse)
     # Fixed-order sum of the per-program slots (deterministic); a single slot was filled by atomics.
-    stats = accum.sum(0) if slots > 1 else accum[0]
+    stats = accum.sum(0) if slots > 1 else accum
     if centroids is None:
         if with_table:
             table = log_centroid_table(None, stats, num_classes, dim, eps, features.device)
