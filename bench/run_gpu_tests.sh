@@ -20,5 +20,9 @@ fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
 
-python3 -m pytest -q tests -rs --junitxml "$out_dir/pytest-gpu.xml" "$@" 2>&1 | tee "$out_dir/pytest-gpu.log"
+# SIGINT after TEST_TIME_LIMIT seconds (default 540, inside a 10-minute device command): pytest then stops like on
+# Ctrl-C, still printing its summary and writing the JUnit XML of the tests that ran; the script then exits 124.
+# --durations: what is slow, for planning the next call.
+timeout --signal=INT "${TEST_TIME_LIMIT:-540}" \
+    python3 -m pytest -q tests -rs --durations=25 --junitxml "$out_dir/pytest-gpu.xml" "$@" 2>&1 | tee "$out_dir/pytest-gpu.log"
 exit "${PIPESTATUS[0]}"
