@@ -185,7 +185,9 @@ def add_to_class_count(class_idx, label_ok, slot, accum_ptr, stride_accum_row, n
         tl.store(count_ptr, tl.load(count_ptr, mask=label_ok, other=0.0) + 1.0, mask=label_ok)
 
 
-@triton.jit
+# n_rows is only the row loop's bound: specialising it (== 1, divisible by 16) would only compile more variants,
+# e.g. one more for the last, partial batch of an epoch.
+@triton.jit(do_not_specialize=["n_rows"])
 def cmi_forward_kernel(
     features_ptr,
     stride_feat_row,
