@@ -10,7 +10,7 @@ drift of clocks and temperature spreads over all of them: ``device`` time of the
 in a CUDA graph and replayed (``bench.cmi_op.graph_replay_ms``). On the CPU (``--quick``, the CI smoke run) the
 fused op runs in the Triton interpreter and only ``wall`` time exists: a code-path check, not a measurement.
 
-Each row records the grid the variant launched (``programs``, ``slots``, ``log_table``), so a difference can be
+Each row records the grid the variant launched (``programs``, ``slots``, ``atomics``, ``log_table``), so a difference can be
 traced to what changed. Output: ``<output-dir>/tune-<device-slug>-<yyyy-mm-dd>.{json,md}``; the markdown gives
 per variant the median over rounds, its ratio to ``main`` and the spread (min..max over rounds) of ``main``.
 """
@@ -115,10 +115,13 @@ def launch_grid(variant: Variant, features: torch.Tensor, num_classes: int) -> d
 
     n_rows, dim = features.shape
     with variant.applied():
-        programs, slots = kernels.cmi.forward_grid(features, num_classes, ACCUMULATE_MODES[variant.deterministic])
+        programs, slots, atomics = kernels.cmi.forward_grid(
+            features, num_classes, ACCUMULATE_MODES[variant.deterministic]
+        )
         return {
             "programs": programs,
             "slots": slots,
+            "atomics": atomics,
             "log_table": kernels.cmi.use_log_table(n_rows, num_classes),
             "num_warps": kernels.cmi_forward.launch_meta(dim)["num_warps"],
         }
@@ -203,7 +206,8 @@ def summary_markdown(results: dict) -> str:
                 versus = f"{ms / main_ms:.2f}x" if main_ms else "n/a"
             lines.append(
                 f"| {n_rows}x{dim} C={num_classes} {dtype} | {mode} | {pass_name} | {name} | {grid['programs']} | "
-                f"{grid['slots']} | {grid['log_table']} | {grid['num_warps']} | {ms:.4f} | {versus} |"
+                f"{'atomics' if grid['atomics'] else grid['slots']} | {grid['log_table']} | {grid['num_warps']} | "
+                f"{ms:.4f} | {versus} |"
             )
     errors = [row for row in results["rows"] if row.get("error")]
     if errors:

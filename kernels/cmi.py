@@ -92,7 +92,8 @@ def _forward_programs(features: torch.Tensor) -> int:
 
 
 def accumulator_slots(features: torch.Tensor, num_classes: int, programs: int, accumulate: str) -> int:
-    """Per-program slots of the class-statistics accumulator; 1 means fp32 atomics into one slot.
+    """Per-program slots of the class-statistics accumulator; for "auto" and "atomics", 1 means fp32 atomics into
+    one slot (for "partials", one program owning the single slot).
 
     ``accumulate``: "partials" (always slots: deterministic), "atomics", or "auto" (slots when enough fit in the
     budget: classification-sized C on batches of a few hundred rows and more; atomics for tiny batches and
@@ -108,12 +109,27 @@ def accumulator_slots(features: torch.Tensor, num_classes: int, programs: int, a
     return fitting if fitting >= min(programs, MIN_PARTIAL_PROGRAMS) and fitting > 1 else 1
 
 
-def forward_grid(features: torch.Tensor, num_classes: int, accumulate: str) -> tuple[int, int]:
-    """``(programs, slots)`` of the forward: one program per slot, or the full persistent grid with atomics
-    (``slots == 1``)."""
+def forward_grid(features: torch.Tensor, num_classes: int, accumulate: str) -> tuple[int, int, bool]:
+    """``(programs, slots, atomics)`` of the forward: one program per slot (deterministic, even when only one slot
+    fits), or the full persistent grid adding into one slot with fp32 atomics."""
     programs = _forward_programs(features)
     slots = accumulator_slots(features, num_classes, programs, accumulate)
-    return (slots if slots > 1 else programs), slots
+    if slots == 1 and accumulate != "partials":
+        return programs, 1, True
+    return slots, slots, False
+
+
+# Column offsets are int32 in the kernels (offs * column stride): exact for the unit or small column strides of
+# training. A column stride so large that (d - 1) * stride passes int32 (a transposed view of a tensor of more
+# than 2**31 elements) would address the wrong memory, so such a tensor is copied to contiguous rows first.
+INT32_MAX = 2**31 - 1
+
+
+def int32_addressable(matrix: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``matrix`` itself, or a contiguous copy when its column offsets would overflow int32."""
+    if matrix is None or (matrix.shape[1] - 1) * matrix.stride(1) <= INT32_MAX:
+        return matrix
+    return matrix.contiguous()
 
 
 def log_centroid_table(
@@ -148,8 +164,7 @@ def cmi_forward(
     """
     _check_device(features)
     n_rows, dim = features.shape
-    programs, slots = forward_grid(features, num_classes, accumulate)
-    use_atomics = slots == 1
+    programs, slots, use_atomics = forward_grid(features, num_classes, accumulate)
     row_len = stats_row_len(dim)
     # With atomics (one slot) the accumulator is the (C, R) statistics themselves: returning a view of a 3-D
     # buffer would make the autograd Function's output a view, which costs host time per call.
@@ -277,6 +292,7 @@ class CMIFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, features, labels, centroids, num_classes, temperature, eps, accumulate, reduction):
+        features, centroids = int32_addressable(features), int32_addressable(centroids)
         forward = cmi_forward_op if torch.compiler.is_compiling() else cmi_forward
         row_kl, lse, stats, log_table = forward(features, labels, centroids, num_classes, temperature, eps, accumulate)
         ctx.log_centroids = log_table.shape[0] > 0

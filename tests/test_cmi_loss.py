@@ -32,6 +32,7 @@ import dataclasses
 import math
 import zlib
 from typing import Optional
+from unittest import mock
 
 import pytest
 import torch
@@ -703,6 +704,48 @@ def test_triton_class_sum_modes_match_reference(deterministic, request):
     assert_rel_close(result.loss, ref_loss, 1e-5, "loss")
     assert_rel_close(result.class_sums, ref_sums, 1e-5, "class_sums")
     assert torch.equal(result.class_counts.double(), ref_counts)
+
+
+@pytest.mark.parametrize("centroid_mode", ["fixed", "batch"])
+def test_deterministic_keeps_one_slot_instead_of_atomics(centroid_mode, request):
+    """deterministic=True where a single slot fits (many classes, few rows): one program owns it, never the atomics
+    grid (whose summation order varies between runs on a GPU)."""
+    import kernels.cmi
+
+    gen = generator_for(request)
+    n, d, c = 8, 40, 50  # one (C, R) slot is 9.6 KB, over half of the features' 1.3 KB
+    features = make_features(n, d, torch.float32, "contiguous", gen)
+    labels = random_labels(n, c, gen, per_batch=True).to(DEVICE)
+    centroids = random_centroids(c, d, gen).to(DEVICE) if centroid_mode == "fixed" else None
+    kernel = kernels.cmi.cmi_forward_kernel
+    launches, launch = [], kernel.run
+
+    def recording_run(*args, **kwargs):
+        launches.append((tuple(kwargs["grid"]), kwargs["USE_ATOMICS"]))
+        return launch(*args, **kwargs)
+
+    with mock.patch.object(kernel, "run", recording_run):
+        result = cmi_loss(features, labels, c, centroids, reduction="sum", backend="triton", deterministic=True)
+    assert launches and all(grid == (1,) and not atomics for grid, atomics in launches), launches
+    ref_loss, ref_sums, ref_counts, _ = reference_cmi(features, labels, c, centroids, reduction="sum")
+    assert_rel_close(result.loss, ref_loss, 1e-5, "loss")
+    assert_rel_close(result.class_sums, ref_sums, 1e-5, "class_sums")
+    assert torch.equal(result.class_counts.double(), ref_counts)
+
+
+def test_column_offsets_that_overflow_int32_get_contiguous_rows():
+    """(d - 1) * column stride must fit int32 (the kernels' column offsets); else the op reads a contiguous copy."""
+    pytest.importorskip("triton")
+    from kernels.cmi import int32_addressable
+
+    training_layout = torch.empty(4096, 768, device="meta")
+    assert int32_addressable(training_layout) is training_layout
+    transposed_small = torch.empty(768, 4096, device="meta").t()  # column stride 4096: (d - 1) * 4096 fits
+    assert int32_addressable(transposed_small) is transposed_small
+    transposed_huge = torch.empty(4096, 2**20, device="meta").t()  # column stride 2**20: 4095 * 2**20 > 2**31
+    copied = int32_addressable(transposed_huge)
+    assert copied.shape == transposed_huge.shape and copied.stride() == (4096, 1)
+    assert int32_addressable(None) is None
 
 
 # --------------------------------------------------------------------------------------------------------------

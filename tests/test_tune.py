@@ -44,7 +44,8 @@ def test_launch_grid_reports_the_variants_choice():
     features = torch.empty(64, 40)
     main_grid = launch_grid(VARIANTS_BY_NAME["main"], features, 3)
     atomics_grid = launch_grid(VARIANTS_BY_NAME["atomics"], features, 3)
-    assert atomics_grid["slots"] == 1
+    assert atomics_grid["slots"] == 1 and atomics_grid["atomics"]
+    assert not main_grid["atomics"]
     assert main_grid["num_warps"] == 4
     assert launch_grid(VARIANTS_BY_NAME["warps_2"], features, 3)["num_warps"] == 2
 
