@@ -184,6 +184,10 @@ class CMIRegularizer(nn.Module):
             raise ValueError(f"features must have shape (N, dim={self.dim}), got {tuple(features.shape)}")
         update = self.training and self.mode != "frozen"
         centroids = self._centroids_for(labels)
+        if update and self.mode == "ema" and centroids is not None:
+            # The ema update below rewrites the buffer in place before the backward, which needs the centroids this
+            # forward used (the triton backend saves them): hand the op a copy.
+            centroids = centroids.clone()
         result = cmi_loss(
             self.normalize(features, update),
             labels,
