@@ -12,7 +12,7 @@ setup(
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",
-        "transformers>=4.46",
+        "transformers>=5",  # TrainingArguments.warmup_steps < 1 is a fraction of the steps (cmi-glue --warmup-ratio)
         "datasets>=2.19",
         "scikit-learn>=1.3",
         "accelerate>=0.26",

@@ -38,8 +38,8 @@ class KDOutput(NamedTuple):
 
 
 def _check_number(name: str, value, low: float, high: float, low_open: bool) -> float:
-    in_range = (low < value if low_open else low <= value) and value <= high
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not in_range:
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not is_number or not ((low < value if low_open else low <= value) and value <= high):
         bracket = "(" if low_open else "["
         raise ValueError(f"{name} must be a number in {bracket}{low}, {high}], got {value!r}")
     return float(value)

@@ -22,8 +22,8 @@ from cmi_fused import CMIRegularizer, cmi_loss
 from cmi_fused.glue.cli import build_parser, main
 from cmi_fused.glue.data import load_task, tokenize_split
 from cmi_fused.glue.metrics import glue_metrics
-from cmi_fused.glue.sweep import summarize_arms
-from cmi_fused.glue.train import CMITrainer, FeatureCapture, TrainConfig, build_training_arguments
+from cmi_fused.glue.sweep import run_dir, summarize_arms
+from cmi_fused.glue.train import CMITrainer, FeatureCapture, TrainConfig, build_training_arguments, train
 from glue_fixtures import save_tiny_bert
 
 HIDDEN = 32
@@ -158,6 +158,12 @@ def test_sweep_summarises_paired_seeds(tiny_bert, glue_dir, tmp_path):
     assert json.loads((out / "sweep.json").read_text())["lambdas"] == summary["lambdas"]
 
 
+def test_run_directories_of_different_lambdas_differ():
+    assert run_dir("out", 0.0, 1) == os.path.join("out", "lambda_0", "seed_1")
+    assert run_dir("out", 0.05, 0) == os.path.join("out", "lambda_0.05", "seed_0")
+    assert run_dir("out", 0.1, 0) != run_dir("out", 0.1000001, 0)  # equal under :g (6 significant digits)
+
+
 def test_summarize_arms_hand_values():
     rows = summarize_arms({0.0: {0: 0.5, 1: 0.7, 2: 0.6}, 0.1: {0: 0.6, 1: 0.6, 2: 0.9}}, 0.0)
     assert rows[0]["median"] == pytest.approx(0.6) and rows[0]["std"] == pytest.approx(0.1)
@@ -228,6 +234,26 @@ def test_bad_arguments_say_what_to_pass(tiny_bert, glue_dir, tmp_path):
         main(["train", *common_args(tiny_bert, glue_dir, tmp_path / "x"), "--cmi", "min", "--cmi-lambda", "-1"])
     with pytest.raises(SystemExit):
         build_parser().parse_args(["sweep", *common_args(tiny_bert, glue_dir, tmp_path / "x"), "--lambdas", "0,a"])
+    with pytest.raises(ValueError, match="epochs must be a positive whole number"):
+        main(["train", *common_args(tiny_bert, glue_dir, tmp_path / "x"), "--epochs", "2.5"])
+    with pytest.raises(ValueError, match=r"warmup_ratio must be in \[0, 1\)"):
+        main(["train", *common_args(tiny_bert, glue_dir, tmp_path / "x"), "--warmup-ratio", "1"])
+
+
+def test_seed_fixes_a_fresh_classification_head(glue_dir, tmp_path):
+    """An encoder without a head (like the offline MiniLM) gets a new head: --seed, not the process's RNG state
+    before the run, decides it, so the runs of a sweep are paired on their initialisation."""
+    encoder_dir = tmp_path / "encoder"
+    save_tiny_bert(encoder_dir, hidden_size=HIDDEN)
+    model = AutoModelForSequenceClassification.from_pretrained(encoder_dir)
+    model.bert.save_pretrained(encoder_dir)  # the encoder alone: no classifier weights in the checkpoint
+    histories = []
+    for run, rng_state in enumerate((1, 2)):
+        torch.manual_seed(rng_state)  # whatever ran before in this process
+        config = TrainConfig("mrpc", str(encoder_dir), str(tmp_path / f"run{run}"), data_dir=glue_dir, epochs=1,
+                             batch_size=8, lr=1e-3, seed=7, disable_tqdm=True)  # fmt: skip
+        histories.append(train(config)["history"])
+    assert histories[0] == histories[1]
 
 
 def test_resume_continues_from_the_last_checkpoint(tiny_bert, glue_dir, tmp_path):

@@ -231,6 +231,26 @@ def test_short_row_and_bad_label_name_the_line(tmp_path):
         load_task("cola", str(tmp_path))
 
 
+def test_byte_order_mark_before_the_header_is_ignored(tmp_path):
+    write_task(tmp_path, "mrpc")
+    for name in ("train.tsv", "dev.tsv"):
+        path = tmp_path / "MRPC" / name
+        path.write_text("\ufeff" + path.read_text(encoding="utf-8"), encoding="utf-8")
+    data = load_task("mrpc", str(tmp_path))
+    assert list(data.train["label"]) == [row[2] for row in FIXTURES["mrpc"][2]]
+
+
+def test_qqp_skips_short_rows_with_a_warning(tmp_path):
+    (tmp_path / "QQP").mkdir()
+    header = "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate"
+    lines = [header, "0\t1\t2\tHow?\tWhy?\t0", "1\t3\t4\tcut off", "2\t5\t6\tWho?\tWhom?\t1"]
+    for name in ("train.tsv", "dev.tsv"):
+        (tmp_path / "QQP" / name).write_text("\n".join(lines) + "\n")
+    with pytest.warns(UserWarning, match="train.tsv: skipped 1 rows with fewer than 6"):
+        data = load_task("qqp", str(tmp_path))
+    assert list(data.train["text_a"]) == ["How?", "Who?"] and list(data.train["label"]) == [0, 1]
+
+
 def test_hub_failure_gives_one_clear_message(monkeypatch):
     def offline(*args, **kwargs):
         raise ConnectionError("no network")

@@ -111,7 +111,10 @@ def test_identical_logits_have_zero_kl():
     [
         (dict(alpha=1.5), ValueError, "alpha"),
         (dict(alpha=True), ValueError, "alpha"),
+        (dict(alpha="0.5"), ValueError, "alpha"),
         (dict(temperature=0.0), ValueError, "temperature"),
+        (dict(temperature="2"), ValueError, "temperature"),
+        (dict(temperature=float("nan")), ValueError, "temperature"),
         (dict(reduction="batchmean"), ValueError, "reduction"),
         (dict(check_labels="yes"), ValueError, "check_labels"),
     ],

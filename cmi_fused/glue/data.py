@@ -11,6 +11,7 @@ import csv
 import dataclasses
 import os
 import sys
+import warnings
 from collections.abc import Callable
 
 import datasets
@@ -27,6 +28,8 @@ class GlueTask:
     ``tsv_text_columns`` / ``tsv_label_column``: header names, or column indices for header-less files.
     ``label_map``: TSV label string -> label id (``None``: the TSV label is already the integer id).
     ``eval_files``: evaluation split name -> TSV file name; the split names are also the Hugging Face splits.
+    ``skip_short_rows``: rows with too few columns are skipped with a warning instead of an error (QQP, whose
+    official files have a few such rows; Hugging Face's ``QqpProcessor`` skipped them too).
     """
 
     name: str
@@ -39,6 +42,7 @@ class GlueTask:
     label_map: dict | None = None
     has_header: bool = True
     eval_files: tuple = (("validation", "dev.tsv"),)
+    skip_short_rows: bool = False
 
     @property
     def eval_split_names(self) -> tuple:
@@ -49,7 +53,10 @@ TASKS = {
     "cola": GlueTask("cola", "CoLA", 2, "matthews_correlation", (3,), 1, ("sentence",), has_header=False),
     "sst2": GlueTask("sst2", "SST-2", 2, "accuracy", ("sentence",), "label", ("sentence",)),
     "mrpc": GlueTask("mrpc", "MRPC", 2, "f1", ("#1 String", "#2 String"), "Quality", ("sentence1", "sentence2")),
-    "qqp": GlueTask("qqp", "QQP", 2, "f1", ("question1", "question2"), "is_duplicate", ("question1", "question2")),
+    "qqp": GlueTask(
+        "qqp", "QQP", 2, "f1", ("question1", "question2"), "is_duplicate", ("question1", "question2"),
+        skip_short_rows=True,
+    ),
     "qnli": GlueTask(
         "qnli", "QNLI", 2, "accuracy", ("question", "sentence"), "label", ("question", "sentence"), NLI_LABELS
     ),
@@ -118,7 +125,8 @@ def read_glue_tsv(path: str, task: GlueTask) -> datasets.Dataset:
             f"{', '.join(name for _, name in task.eval_files)} (or omit --data-dir to use datasets.load_dataset)"
         )
     csv.field_size_limit(sys.maxsize)
-    with open(path, encoding="utf-8", newline="") as handle:
+    # utf-8-sig: a leading byte-order mark (the MRPC files of some GLUE downloads) is not part of the first header.
+    with open(path, encoding="utf-8-sig", newline="") as handle:
         rows = list(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
     header = rows.pop(0) if task.has_header and rows else None
     text_indices = [_column_index(header, column, path) for column in task.tsv_text_columns]
@@ -128,8 +136,12 @@ def read_glue_tsv(path: str, task: GlueTask) -> datasets.Dataset:
     if len(text_indices) == 2:
         columns["text_b"] = []
     first_line = 2 if header is not None else 1
+    skipped = 0
     for line_number, row in enumerate(rows, start=first_line):
         if not row:
+            continue
+        if len(row) < needed and task.skip_short_rows:
+            skipped += 1
             continue
         if len(row) < needed:
             raise GlueDataError(
@@ -141,6 +153,8 @@ def read_glue_tsv(path: str, task: GlueTask) -> datasets.Dataset:
         columns["text_a"].append(row[text_indices[0]])
         if len(text_indices) == 2:
             columns["text_b"].append(row[text_indices[1]])
+    if skipped:
+        warnings.warn(f"{path}: skipped {skipped} rows with fewer than {needed} tab-separated columns", stacklevel=2)
     return datasets.Dataset.from_dict(columns)
 
 

@@ -32,7 +32,7 @@ from ..distill import (
 from ..kd import KDLoss
 from .cli import add_common_args, parse_list
 from .data import GlueData, load_task, tokenize_split, tokenize_task
-from .sweep import format_sweep_markdown, machine_description, reuse_or_run, summarize_arms, write_sweep
+from .sweep import format_sweep_markdown, machine_description, reuse_or_run, summarize_arms, value_label, write_sweep
 from .train import (
     RESULTS_FILE,
     TrainConfig,
@@ -214,7 +214,10 @@ def run_distill_sweep(
                     kd_temperature=kd_temperature,
                     seed=seed,
                     output_dir=os.path.join(
-                        base.output_dir, f"teacher_{index}", f"alpha_{alpha:g}_T_{kd_temperature:g}", f"seed_{seed}"
+                        base.output_dir,
+                        f"teacher_{index}",
+                        f"alpha_{value_label(alpha)}_T_{value_label(kd_temperature)}",
+                        f"seed_{seed}",
                     ),
                 )
 

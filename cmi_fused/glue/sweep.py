@@ -119,8 +119,15 @@ def write_sweep(output_dir: str, summary: dict, markdown: str) -> None:
         handle.write(markdown)
 
 
+def value_label(value: float) -> str:
+    """A run-directory label for a swept value: its short ``:g`` form (``0.1``, ``0``) where that reads back as the
+    same float, else its exact ``repr``, so that two different values never share a run directory."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(float(value))
+
+
 def run_dir(output_dir: str, cmi_lambda: float, seed: int) -> str:
-    return os.path.join(output_dir, f"lambda_{cmi_lambda:g}", f"seed_{seed}")
+    return os.path.join(output_dir, f"lambda_{value_label(cmi_lambda)}", f"seed_{seed}")
 
 
 def run_sweep(

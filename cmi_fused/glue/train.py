@@ -27,6 +27,7 @@ from transformers import (
     Trainer,
     TrainerCallback,
     TrainingArguments,
+    set_seed,
 )
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -81,6 +82,13 @@ class TrainConfig:
             raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
         if not self.cmi_lambda >= 0:
             raise ValueError(f"cmi_lambda must be >= 0 (the sign comes from cmi=min/max), got {self.cmi_lambda!r}")
+        if not (self.epochs > 0 and float(self.epochs).is_integer()):
+            raise ValueError(
+                f"epochs must be a positive whole number (evaluation, checkpoints and the history are per epoch), "
+                f"got {self.epochs!r}"
+            )
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1) (a fraction of the steps), got {self.warmup_ratio!r}")
         if self.resume and not self.keep_checkpoints:
             raise ValueError("resume needs keep_checkpoints (checkpoints with optimizer state) in output_dir")
 
@@ -227,7 +235,7 @@ def build_training_arguments(config: TrainConfig, metric_for_best_model: str, **
         per_device_eval_batch_size=config.eval_batch_size or config.batch_size,
         learning_rate=config.lr,
         weight_decay=config.weight_decay,
-        warmup_steps=config.warmup_ratio,
+        warmup_steps=config.warmup_ratio,  # transformers 5: a float below 1 is a fraction of the steps
         seed=config.seed,
         bf16=config.bf16,
         eval_strategy="epoch",
@@ -312,6 +320,7 @@ def train(config: TrainConfig, data: GlueData | None = None) -> dict:
         data = load_task(config.task, config.data_dir, config.max_train_samples, config.max_eval_samples)
     metric_names = eval_metric_names(data)
     metric = data.task.metric
+    set_seed(config.seed)  # before the model: a freshly initialised classification head depends on it
     model, tokenizer = load_model_and_tokenizer(config.model, data.num_labels)
     train_dataset, eval_datasets = tokenize_task(data, tokenizer, config.max_seq_length)
     eval_dataset = next(iter(eval_datasets.values())) if len(eval_datasets) == 1 else eval_datasets
