@@ -198,7 +198,8 @@ def cmi_forward(
             launch(centroids=centroids, accum=accum, lse_out=lse, row_kl=row_kl)
     else:
         launch(accum=accum, lse_out=lse)
-    # Fixed-order sum of the per-program slots (deterministic); a single slot was filled by atomics.
+    # Fixed-order sum of the per-program slots (deterministic); a single slot needs none (filled by atomics, or by
+    # the one program of deterministic=True).
     stats = accum.sum(0) if slots > 1 else accum
     if centroids is None:
         if with_table:
