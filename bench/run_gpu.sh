@@ -17,11 +17,15 @@ output_dir=${BENCH_OUTPUT_DIR:-bench/results}
 started_marker=$(mktemp)
 
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv,noheader || true
-python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
-python -c "import matplotlib" 2>/dev/null || echo "matplotlib missing: JSON and markdown only"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
+python3 -c "import matplotlib" 2>/dev/null || echo "matplotlib missing: JSON and markdown only"
 
+# The time limit only stops new shapes from starting; a shape already running (two torch.compile runs among
+# its cases) could still pass a 10-minute command limit. SIGINT after BENCH_HARD_LIMIT seconds (default 560)
+# stops it so that the copy below still runs; every finished shape is already in the results file.
 status=0
-python -m bench --resume --time-limit "${BENCH_TIME_LIMIT:-420}" --output-dir "$output_dir" "$@" || status=$?
+timeout --signal=INT "${BENCH_HARD_LIMIT:-560}" \
+    python3 -m bench --resume --time-limit "${BENCH_TIME_LIMIT:-420}" --output-dir "$output_dir" "$@" || status=$?
 
 if [ -n "${OUT:-}" ]; then
     find "$output_dir" -maxdepth 1 -type f -newer "$started_marker" -exec cp {} "$OUT"/ \;

@@ -18,6 +18,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+echo "kernel $(uname -r)"  # ends in -gpu on the Firecracker runtime, where ncu reads hardware counters
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
 
 # SIGINT after TEST_TIME_LIMIT seconds (default 540, inside a 10-minute device command): pytest then stops like on

@@ -658,7 +658,7 @@ def test_slot_accumulator_does_not_outlive_the_forward(centroid_mode, request):
     n, d, c = 64, 40, 3
     features = make_features(n, d, torch.float32, "contiguous", gen)
     labels = random_labels(n, c, gen, per_batch=True).to(DEVICE)
-    centroids = random_centroids(c, d, gen) if centroid_mode == "fixed" else None
+    centroids = random_centroids(c, d, gen).to(DEVICE) if centroid_mode == "fixed" else None
     outputs = cmi_forward(features, labels, centroids, c, 1.0, 1e-12, "partials")
     for name, tensor in zip(("row_kl", "lse", "stats", "log_table"), outputs):
         assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size(), name

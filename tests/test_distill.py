@@ -304,7 +304,7 @@ def test_cached_teacher_logits_equal_per_batch_and_teacher_gets_no_gradient(teac
     hook.remove()
     # The teacher sees the second segment (token types) although the DistilBERT student takes none.
     assert set(teacher_inputs[0]) == {"input_ids", "attention_mask", "token_type_ids"}
-    assert torch.equal(teacher_inputs[0]["token_type_ids"], batch["token_type_ids"])
+    assert torch.equal(teacher_inputs[0]["token_type_ids"].cpu(), batch["token_type_ids"])
     assert batch["token_type_ids"].sum() > 0
     cached_loss = cached_trainer.compute_loss(cached_trainer.model, cached_trainer._prepare_inputs(cached_batch))
     torch.testing.assert_close(loss, cached_loss, rtol=1e-5, atol=1e-6)

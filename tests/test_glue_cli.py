@@ -23,7 +23,14 @@ from cmi_fused.glue.cli import build_parser, main
 from cmi_fused.glue.data import load_task, tokenize_split
 from cmi_fused.glue.metrics import glue_metrics
 from cmi_fused.glue.sweep import run_dir, summarize_arms
-from cmi_fused.glue.train import CMITrainer, FeatureCapture, TrainConfig, build_training_arguments, train
+from cmi_fused.glue.train import (
+    CMITrainer,
+    FeatureCapture,
+    TrainConfig,
+    build_training_arguments,
+    load_model_and_tokenizer,
+    train,
+)
 from glue_fixtures import save_tiny_bert
 
 HIDDEN = 32
@@ -195,6 +202,7 @@ def test_training_loss_is_ce_plus_signed_lambda_cmi(tiny_bert, glue_dir, tmp_pat
         [{k: row[k] for k in ("input_ids", "token_type_ids", "attention_mask")} for row in split], return_tensors="pt"
     )
     inputs["labels"] = torch.tensor(split["label"])
+    inputs = trainer._prepare_inputs(dict(inputs))  # on the model's device (the Trainer moved it to a GPU if any)
     model.train()
     loss = trainer.compute_loss(model, dict(inputs))
     with torch.no_grad():
@@ -240,20 +248,28 @@ def test_bad_arguments_say_what_to_pass(tiny_bert, glue_dir, tmp_path):
         main(["train", *common_args(tiny_bert, glue_dir, tmp_path / "x"), "--warmup-ratio", "1"])
 
 
-def test_seed_fixes_a_fresh_classification_head(glue_dir, tmp_path):
+def test_seed_fixes_a_fresh_classification_head(glue_dir, tmp_path, monkeypatch):
     """An encoder without a head (like the offline MiniLM) gets a new head: --seed, not the process's RNG state
     before the run, decides it, so the runs of a sweep are paired on their initialisation."""
     encoder_dir = tmp_path / "encoder"
     save_tiny_bert(encoder_dir, hidden_size=HIDDEN)
-    model = AutoModelForSequenceClassification.from_pretrained(encoder_dir)
-    model.bert.save_pretrained(encoder_dir)  # the encoder alone: no classifier weights in the checkpoint
-    histories = []
-    for run, rng_state in enumerate((1, 2)):
+    AutoModelForSequenceClassification.from_pretrained(encoder_dir).bert.save_pretrained(encoder_dir)  # no head
+    heads = []
+
+    class HeadBuilt(Exception):
+        pass
+
+    def load_then_stop(name, num_labels):  # the run's model as train() builds it; no training needed
+        model, _ = load_model_and_tokenizer(name, num_labels)
+        heads.append(model.classifier.weight.detach().clone())
+        raise HeadBuilt
+
+    monkeypatch.setattr("cmi_fused.glue.train.load_model_and_tokenizer", load_then_stop)
+    for rng_state, seed in ((1, 7), (2, 7), (1, 8)):
         torch.manual_seed(rng_state)  # whatever ran before in this process
-        config = TrainConfig("mrpc", str(encoder_dir), str(tmp_path / f"run{run}"), data_dir=glue_dir, epochs=1,
-                             batch_size=8, lr=1e-3, seed=7, disable_tqdm=True)  # fmt: skip
-        histories.append(train(config)["history"])
-    assert histories[0] == histories[1]
+        with pytest.raises(HeadBuilt):
+            train(TrainConfig("mrpc", str(encoder_dir), str(tmp_path / "run"), data_dir=glue_dir, seed=seed))
+    assert torch.equal(heads[0], heads[1]) and not torch.equal(heads[0], heads[2])
 
 
 def test_resume_continues_from_the_last_checkpoint(tiny_bert, glue_dir, tmp_path):

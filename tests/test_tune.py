@@ -10,6 +10,7 @@ pytest.importorskip("triton")
 
 import kernels.cmi
 import kernels.cmi_forward
+from bench.report import slug
 from bench.tune import VARIANTS, VARIANTS_BY_NAME, Variant, launch_grid, main
 
 
@@ -61,4 +62,5 @@ def test_quick_run_writes_a_row_per_variant_round_and_pass(tmp_path):
     assert all(row.get("error") is None and row["ms"] > 0 for row in rows), rows
     markdown = json_path.with_suffix(".md").read_text()
     assert all(f"| {name} |" in markdown for name in variants)
-    assert os.path.basename(json_path).startswith("tune-cpu-")
+    # named after the device it ran on (the CPU in CI, the GPU where there is one)
+    assert os.path.basename(json_path).startswith("tune-" + slug(results["device"]) + "-")
