@@ -107,7 +107,7 @@ def summarise(round_ms: dict[str, list[float]]) -> list[dict]:
     for config_name, times in round_ms.items():
         entry = {"config": config_name, "step_ms": statistics.median(times), "round_ms": times}
         if plain is not None and config_name != "plain":
-            overheads = [100.0 * (mine / base - 1.0) for mine, base in zip(times, plain)]
+            overheads = [100.0 * (mine / base - 1.0) for mine, base in zip(times, plain, strict=True)]
             entry.update(
                 overhead_pct=statistics.median(overheads),
                 overhead_pct_min=min(overheads),

@@ -10,9 +10,10 @@ drift of clocks and temperature spreads over all of them: ``device`` time of the
 in a CUDA graph and replayed (``bench.cmi_op.graph_replay_ms``). On the CPU (``--quick``, the CI smoke run) the
 fused op runs in the Triton interpreter and only ``wall`` time exists: a code-path check, not a measurement.
 
-Each row records the grid the variant launched (``programs``, ``slots``, ``atomics``, ``log_table``), so a difference can be
-traced to what changed. Output: ``<output-dir>/tune-<device-slug>-<yyyy-mm-dd>.{json,md}``; the markdown gives
-per variant the median over rounds, its ratio to ``main`` and the spread (min..max over rounds) of ``main``.
+Each row records the grid the variant launched (``programs``, ``slots``, ``atomics``, ``log_table``), so a
+difference can be traced to what changed. Output: ``<output-dir>/tune-<device-slug>-<yyyy-mm-dd>.{json,md}``; the
+markdown gives per variant the median over rounds, its ratio to ``main`` and the spread (min..max over rounds) of
+``main``.
 """
 
 from __future__ import annotations

@@ -7,4 +7,7 @@ from .regularizer import CMIRegularizer
 
 __version__ = "0.1.0"
 
-__all__ = ["cmi_loss", "kd_loss", "KDLoss", "KDOutput", "CMIOptions", "CMIOutput", "validate_labels", "CMIRegularizer", "__version__"]
+__all__ = [
+    "cmi_loss", "kd_loss", "KDLoss", "KDOutput", "CMIOptions", "CMIOutput", "validate_labels", "CMIRegularizer",
+    "__version__",
+]  # fmt: skip

@@ -110,7 +110,7 @@ def check_layers(layers: Sequence[int], num_teacher_layers: int) -> list[int]:
         not layers
         or any(isinstance(i, bool) or not isinstance(i, int) for i in layers)
         or any(i < 0 or i >= num_teacher_layers for i in layers)
-        or any(a >= b for a, b in zip(layers, layers[1:]))
+        or any(a >= b for a, b in zip(layers, layers[1:], strict=False))
     ):
         raise ValueError(
             f"layers must be strictly increasing teacher layer indices in [0, {num_teacher_layers}), got {layers}"

@@ -52,7 +52,7 @@ def _all_reduce_sum(*tensors: torch.Tensor) -> tuple:
         return tensors
     flat = torch.cat([t.reshape(-1).float() for t in tensors])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    return tuple(part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors))
+    return tuple(part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors, strict=True))
 
 
 class CMIRegularizer(nn.Module):

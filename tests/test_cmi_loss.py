@@ -615,7 +615,7 @@ def test_triton_deterministic_runs_are_bit_identical(deterministic, request):
         result = cmi_loss(features, labels, c, backend="triton", deterministic=deterministic)
         (grad,) = torch.autograd.grad(result.loss, features)
         runs.append((result.loss, result.class_sums, grad))
-    for name, first, second in zip(("loss", "class_sums", "grad"), runs[0], runs[1]):
+    for name, first, second in zip(("loss", "class_sums", "grad"), runs[0], runs[1], strict=True):
         assert torch.equal(first, second), f"{name} differs between two deterministic runs"
 
 
@@ -660,7 +660,7 @@ def test_slot_accumulator_does_not_outlive_the_forward(centroid_mode, request):
     labels = random_labels(n, c, gen, per_batch=True).to(DEVICE)
     centroids = random_centroids(c, d, gen).to(DEVICE) if centroid_mode == "fixed" else None
     outputs = cmi_forward(features, labels, centroids, c, 1.0, 1e-12, "partials")
-    for name, tensor in zip(("row_kl", "lse", "stats", "log_table"), outputs):
+    for name, tensor in zip(("row_kl", "lse", "stats", "log_table"), outputs, strict=True):
         assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size(), name
 
 

@@ -36,7 +36,7 @@ def test_fullgraph_compile_matches_eager(backend, fixed_centroids, request):
 
     compiled = torch.compile(_step, fullgraph=True, dynamic=False)(layer, inputs, labels, centroids, backend)
     compiled[0].backward()
-    for got, want in zip(compiled, eager):
+    for got, want in zip(compiled, eager, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(layer.weight.grad, eager_grad, rtol=1e-5, atol=1e-6)
 

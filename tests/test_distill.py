@@ -378,7 +378,7 @@ def test_distill_sweep_table(teachers, glue_dir, tmp_path):
         values = [run["best"]["f1"] for run in runs]
         assert row["values"] == values and row["median"] == pytest.approx(sum(values) / 2)
     assert summary["arms"][1]["paired_diffs"] == pytest.approx(
-        [a - b for a, b in zip(summary["arms"][1]["values"], summary["arms"][0]["values"])]
+        [a - b for a, b in zip(summary["arms"][1]["values"], summary["arms"][0]["values"], strict=True)]
     )
     table = (out / "sweep.md").read_text()
     assert "| arm |" in table and "machine:" in table and summary["arms"][1]["arm"] in table

@@ -11,12 +11,12 @@ from cmi_fused import KDLoss, kd_loss
 def reference_rows(student, teacher, labels, alpha, temperature):
     """Per-row (loss, ce, kl) in float64, element by element from the definition."""
     rows = []
-    for s_row, t_row, y in zip(student.double().tolist(), teacher.double().tolist(), labels.tolist()):
+    for s_row, t_row, y in zip(student.double().tolist(), teacher.double().tolist(), labels.tolist(), strict=True):
         z_t = sum(math.exp(v / temperature) for v in t_row)
         z_s = sum(math.exp(v / temperature) for v in s_row)
         p_t = [math.exp(v / temperature) / z_t for v in t_row]
         p_s = [math.exp(v / temperature) / z_s for v in s_row]
-        kl = sum(a * (math.log(a) - math.log(b)) for a, b in zip(p_t, p_s))
+        kl = sum(a * (math.log(a) - math.log(b)) for a, b in zip(p_t, p_s, strict=True))
         ce = -(s_row[y] - math.log(sum(math.exp(v) for v in s_row)))
         rows.append(((1 - alpha) * ce + alpha * temperature**2 * kl, ce, kl))
     return torch.tensor(rows, dtype=torch.float64)
@@ -38,7 +38,7 @@ def test_matches_float64_reference(alpha, temperature, dtype):
     expected = reference_rows(student, teacher, labels, alpha, temperature)
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
     rows = kd_loss(student, teacher, labels, alpha=alpha, temperature=temperature, reduction="none")
-    for got, column in zip(rows, range(3)):
+    for got, column in zip(rows, range(3), strict=True):
         torch.testing.assert_close(got.double(), expected[:, column], **tol)
     mean = kd_loss(student, teacher, labels, alpha=alpha, temperature=temperature)
     torch.testing.assert_close(mean.loss.double(), expected[:, 0].mean(), **tol)

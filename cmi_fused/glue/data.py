@@ -187,7 +187,7 @@ def _load_hub(task: GlueTask) -> tuple:
         ) from error
 
     def standardise(split: datasets.Dataset) -> datasets.Dataset:
-        renames = {column: new for column, new in zip(task.hf_text_columns, ("text_a", "text_b"))}
+        renames = {column: new for column, new in zip(task.hf_text_columns, ("text_a", "text_b"), strict=False)}
         keep = list(renames) + ["label"]
         split = split.remove_columns([c for c in split.column_names if c not in keep])
         return split.rename_columns(renames)

@@ -1,4 +1,4 @@
-"""Fine-tune a sequence classifier on one GLUE task with ``loss = CE + sign * lambda * CMI`` on ``transformers.Trainer``.
+"""Fine-tune a sequence classifier on one GLUE task with ``loss = CE + sign * lambda * CMI`` (``transformers.Trainer``).
 
 Min-CMI (``cmi="min"``) adds ``+lambda * CMI``, Max-CMI (``cmi="max"``) adds ``-lambda * CMI``; with
 ``cmi="none"`` the CMI of the features is still measured (and logged as ``train_cmi``) but not trained on.
