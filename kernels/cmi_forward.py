@@ -161,28 +161,17 @@ def chunk_kl(
 
 
 @triton.jit
-def add_to_class_sums(f, offs, in_row, class_idx, label_ok, slot, accum_ptr, stride_accum_row, num_classes,
-                      USE_ATOMICS: tl.constexpr):  # fmt: skip
-    """S_y += f for one chunk, in the program's slot (plain load/add/store) or slot 0 (atomics)."""
-    class_mask = tl.where(label_ok, in_row, False)
-    sums_ptrs = accum_ptr + (slot * num_classes + class_idx) * stride_accum_row + offs
+def add_to_class_row(values, cols, mask, class_idx, slot, accum_ptr, stride_accum_row, num_classes,
+                     USE_ATOMICS: tl.constexpr):  # fmt: skip
+    """accum[slot, y, cols] += values: a chunk of the class sums (cols < d) or the count (column d), in the
+    program's slot (plain load/add/store) or in slot 0 (atomics)."""
+    ptrs = accum_ptr + (slot * num_classes + class_idx) * stride_accum_row + cols
     if USE_ATOMICS:
         # relaxed: nothing reads the sums before the kernel ends. The default acq_rel adds a MEMBAR.ALL.GPU and an
         # L1 invalidation after every atomic on sm_90.
-        tl.atomic_add(sums_ptrs, f, mask=class_mask, sem="relaxed")
+        tl.atomic_add(ptrs, values, mask=mask, sem="relaxed")
     else:
-        tl.store(sums_ptrs, tl.load(sums_ptrs, mask=class_mask, other=0.0) + f, mask=class_mask)
-
-
-@triton.jit
-def add_to_class_count(class_idx, label_ok, slot, accum_ptr, stride_accum_row, num_classes, dim,
-                       USE_ATOMICS: tl.constexpr):  # fmt: skip
-    """n_y += 1 (column d of the class row)."""
-    count_ptr = accum_ptr + (slot * num_classes + class_idx) * stride_accum_row + dim
-    if USE_ATOMICS:
-        tl.atomic_add(count_ptr, 1.0, mask=label_ok, sem="relaxed")
-    else:
-        tl.store(count_ptr, tl.load(count_ptr, mask=label_ok, other=0.0) + 1.0, mask=label_ok)
+        tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + values, mask=mask)
 
 
 # n_rows is only the row loop's bound: specialising it (== 1, divisible by 16) would only compile more variants,
@@ -245,8 +234,8 @@ def cmi_forward_kernel(
                     HAS_CENTROIDS, LOG_CENTROIDS,
                 )  # fmt: skip
             if ACCUMULATE:
-                add_to_class_sums(f, cols, in_row, class_idx, label_ok, slot, accum_ptr, stride_accum_row, num_classes,
-                                  USE_ATOMICS)  # fmt: skip
+                add_to_class_row(f, cols, tl.where(label_ok, in_row, False), class_idx, slot, accum_ptr,
+                                 stride_accum_row, num_classes, USE_ATOMICS)  # fmt: skip
         else:
             # Longer rows: an online log-sum-exp over the chunks, then a second sweep (the row was just read, so
             # its loads hit L1/L2) for the KL and the class sums.
@@ -276,9 +265,11 @@ def cmi_forward_kernel(
                             HAS_CENTROIDS, LOG_CENTROIDS,
                         )  # fmt: skip
                     if ACCUMULATE:
-                        add_to_class_sums(f, offs, in_row, class_idx, label_ok, slot, accum_ptr, stride_accum_row,
-                                          num_classes, USE_ATOMICS)  # fmt: skip
+                        add_to_class_row(f, offs, tl.where(label_ok, in_row, False), class_idx, slot, accum_ptr,
+                                         stride_accum_row, num_classes, USE_ATOMICS)  # fmt: skip
         if COMPUTE_KL:
             tl.store(row_kl_ptr + row, tl.where(label_ok, row_kl, float("nan")))
         if ACCUMULATE:
-            add_to_class_count(class_idx, label_ok, slot, accum_ptr, stride_accum_row, num_classes, dim, USE_ATOMICS)
+            # n_y += 1, in column d of the class row
+            add_to_class_row(1.0, dim, label_ok, class_idx, slot, accum_ptr, stride_accum_row, num_classes,
+                             USE_ATOMICS)  # fmt: skip
