@@ -22,7 +22,7 @@ from torch import nn
 
 from cmi_fused import cmi_loss
 
-from .timing import elapsed_ms, sync
+from .timing import elapsed_ms, rotated, sync
 
 CONFIGS = ("plain", "cmi_eager", "cmi_fused")
 CMI_BACKENDS = {"cmi_eager": "torch", "cmi_fused": "triton"}
@@ -167,8 +167,7 @@ def run_e2e(
     round_ms = {name: [] for name in steps}
     names = list(steps)
     for round_index in range(settings.rounds):
-        shift = round_index % max(1, len(names))
-        for name in names[shift:] + names[:shift]:
+        for name in rotated(names, round_index):
             round_ms[name].append(time_block_ms(steps[name], batches, settings.steps_per_round, device))
         log(
             f"e2e round {round_index + 1}/{settings.rounds}: "

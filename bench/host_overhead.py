@@ -29,9 +29,9 @@ from unittest import mock
 import torch
 
 import kernels.cmi
-from cmi_fused import cmi_loss
 
-from .timing import device_name
+from .cmi_op import make_loss_fn
+from .timing import device_name, rotated
 
 KERNELS = ("cmi_forward_kernel", "cmi_backward_kernel", "cmi_log_centroids_kernel")
 
@@ -66,17 +66,16 @@ def steps(n_rows: int, dim: int, num_classes: int, dtype: torch.dtype) -> dict[s
     labels = torch.randint(0, num_classes, (n_rows,))
     centroids = torch.softmax(torch.randn(num_classes, dim), -1)
 
-    def step(backend, centroids_or_none):
-        # check_labels=False: the default on CUDA tensors (on CPU ones it would read the labels every call)
-        return lambda: cmi_loss(
-            features, labels, num_classes, centroids_or_none, backend=backend, check_labels=False
-        ).loss.backward()
+    def step(provider, centroids_or_none):
+        # python -m bench's loss of that provider (check_labels=False: the default on CUDA tensors)
+        loss_fn = make_loss_fn(provider, num_classes)
+        return lambda: loss_fn(features, labels, centroids_or_none).backward()
 
     return {
-        "noop": lambda: (features.float().sum() * 0.1).backward(),
-        "fused fixed": step("triton", centroids),
-        "fused batch": step("triton", None),
-        "eager fixed": step("torch", centroids),
+        "noop": step("noop", centroids),
+        "fused fixed": step("fused", centroids),
+        "fused batch": step("fused", None),
+        "eager fixed": step("eager", centroids),
     }
 
 
@@ -88,8 +87,7 @@ def measure(step_fns: dict[str, Callable[[], None]], rounds: int, iters: int) ->
     names = list(step_fns)
     times = {name: [] for name in names}
     for round_index in range(rounds):
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
+        for name in rotated(names, round_index):
             start = time.perf_counter()
             for _ in range(iters):
                 step_fns[name]()

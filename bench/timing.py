@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import platform
 import time
+from collections.abc import Sequence
 from typing import Callable
 
 import torch
@@ -26,6 +27,13 @@ def elapsed_ms(fn: Callable[[], None], device: torch.device) -> float:
     start_s = time.perf_counter()
     fn()
     return (time.perf_counter() - start_s) * 1e3
+
+
+def rotated(items: Sequence, round_index: int) -> list:
+    """``items`` in the order of an interleaved round: rotated by one more place each round, so that clock and
+    temperature drift spread over all of them instead of always hitting the same one."""
+    shift = round_index % max(1, len(items))
+    return list(items[shift:]) + list(items[:shift])
 
 
 def device_name(device: torch.device) -> str:

@@ -39,7 +39,7 @@ import triton
 from cmi_fused import cmi_loss
 
 from . import cmi_op, report
-from .timing import device_name
+from .timing import device_name, rotated
 
 UNBOUNDED = 2**62
 
@@ -156,8 +156,7 @@ def run_tune(shapes, variants, modes, passes, rounds, device, budget, log=print)
             inputs = cmi_op.make_inputs(shape, mode, count, device, generator)
             grids = {v.name: launch_grid(v, inputs[0].features, shape.num_classes) for v in variants}
             for round_index in range(rounds):
-                shift = round_index % len(variants)
-                for variant in variants[shift:] + variants[:shift]:
+                for variant in rotated(variants, round_index):
                     for pass_name in passes:
                         row = dict(
                             cmi_op.row_key(shape, mode, "fused", pass_name), variant=variant.name,
