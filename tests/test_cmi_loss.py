@@ -132,6 +132,14 @@ def assert_rel_close(out: torch.Tensor, ref: torch.Tensor, tol: float, what: str
     assert rel < tol, f"{what}: rel error {rel:.3e} >= {tol:.0e}"
 
 
+def assert_sum_matches_reference(result, features, labels, num_classes, centroids=None) -> None:
+    """A ``reduction="sum"`` result's loss, class sums (rel 1e-5) and class counts (exact) against float64."""
+    ref_loss, ref_sums, ref_counts, _ = reference_cmi(features, labels, num_classes, centroids, reduction="sum")
+    assert_rel_close(result.loss, ref_loss, 1e-5, "loss")
+    assert_rel_close(result.class_sums, ref_sums, 1e-5, "class_sums")
+    assert torch.equal(result.class_counts.double(), ref_counts)
+
+
 def assert_loss_close(out: torch.Tensor, ref: torch.Tensor, term_scale: torch.Tensor, tol: float) -> None:
     """``||out - ref|| < tol * max(||ref||, LOSS_TERM_FLOOR * ||term_scale||)``. KL_i is a sum of terms of size
     ``f |log f|`` that cancel to nearly 0 for soft rows or f close to g (e.g. T = 4, d = 5: KL ~ 1e-3 from terms
@@ -700,10 +708,7 @@ def test_triton_class_sum_modes_match_reference(deterministic, request):
     features = make_features(n, d, torch.float32, "contiguous", gen)
     labels = random_labels(n, c, gen, per_batch=True).to(DEVICE)
     result = cmi_loss(features, labels, c, reduction="sum", backend="triton", deterministic=deterministic)
-    ref_loss, ref_sums, ref_counts, _ = reference_cmi(features, labels, c, reduction="sum")
-    assert_rel_close(result.loss, ref_loss, 1e-5, "loss")
-    assert_rel_close(result.class_sums, ref_sums, 1e-5, "class_sums")
-    assert torch.equal(result.class_counts.double(), ref_counts)
+    assert_sum_matches_reference(result, features, labels, c)
 
 
 @pytest.mark.parametrize("centroid_mode", ["fixed", "batch"])
@@ -727,10 +732,7 @@ def test_deterministic_keeps_one_slot_instead_of_atomics(centroid_mode, request)
     with mock.patch.object(kernel, "run", recording_run):
         result = cmi_loss(features, labels, c, centroids, reduction="sum", backend="triton", deterministic=True)
     assert launches and all(grid == (1,) and not atomics for grid, atomics in launches), launches
-    ref_loss, ref_sums, ref_counts, _ = reference_cmi(features, labels, c, centroids, reduction="sum")
-    assert_rel_close(result.loss, ref_loss, 1e-5, "loss")
-    assert_rel_close(result.class_sums, ref_sums, 1e-5, "class_sums")
-    assert torch.equal(result.class_counts.double(), ref_counts)
+    assert_sum_matches_reference(result, features, labels, c, centroids)
 
 
 def test_column_offsets_that_overflow_int32_get_contiguous_rows():
