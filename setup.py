@@ -1,10 +1,12 @@
+from pathlib import Path
+
 from setuptools import setup
 
 setup(
     name="cmi-fused",
     version="0.1.0",
     description="Fused Triton kernels for the Conditional Mutual Information (CMI) regulariser, with a GLUE driver",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     # Only the library: tests/ and bench/ stay in the checkout, never in site-packages.
@@ -18,7 +20,8 @@ setup(
         "accelerate>=0.26",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "matplotlib>=3.7"],
+        # ruff: tests/test_lint.py; its minor version is pinned because new releases add rules to the selected sets.
+        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "matplotlib>=3.7", "ruff~=0.17.0"],
     },
     entry_points={"console_scripts": ["cmi-glue=cmi_fused.glue.cli:main"]},
 )

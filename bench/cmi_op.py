@@ -223,7 +223,7 @@ class Timer:
             k = rep % num_sets
             prepare(k)
             self.sync()
-            times.append(elapsed_ms(lambda: run(k), self.device))
+            times.append(elapsed_ms(lambda k=k: run(k), self.device))
         return times
 
 

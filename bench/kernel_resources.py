@@ -168,8 +168,8 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(
-            f"| {row['kernel']} | {row['use']} | {row['layout']} | {row['atomics']} | {row['block_d']} | {row.get('reg')} | "
-            f"{row.get('local')} | {row.get('stack')} | {row.get('shared')} |"
+            f"| {row['kernel']} | {row['use']} | {row['layout']} | {row['atomics']} | {row['block_d']} "
+            f"| {row.get('reg')} | {row.get('local')} | {row.get('stack')} | {row.get('shared')} |"
         )
     return 0
 

@@ -311,7 +311,9 @@ def plot_speedups(results: dict, path: str) -> bool:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        warnings.warn("matplotlib is not installed: skipping the speedup plot (JSON and markdown are written)")
+        warnings.warn(
+            "matplotlib is not installed: skipping the speedup plot (JSON and markdown are written)", stacklevel=2
+        )
         return False
     index = index_rows(results["rows"])
     timing = "device" if any(r["timing"] == "device" and r.get("ms") for r in results["rows"]) else "wall"
@@ -327,7 +329,7 @@ def plot_speedups(results: dict, path: str) -> bool:
             series[provider].append(math.nan if value is None else value)
     series = {p: values for p, values in series.items() if not all(math.isnan(v) for v in values)}
     if not series:
-        warnings.warn("no fused-vs-eager/compile pairs in the results: no speedup plot")
+        warnings.warn("no fused-vs-eager/compile pairs in the results: no speedup plot", stacklevel=2)
         return False
     figure, axes = plt.subplots(figsize=(max(6.0, 1.3 * len(labels) + 2), 4.5))
     width = 0.8 / max(1, len(series))

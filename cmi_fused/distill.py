@@ -154,7 +154,8 @@ def student_config(teacher_config: BertConfig, num_layers: int, **overrides) -> 
     if teacher_config.layer_norm_eps != DISTILBERT_LAYER_NORM_EPS:
         warnings.warn(
             f"teacher layer_norm_eps={teacher_config.layer_norm_eps} but DistilBERT uses "
-            f"{DISTILBERT_LAYER_NORM_EPS}: the student's copied layers will not reproduce the teacher's exactly"
+            f"{DISTILBERT_LAYER_NORM_EPS}: the student's copied layers will not reproduce the teacher's exactly",
+            stacklevel=2,
         )
     values = dict(
         vocab_size=teacher_config.vocab_size,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
-WORDS = "the a cat dog sat on mat good bad movie is was not very it he said stated".split()
+WORDS = "the a cat dog sat on mat good bad movie is was not very it he said stated".split()  # noqa: SIM905
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 

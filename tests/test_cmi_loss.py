@@ -287,7 +287,9 @@ CASES = [
     ),
     Case("d1000_batch_mean", n=40, d=1000, c=5, grad="scalar"),
     # 1024 < d <= 4096: single-chunk rows of BLOCK_D 4096 (8 warps on the GPU).
-    Case("d3000_one_row_per_iteration_fixed_none", n=9, d=3000, c=3, centroids="fixed", reduction="none", grad="vector"),
+    Case(
+        "d3000_one_row_per_iteration_fixed_none", n=9, d=3000, c=3, centroids="fixed", reduction="none", grad="vector"
+    ),
     Case("d2100_one_row_per_iteration_batch", n=10, d=2100, c=2, dtype=torch.bfloat16, grad="scalar"),
     # d > 4096: rows span two column chunks (online log-sum-exp, second sweep), the path of d = 16384 and 30522.
     Case("d4500_two_chunks_fixed_none", n=5, d=4500, c=3, centroids="fixed", reduction="none", grad="vector"),
@@ -642,8 +644,12 @@ def test_default_reduction_policy(shape, num_classes, slots_by_default):
     PARTIALS_MAX_BYTES), atomics elsewhere."""
     pytest.importorskip("triton")
     from kernels.cmi import (
-        PARTIALS_BUDGET_FRACTION, PARTIALS_MAX_BYTES, PROGRAMS_PER_SM, accumulator_slots, stats_row_len,
-    )  # fmt: skip
+        PARTIALS_BUDGET_FRACTION,
+        PARTIALS_MAX_BYTES,
+        PROGRAMS_PER_SM,
+        accumulator_slots,
+        stats_row_len,
+    )
 
     features = torch.empty(shape, dtype=torch.bfloat16, device="meta")
     programs = min(shape[0], 132 * PROGRAMS_PER_SM)  # an H100's persistent grid

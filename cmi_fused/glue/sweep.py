@@ -88,7 +88,8 @@ def format_sweep_markdown(
     lines += [
         f"- metric: `{metric}` of the best epoch, x 100; paired difference = arm - {baseline_name} on the same seed",
         "",
-        f"| {arm_header} | seeds | per seed | median | mean ± std | Δ median vs {baseline_name} | Δ min .. max | wins |",
+        f"| {arm_header} | seeds | per seed | median | mean ± std | Δ median vs {baseline_name} | Δ min .. max "
+        "| wins |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
