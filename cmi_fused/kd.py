@@ -20,7 +20,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
-from .options import REDUCTIONS, check_check_labels, check_label_tensor, maybe_validate_labels
+from .options import REDUCTIONS, check_check_labels, check_label_tensor, check_number, maybe_validate_labels
 from .reference import reduce_rows
 
 
@@ -35,14 +35,6 @@ class KDOutput(NamedTuple):
     loss: torch.Tensor
     ce: torch.Tensor
     kl: torch.Tensor
-
-
-def _check_number(name: str, value, low: float, high: float, low_open: bool) -> float:
-    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not is_number or not ((low < value if low_open else low <= value) and value <= high):
-        bracket = "(" if low_open else "["
-        raise ValueError(f"{name} must be a number in {bracket}{low}, {high}], got {value!r}")
-    return float(value)
 
 
 def check_kd_inputs(
@@ -70,8 +62,8 @@ def check_kd_inputs(
         )
     if teacher_logits.device != student_logits.device:
         raise ValueError(f"teacher_logits are on {teacher_logits.device} but student_logits on {student_logits.device}")
-    alpha = _check_number("alpha", alpha, 0.0, 1.0, low_open=False)
-    temperature = _check_number("temperature", temperature, 0.0, float("inf"), low_open=True)
+    alpha = check_number("alpha", alpha, 0.0, 1.0)
+    temperature = check_number("temperature", temperature, 0.0, low_open=True)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     check_check_labels(check_labels)
@@ -138,8 +130,8 @@ class KDLoss(nn.Module):
 
     def __init__(self, alpha: float = 0.5, temperature: float = 2.0, reduction: str = "mean"):
         super().__init__()
-        self.alpha = _check_number("alpha", alpha, 0.0, 1.0, low_open=False)
-        self.temperature = _check_number("temperature", temperature, 0.0, float("inf"), low_open=True)
+        self.alpha = check_number("alpha", alpha, 0.0, 1.0)
+        self.temperature = check_number("temperature", temperature, 0.0, low_open=True)
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         self.reduction = reduction

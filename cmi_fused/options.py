@@ -9,12 +9,18 @@ without it the kernels still never touch memory out of bounds and give such rows
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import NamedTuple, Optional
 
 import torch
 
 REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "triton", "torch")
+# Integer label dtypes that every backend can compare and index with (torch has no CPU kernels for min/max/ge on
+# uint16/32/64).
+LABEL_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+FLOAT32 = torch.finfo(torch.float32)
 
 
 class CMIOutput(NamedTuple):
@@ -46,6 +52,37 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def check_number(name: str, value, low: float = -math.inf, high: float = math.inf, *, low_open=False, high_open=False):
+    """``value`` as a float: a finite real number (not a bool) in the interval; else a ``ValueError`` naming it."""
+    number = math.nan
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond the float range
+            number = math.inf
+    above = low < number if low_open else low <= number
+    below = number < high if high_open else number <= high
+    if not (math.isfinite(number) and above and below):
+        if high == math.inf:
+            interval = f"{'>' if low_open else '>='} {low:g}"
+        else:
+            interval = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be a finite number {interval}, got {value!r}")
+    return number
+
+
+def check_temperature(temperature) -> float:
+    """T as a float: finite, > 0, and with 1/T a normal float32 (the kernels scale by 1/T in float32; a 1/T that
+    overflowed or flushed to zero would turn the padding lanes' -inf into NaN)."""
+    value = check_number("temperature", temperature, 0.0, low_open=True)
+    if not FLOAT32.tiny <= 1.0 / value <= FLOAT32.max:
+        raise ValueError(
+            f"temperature must lie in [{1.0 / FLOAT32.max:.3g}, {1.0 / FLOAT32.tiny:.3g}] (1/T a normal float32), "
+            f"got {temperature!r}"
+        )
+    return value
+
+
 def validate_labels(labels: torch.Tensor, num_classes: int) -> None:
     """Raise ``ValueError`` if any label is outside ``[0, num_classes)``. Synchronises on CUDA."""
     if labels.numel() == 0:
@@ -60,12 +97,17 @@ def check_label_tensor(labels, n_rows: int, device: torch.device, reference: str
     """``labels`` is an integer (n_rows,) tensor on ``device`` (that of the tensor named ``reference``)."""
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+    if labels.dtype not in LABEL_DTYPES:
+        raise TypeError(f"labels must be an integer tensor (int8/16/32/64 or uint8), got dtype {labels.dtype}")
     if labels.dim() != 1 or labels.shape[0] != n_rows:
         raise ValueError(f"labels must have shape ({n_rows},) to match {reference}, got {tuple(labels.shape)}")
     if labels.device != device:
         raise ValueError(f"labels are on {labels.device} but {reference} on {device}")
+
+
+def check_backend(backend) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
 def check_check_labels(check_labels) -> None:
@@ -117,14 +159,11 @@ def check_inputs(
             )
         if centroids.device != features.device:
             raise ValueError(f"centroids are on {centroids.device} but features on {features.device}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-        raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-        raise ValueError(f"eps must be a number > 0, got {eps!r}")
+    temperature = check_temperature(temperature)
+    eps = check_number("eps", eps, 0.0, low_open=True)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend(backend)
     if deterministic not in (None, True, False):
         raise ValueError(f"deterministic must be None, True or False, got {deterministic!r}")
     check_check_labels(check_labels)
@@ -134,9 +173,9 @@ def check_inputs(
         backend = "triton" if features.is_cuda else "torch"
     options = CMIOptions(
         num_classes=num_classes,
-        temperature=float(temperature),
+        temperature=temperature,
         reduction=reduction,
-        eps=float(eps),
+        eps=eps,
         deterministic=deterministic,
     )
     return options, backend

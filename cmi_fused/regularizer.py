@@ -29,7 +29,8 @@ Under ``torch.distributed`` the class sums and counts (and the feature sums of `
 all-reduced before every state update, so every rank holds the centroids that one process would compute
 on the union of the data. ``batch`` mode centroids are those of each rank's own batch.
 
-All state lives in buffers, so ``state_dict`` / checkpoints carry it.
+All state lives in buffers, so ``state_dict`` / checkpoints carry it. The float buffers stay float32 when the
+module (or a model holding it) is cast to another dtype.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .loss import cmi_loss
+from .options import check_backend, check_label_tensor, check_number, check_temperature, maybe_validate_labels
 
 CENTROID_MODES = ("batch", "epoch", "ema", "frozen")
 NORMALIZATIONS = ("none", "center_l2")
@@ -95,19 +97,15 @@ class CMIRegularizer(nn.Module):
             raise ValueError(f"centroids must be one of {CENTROID_MODES}, got {centroids!r}")
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
-        if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0:
-            raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
-        for name, value in (("momentum", momentum), ("feature_momentum", feature_momentum)):
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1:
-                raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+        check_backend(backend)
         self.num_classes = num_classes
         self.dim = dim
         self.mode = centroids
-        self.temperature = float(temperature)
+        self.temperature = check_temperature(temperature)
         self.normalization = normalization
-        self.momentum = float(momentum)
-        self.feature_momentum = float(feature_momentum)
-        self.eps = float(eps)
+        self.momentum = check_number("momentum", momentum, 0.0, 1.0, high_open=True)
+        self.feature_momentum = check_number("feature_momentum", feature_momentum, 0.0, 1.0, high_open=True)
+        self.eps = check_number("eps", eps, 0.0, low_open=True)
         self.backend = backend
         # g_c in use, and which classes have one (the rest fall back to per-batch centroids).
         self.register_buffer("centroids", torch.zeros(num_classes, dim))
@@ -122,6 +120,16 @@ class CMIRegularizer(nn.Module):
         # Host copies of centroid_valid.all() and feature_mean_valid: no device sync per step.
         self._all_classes_valid = False
         self._feature_mean_ready = False
+
+    def _apply(self, fn, recurse=True):
+        """Device moves apply to the state; dtype casts (``model.half()``, ``model.to(torch.bfloat16)``) do not: the
+        class sums, counts and centroids stay float32 (in bfloat16 an epoch's class count stops growing at 256)."""
+
+        def keep_dtype(tensor):
+            converted = fn(tensor)
+            return converted if converted.dtype == tensor.dtype else tensor.to(converted.device)
+
+        return super()._apply(keep_dtype, recurse)
 
     def extra_repr(self) -> str:
         return (
@@ -145,7 +153,7 @@ class CMIRegularizer(nn.Module):
             return features
         if update:
             detached = features.detach().float()
-            count = torch.tensor(float(detached.shape[0]), device=detached.device)
+            count = detached.new_full((), float(detached.shape[0]))  # a fill, not a host-to-device copy
             batch_sum, count = _all_reduce_sum(detached.sum(0), count)
             batch_mean = batch_sum / count
             if self._feature_mean_ready:
@@ -182,6 +190,9 @@ class CMIRegularizer(nn.Module):
         """The CMI term (scalar float32) of ``features`` (N, d) with class ``labels`` (N,)."""
         if features.dim() != 2 or features.shape[-1] != self.dim:
             raise ValueError(f"features must have shape (N, dim={self.dim}), got {tuple(features.shape)}")
+        # The labels are checked before any state changes: a rejected call must not move the feature mean.
+        check_label_tensor(labels, features.shape[0], features.device, "features")
+        maybe_validate_labels(labels, self.num_classes, None)
         update = self.training and self.mode != "frozen"
         centroids = self._centroids_for(labels)
         if update and self.mode == "ema" and centroids is not None:
@@ -196,6 +207,7 @@ class CMIRegularizer(nn.Module):
             temperature=self.temperature,
             eps=self.eps,
             backend=self.backend,
+            check_labels=False,  # checked above
         )
         if update:
             self._accumulate(result.class_sums, result.class_counts)

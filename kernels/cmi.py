@@ -307,10 +307,17 @@ class CMIFunction(torch.autograd.Function):
             return row_kl.mean(), stats
         if reduction == "sum":
             return row_kl.sum(), stats
-        return row_kl, stats
+        # A copy: the caller may weight the per-row losses in place (loss.mul_(w)), and the backward needs row_kl.
+        return row_kl.clone(), stats
 
     @staticmethod
     def backward(ctx, grad_loss, grad_stats):
+        # Grad mode is on in a backward only under create_graph=True. The kernel's gradient has no graph of its own,
+        # so a second derivative (e.g. a gradient penalty) would silently miss this term: refuse it instead.
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "cmi_loss(backend='triton') has no second derivative (create_graph=True); use backend='torch'"
+            )
         features, labels, centroids, stats, lse, row_kl = ctx.saved_tensors
         backward = cmi_backward_op if torch.compiler.is_compiling() else cmi_backward
         grad_features = backward(

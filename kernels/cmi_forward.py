@@ -104,7 +104,8 @@ def log_centroid(
     else:
         stats_row = stats_ptr + class_idx * stride_stats_row
         g = tl.load(stats_row + offs, mask=class_mask, other=1.0) / tl.load(stats_row + dim, mask=label_ok, other=1.0)
-    return tl.log(tl.maximum(g, eps))
+    # PropagateNan.ALL: a NaN centroid entry gives NaN as torch's clamp_min does (CUDA's plain max would return eps).
+    return tl.log(tl.maximum(g, eps, propagate_nan=tl.PropagateNan.ALL))
 
 
 @triton.jit

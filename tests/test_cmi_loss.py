@@ -440,6 +440,46 @@ def test_gradcheck_torch_float64(centroid_mode: str, reduction: str, request):
     assert torch.autograd.gradcheck(loss_of, (features,), eps=1e-6, atol=1e-8, rtol=1e-6)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_second_derivative_is_exact_or_refused(backend: str, request):
+    """A gradient penalty differentiates the gradient again. The torch backend's double backward matches finite
+    differences (gradgradcheck); the triton backend's gradient has no graph of its own, so create_graph=True raises
+    instead of returning a gradient that silently misses the op's second-order term."""
+    gen = generator_for(request)
+    n, d, c = 6, 5, 3
+    labels = torch.tensor([0, 1, 0, 1, 2, 2], device=DEVICE)
+    centroids = random_centroids(c, d, gen).to(DEVICE, torch.float64)
+    features = torch.randn(n, d, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_(True)
+    if backend == "torch":
+
+        def loss_of(h):
+            return cmi_loss(h, labels, c, centroids, temperature=0.7, backend="torch").loss
+
+        assert torch.autograd.gradgradcheck(loss_of, (features,), eps=1e-6, atol=1e-8, rtol=1e-6)
+        return
+    loss = cmi_loss(features.float(), labels, c, centroids.float(), backend="triton").loss
+    with pytest.raises(RuntimeError, match="second derivative"):
+        torch.autograd.grad(loss, features, create_graph=True)
+    (gradient,) = torch.autograd.grad(loss, features)  # the first derivative alone still works
+    assert torch.isfinite(gradient).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_per_row_losses_may_be_weighted_in_place(backend: str, request):
+    """reduction="none" returns a tensor the caller owns: ``loss.mul_(w)`` (per-example weights) must give the
+    gradient of the weighted sum, as on any PyTorch op, and not trip over a tensor that the backward saved."""
+    gen = generator_for(request)
+    n, d, c = 9, 13, 3
+    features = torch.randn(n, d, generator=gen).to(DEVICE).requires_grad_(True)
+    labels = random_labels(n, c, gen, per_batch=True).to(DEVICE)
+    weights = torch.rand(n, generator=gen).to(DEVICE)
+    rows = cmi_loss(features, labels, c, temperature=0.8, reduction="none", backend=backend).loss
+    rows.mul_(weights).sum().backward()
+    ref_rows, _, _, h64 = reference_cmi(features, labels, c, None, temperature=0.8, reduction="none")
+    ref_rows.backward(weights.double())
+    assert_rel_close(features.grad, h64.grad, 1e-5, "gradient of the in-place weighted rows")
+
+
 def envelope_problem(request, dtype: torch.dtype):
     gen = generator_for(request)
     n, d, c = 30, 67, 4
@@ -613,6 +653,25 @@ def test_non_finite_feature_row_gives_nan(backend: str, bad_value: float, reques
     assert torch.isnan(cmi_loss(features, labels, c, reduction="none", backend=backend).loss[bad_row])
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in the triton interpreter
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_centroid_entry_gives_nan_rows(backend: str, request):
+    """A NaN in a centroid row propagates to the rows of that class, as torch's clamp_min(eps).log() does: the
+    kernels' max(G, eps) must not return eps for NaN, which a plain maximum does on the GPU."""
+    gen = generator_for(request)
+    n, d, c = 8, 11, 3
+    features = torch.randn(n, d, generator=gen).to(DEVICE)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1], device=DEVICE)
+    centroids = random_centroids(c, d, gen)
+    centroids[1, 4] = float("nan")
+    centroids = centroids.to(DEVICE)
+    rows = cmi_loss(features, labels, c, centroids, reduction="none", backend=backend).loss
+    of_class_1 = labels == 1
+    assert torch.isnan(rows[of_class_1]).all()
+    ref_rows = reference_cmi(features, labels, c, centroids.nan_to_num(0.5), reduction="none")[0]
+    assert_rel_close(rows[~of_class_1], ref_rows[~of_class_1], 1e-5, "rows of the other classes")
+
+
 @pytest.mark.parametrize("deterministic", [True])
 def test_triton_deterministic_runs_are_bit_identical(deterministic, request):
     """Several programs add into the same class: the fixed-order reduction must not depend on scheduling."""
@@ -781,6 +840,15 @@ BAD_INPUTS = [
     ("centroids_integer", dict(centroids=torch.ones(3, 5, dtype=torch.int64)), TypeError, "centroids"),
     ("temperature_zero", dict(temperature=0.0), ValueError, "temperature"),
     ("temperature_negative", dict(temperature=-1.0), ValueError, "temperature"),
+    ("temperature_inf", dict(temperature=float("inf")), ValueError, "temperature"),
+    # 1/T flushes to zero in float32 (the kernels' scale): -inf * 0 would make the padding lanes NaN.
+    ("temperature_reciprocal_underflows", dict(temperature=1e50), ValueError, "temperature"),
+    ("temperature_beyond_float", dict(temperature=10**400), ValueError, "temperature"),
+    ("eps_inf", dict(eps=float("inf")), ValueError, "eps"),
+    ("eps_nan", dict(eps=float("nan")), ValueError, "eps"),
+    ("eps_string", dict(eps="1e-12"), ValueError, "eps"),
+    # uint16/32/64 pass an is-integer test but torch has no CPU min/max/compare kernels for them.
+    ("uint32_labels", dict(labels=torch.tensor([0, 1, 2, 0, 1, 2], dtype=torch.uint32)), TypeError, "labels"),
     ("unknown_reduction", dict(reduction="avg"), ValueError, "reduction"),
     ("unknown_backend", dict(backend="cuda"), ValueError, "backend"),
     ("num_classes_zero", dict(num_classes=0), ValueError, "num_classes"),

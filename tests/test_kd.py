@@ -115,6 +115,7 @@ def test_identical_logits_have_zero_kl():
         (dict(temperature=0.0), ValueError, "temperature"),
         (dict(temperature="2"), ValueError, "temperature"),
         (dict(temperature=float("nan")), ValueError, "temperature"),
+        (dict(temperature=float("inf")), ValueError, "temperature"),
         (dict(reduction="batchmean"), ValueError, "reduction"),
         (dict(check_labels="yes"), ValueError, "check_labels"),
     ],

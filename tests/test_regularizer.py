@@ -182,11 +182,52 @@ def test_state_dict_round_trip(mode, tmp_path):
         (dict(normalization="l2"), "normalization must be one of"),
         (dict(temperature=0), "temperature must be"),
         (dict(momentum=1.0), "momentum must be"),
+        (dict(temperature=float("inf")), "temperature must be"),
+        (dict(eps=-1.0), "eps must be"),
+        (dict(eps="x"), "eps must be"),
+        (dict(backend="bogus"), "backend must be one of"),
     ],
 )
 def test_bad_options_name_the_argument(kwargs, message):
+    """Checked in the constructor, not at the first forward."""
     with pytest.raises(ValueError, match=message):
         CMIRegularizer(C, D, **kwargs)
+
+
+@pytest.mark.parametrize("mode", ["epoch", "ema"])
+def test_rejected_call_changes_no_state(mode):
+    """Bad labels raise a ValueError naming labels before anything is updated: the running feature mean, the epoch
+    sums and the centroids are those of the calls that succeeded."""
+    reg = CMIRegularizer(C, D, mode, temperature=T, normalization="center_l2")
+    h, y = make_batches(1)[0]
+    reg(h, y)
+    before = {name: buffer.clone() for name, buffer in reg.named_buffers()}
+    bad_labels = y.clone()
+    bad_labels[2] = C
+    for labels in (bad_labels, y[:, None]):
+        with pytest.raises(ValueError, match="labels"):
+            reg(h * 3 + 1, labels)
+    for name, buffer in reg.named_buffers():
+        assert torch.equal(buffer, before[name]), name
+
+
+@pytest.mark.parametrize("cast", ["half", "bfloat16", "to_bfloat16", "double"])
+def test_state_stays_float32_when_the_model_is_cast(cast):
+    """``model.half()`` / ``model.to(torch.bfloat16)`` cast a model's float buffers; the regulariser's class sums,
+    counts and centroids must stay float32 (a bfloat16 count stops at 256) and keep their values exactly."""
+    model = torch.nn.Module()
+    model.reg = CMIRegularizer(C, D, "epoch", temperature=T)
+    for h, y in make_batches(2):
+        model.reg(h, y)
+    before = {name: buffer.clone() for name, buffer in model.reg.named_buffers()}
+    if cast == "to_bfloat16":
+        model.to(torch.bfloat16)
+    else:
+        getattr(model, cast)()
+    for name, buffer in model.reg.named_buffers():
+        assert buffer.dtype == before[name].dtype and torch.equal(buffer, before[name]), name
+    model.reg.to("meta")  # device moves still apply
+    assert all(buffer.device.type == "meta" for buffer in model.reg.buffers())
 
 
 def test_wrong_feature_width_is_reported():
