@@ -387,6 +387,8 @@ def test_distill_sweep_table(teachers, glue_dir, tmp_path):
     mtime = os.path.getmtime(finished)
     main(["distill-sweep", *args])
     assert os.path.getmtime(finished) == mtime
+    with pytest.raises(ValueError, match=r"lr: 0\.001 there, 0\.002 now"):
+        main(["distill-sweep", *[("2e-3" if arg == "1e-3" else arg) for arg in args]])
 
 
 def test_distill_argument_errors(teachers, glue_dir, tmp_path, capsys):

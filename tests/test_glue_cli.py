@@ -110,6 +110,18 @@ def test_train_writes_results_and_the_best_checkpoint(tiny_bert, glue_dir, tmp_p
     assert not [name for name in os.listdir(out) if name.startswith("checkpoint-")]
 
 
+def test_frozen_centroid_pass_leaves_the_training_run_unchanged(tiny_bert, glue_dir, tmp_path):
+    """The frozen mode's extra pass over the training set must not draw from the RNG that shuffles and drops out:
+    a plain CE run (lambda 0) is the same run whatever the centroid mode, so arms of different modes stay paired."""
+    histories = {}
+    for mode in ("batch", "frozen"):
+        out = tmp_path / mode
+        main(["train", *common_args(tiny_bert, glue_dir, out), "--cmi", "none", "--centroids", mode, "--epochs", "2"])
+        history = json.loads((out / "results.json").read_text())["history"]
+        histories[mode] = [(row["train_ce"], row["eval"]) for row in history]
+    assert histories["frozen"] == histories["batch"]
+
+
 def test_mnli_cls_frozen_reports_matched_and_mismatched(tiny_bert, glue_dir, tmp_path):
     out = tmp_path / "mnli"
     main(
@@ -160,8 +172,12 @@ def test_sweep_summarises_paired_seeds(tiny_bert, glue_dir, tmp_path):
     # A second call reads the finished runs instead of training again: same results, files untouched.
     finished = out / "lambda_0.5" / "seed_1" / "results.json"
     mtime = os.path.getmtime(finished)
-    main([*args, "--temperature", "0.2"])
+    main([*args, "--temperature", "0.2", "--eval-batch-size", "4"])  # how runs execute: still the same runs
     assert os.path.getmtime(finished) == mtime
+    assert json.loads((out / "sweep.json").read_text())["lambdas"] == summary["lambdas"]
+    # Finished runs of other settings are not summarised under the new ones.
+    with pytest.raises(ValueError, match=r"temperature: 0\.2 there, 0\.3 now"):
+        main([*args, "--temperature", "0.3"])
     assert json.loads((out / "sweep.json").read_text())["lambdas"] == summary["lambdas"]
 
 
@@ -246,6 +262,8 @@ def test_bad_arguments_say_what_to_pass(tiny_bert, glue_dir, tmp_path):
         main(["train", *common_args(tiny_bert, glue_dir, tmp_path / "x"), "--epochs", "2.5"])
     with pytest.raises(ValueError, match=r"warmup_ratio must be in \[0, 1\)"):
         main(["train", *common_args(tiny_bert, glue_dir, tmp_path / "x"), "--warmup-ratio", "1"])
+    with pytest.raises(ValueError, match="max_seq_length must be a positive int"):
+        main(["train", *common_args(tiny_bert, glue_dir, tmp_path / "x"), "--max-seq-length", "0"])
 
 
 def test_seed_fixes_a_fresh_classification_head(glue_dir, tmp_path, monkeypatch):

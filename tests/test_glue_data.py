@@ -293,6 +293,16 @@ def test_tokenize_split_pairs_and_truncation(tmp_path):
     assert encoded[0]["input_ids"] == [2, 4, 5, 7, 3, 4, 6, 7, 3]
     assert encoded[0]["token_type_ids"] == [0] * 5 + [1] * 4
     assert len(tokenize_split(data.eval["validation"], tokenizer, max_seq_length=6)[0]["input_ids"]) == 6
+    # A pair needs [CLS] a [SEP] b [SEP]: below 4 the tokenizer would give up truncating and return whole rows.
+    assert len(tokenize_split(data.eval["validation"], tokenizer, max_seq_length=4)[0]["input_ids"]) == 4
+    for too_short in (3, 0, -5):
+        with pytest.raises(ValueError, match="max_seq_length must exceed the 3 special tokens of a pair"):
+            tokenize_split(data.eval["validation"], tokenizer, max_seq_length=too_short)
+    # Above the model's maximum: lowered to it with a warning, as run_glue.py does.
+    tokenizer.model_max_length = 7
+    with pytest.warns(UserWarning, match="model_max_length 7: using 7"):
+        encoded = tokenize_split(data.eval["validation"], tokenizer, max_seq_length=16)
+    assert max(len(ids) for ids in encoded["input_ids"]) == 7
 
 
 def test_metrics_match_hand_computed_values():

@@ -229,8 +229,26 @@ def load_task(
 
 
 def tokenize_split(split: datasets.Dataset, tokenizer, max_seq_length: int) -> datasets.Dataset:
-    """Tokenise ``text_a`` (and ``text_b``) with truncation and no padding (padding is per batch)."""
+    """Tokenise ``text_a`` (and ``text_b``) with truncation and no padding (padding is per batch).
+
+    As in ``run_glue.py``, a ``max_seq_length`` above the tokenizer's ``model_max_length`` is lowered to it with a
+    warning. One that leaves no room for text after the special tokens is an error: the tokenizer would silently
+    stop truncating.
+    """
     has_text_b = "text_b" in split.column_names
+    special = tokenizer.num_special_tokens_to_add(pair=has_text_b)
+    if not max_seq_length > special:
+        raise ValueError(
+            f"max_seq_length must exceed the {special} special tokens of a {'pair' if has_text_b else 'sentence'} "
+            f"input, got {max_seq_length}"
+        )
+    if max_seq_length > tokenizer.model_max_length:
+        warnings.warn(
+            f"max_seq_length {max_seq_length} is above the tokenizer's model_max_length "
+            f"{tokenizer.model_max_length}: using {tokenizer.model_max_length}",
+            stacklevel=2,
+        )
+        max_seq_length = tokenizer.model_max_length
 
     def encode(batch):
         pair = (batch["text_a"], batch["text_b"]) if has_text_b else (batch["text_a"],)

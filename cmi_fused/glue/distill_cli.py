@@ -227,7 +227,7 @@ def run_distill_sweep(
                         cached = training_set_teacher_logits(config, data, teacher)
                     return distill(config, data, teacher, cached)
 
-                results = reuse_or_run(config.output_dir, run_distill)
+                results = reuse_or_run(config, run_distill)
                 values.setdefault(arm, {})[seed] = results["best"][data.task.metric]
                 runs.append(
                     {

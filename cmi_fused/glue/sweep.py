@@ -20,14 +20,32 @@ import torch
 from .data import load_task
 from .train import RESULTS_FILE, TrainConfig, train
 
+# Settings that locate a run or say how it is executed, not what it computes: a finished run is reused whatever they
+# are now.
+REUSE_IGNORES = frozenset(
+    {"output_dir", "data_dir", "eval_batch_size", "keep_checkpoints", "resume", "disable_tqdm", "cache_teacher_logits"}
+)
 
-def reuse_or_run(output_dir: str, run: Callable[[], dict]) -> dict:
-    """The run's ``results.json`` if ``output_dir`` holds one (a sweep resumes where it stopped), else ``run()``."""
-    results_path = os.path.join(output_dir, RESULTS_FILE)
-    if os.path.isfile(results_path):
-        with open(results_path) as handle:
-            return json.load(handle)
-    return run()
+
+def reuse_or_run(config: TrainConfig, run: Callable[[], dict]) -> dict:
+    """The ``results.json`` in ``config.output_dir`` if it holds one of the same settings (a sweep resumes where it
+    stopped), else ``run()``. One of other settings (another --cmi, --temperature, ...) raises a ``ValueError``
+    naming them, instead of being summarised under the new settings."""
+    results_path = os.path.join(config.output_dir, RESULTS_FILE)
+    if not os.path.isfile(results_path):
+        return run()
+    with open(results_path) as handle:
+        results = json.load(handle)
+    wanted = json.loads(json.dumps(dataclasses.asdict(config)))  # as results.json stores it (tuples as lists)
+    stored = results.get("config", {})
+    differing = sorted(key for key in wanted.keys() & stored.keys() - REUSE_IGNORES if wanted[key] != stored[key])
+    if differing:
+        changes = "; ".join(f"{key}: {stored[key]!r} there, {wanted[key]!r} now" for key in differing)
+        raise ValueError(
+            f"{config.output_dir} holds a finished run of other settings ({changes}): "
+            "give the sweep another --output-dir, or delete that run to redo it"
+        )
+    return results
 
 
 def machine_description() -> str:
@@ -161,7 +179,7 @@ def run_sweep(
                 cmi_lambda=cmi_lambda,
                 seed=seed,
             )
-            results = reuse_or_run(config.output_dir, lambda config=config: train_fn(config, data))
+            results = reuse_or_run(config, lambda config=config: train_fn(config, data))
             values.setdefault(cmi_lambda, {})[seed] = results["best"][metric]
             runs.append(
                 {

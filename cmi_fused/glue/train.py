@@ -87,6 +87,8 @@ class TrainConfig:
                 f"epochs must be a positive whole number (evaluation, checkpoints and the history are per epoch), "
                 f"got {self.epochs!r}"
             )
+        if isinstance(self.max_seq_length, bool) or not isinstance(self.max_seq_length, int) or self.max_seq_length < 1:
+            raise ValueError(f"max_seq_length must be a positive int, got {self.max_seq_length!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1) (a fraction of the steps), got {self.warmup_ratio!r}")
         if self.resume and not self.keep_checkpoints:
@@ -199,7 +201,11 @@ class CMITrainer(Trainer):
 
     @torch.no_grad()
     def freeze_centroids(self, train_dataset):
-        """``frozen`` centroids: one eval-mode pass of the starting model over ``train_dataset``."""
+        """``frozen`` centroids: one eval-mode pass of the starting model over ``train_dataset``.
+
+        The pass leaves the torch RNGs as it found them (its DataLoader draws a seed), so the training run that
+        follows, shuffling and dropout included, is the one any other centroid mode gets from the same ``--seed``.
+        """
         trainer = self
 
         class TrainFeatures:
@@ -210,7 +216,9 @@ class CMITrainer(Trainer):
                     model(**{key: value for key, value in batch.items() if key != "labels"})
                     yield trainer.capture.pop().float(), batch["labels"]
 
-        self.regularizer.freeze(TrainFeatures())
+        devices = [self.args.device] if self.args.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            self.regularizer.freeze(TrainFeatures())
 
 
 class _CMIEpochCallback(TrainerCallback):
