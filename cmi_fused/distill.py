@@ -316,6 +316,11 @@ def training_set_cmi(teacher_dir: str, data_dir: Optional[str] = None, batch_siz
         raise FileNotFoundError(
             f"--runs: {teacher_dir} has no {RESULTS_FILE}; pass directories written by cmi-glue train"
         )
+    if not os.path.isfile(os.path.join(teacher_dir, REGULARIZER_FILE)):
+        raise FileNotFoundError(
+            f"--runs: {teacher_dir} has no {REGULARIZER_FILE}; pass directories written by cmi-glue train "
+            "(a distillation run has none)"
+        )
     with open(results_path) as handle:
         results = json.load(handle)
     config = results["config"]

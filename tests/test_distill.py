@@ -3,6 +3,7 @@ frozen teacher, teacher selection and end-to-end ``cmi-glue distill`` / ``distil
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -345,6 +346,21 @@ def test_select_teacher_command(teachers, tmp_path, capsys):
     printed = capsys.readouterr().out
     selection = json.loads(out.read_text())
     assert f"selected: {selection['selected']}" in printed and "why:" in printed
+    # A parent directory stands for the training runs inside it; a distillation run there (results.json, no
+    # regulariser state) is left out, and named on its own it gets an error that says what to pass.
+    parent = tmp_path / "runs"
+    for name in ("none", "max"):
+        shutil.copytree(teachers[name], parent / name)
+    distilled = parent / "distill" / "seed_0"
+    distilled.mkdir(parents=True)
+    shutil.copyfile(parent / "none" / "results.json", distilled / "results.json")
+    main(["select-teacher", "--runs", str(parent), "--json", str(out)])
+    assert sorted(row["run"] for row in json.loads(out.read_text())["runs"]) == [
+        str(parent / "max"),
+        str(parent / "none"),
+    ]
+    with pytest.raises(FileNotFoundError, match="a distillation run has none"):
+        select_teacher([str(distilled)])
 
 
 def test_sweep_grid_runs_alpha_zero_once():

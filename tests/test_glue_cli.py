@@ -229,6 +229,23 @@ def test_training_loss_is_ce_plus_signed_lambda_cmi(tiny_bert, glue_dir, tmp_pat
     assert loss.item() == pytest.approx((ce + sign * 0.3 * cmi_term).item(), rel=1e-5)
 
 
+def test_one_process_with_several_gpus_is_refused(tiny_bert, tmp_path, monkeypatch):
+    """Several GPUs in one process would mean nn.DataParallel, whose replicas each fire the feature hook."""
+    from transformers import TrainingArguments
+
+    model = BertForSequenceClassification.from_pretrained(tiny_bert)
+    monkeypatch.setattr(TrainingArguments, "n_gpu", property(lambda self: 2))
+    config = TrainConfig("mrpc", tiny_bert, str(tmp_path))
+    with pytest.raises(ValueError, match="one process per GPU"):
+        CMITrainer(
+            model=model,
+            args=build_training_arguments(config, "f1", eval_strategy="no", load_best_model_at_end=False),
+            regularizer=CMIRegularizer(2, HIDDEN),
+            capture=FeatureCapture(model, "pooled"),
+            cmi_weight=0.0,
+        )
+
+
 def test_feature_capture_is_the_classifier_input(tmp_path):
     torch.manual_seed(0)
     bert = BertForSequenceClassification(

@@ -34,6 +34,7 @@ from .cli import add_common_args, parse_list
 from .data import GlueData, load_task, tokenize_split, tokenize_task
 from .sweep import format_sweep_markdown, machine_description, reuse_or_run, summarize_arms, value_label, write_sweep
 from .train import (
+    REGULARIZER_FILE,
     RESULTS_FILE,
     TrainConfig,
     build_results,
@@ -316,8 +317,12 @@ def run_distill_command(args: argparse.Namespace) -> None:
 
 def run_select_teacher_command(args: argparse.Namespace) -> None:
     run_dirs = []
-    for path in args.runs:  # a sweep directory stands for all its runs
-        found = sorted(os.path.dirname(p) for p in glob.glob(os.path.join(path, "**", RESULTS_FILE), recursive=True))
+    for path in args.runs:  # a sweep directory stands for all its training runs (distillation runs inside are not)
+        found = sorted(
+            os.path.dirname(p)
+            for p in glob.glob(os.path.join(path, "**", RESULTS_FILE), recursive=True)
+            if os.path.isfile(os.path.join(os.path.dirname(p), REGULARIZER_FILE))
+        )
         run_dirs += found or [path]
     selection = select_teacher(run_dirs, args.data_dir, args.batch_size)
     metric = selection["metric"]

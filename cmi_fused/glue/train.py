@@ -158,6 +158,13 @@ class CMITrainer(Trainer):
 
     def __init__(self, *args, regularizer: CMIRegularizer, capture: FeatureCapture, cmi_weight: float, **kwargs):
         super().__init__(*args, **kwargs)
+        if self.args.n_gpu > 1:
+            # The Trainer would wrap the model in nn.DataParallel: the feature hook would then fire once per replica
+            # and keep the last replica's slice of the batch, no longer aligned with the labels.
+            raise ValueError(
+                f"CMITrainer sees {self.args.n_gpu} GPUs in one process: run one process per GPU "
+                "(torchrun --nproc-per-node N ...) or pick one with CUDA_VISIBLE_DEVICES"
+            )
         self.regularizer = regularizer.to(self.args.device)
         self.capture = capture
         self.cmi_weight = cmi_weight
