@@ -8,9 +8,8 @@ import torch
 
 from kernels.cmi import CMIFunction
 
-from .options import CMIOptions, CMIOutput
+from .options import KERNEL_DTYPES, CMIOptions, CMIOutput
 
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ACCUMULATE_MODES = {None: "auto", True: "partials", False: "atomics"}
 
 

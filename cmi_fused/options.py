@@ -17,6 +17,7 @@ import torch
 
 REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "triton", "torch")
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # feature dtypes of the triton backend
 # Integer label dtypes that every backend can compare and index with (torch has no CPU kernels for min/max/ge on
 # uint16/32/64).
 LABEL_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
@@ -105,6 +106,13 @@ def check_label_tensor(labels, n_rows: int, device: torch.device, reference: str
         raise ValueError(f"labels are on {labels.device} but {reference} on {device}")
 
 
+def resolve_backend(backend: str, features: torch.Tensor) -> str:
+    """``auto``: the kernels for CUDA features of a dtype they take, the PyTorch reference otherwise (CPU, float64)."""
+    if backend != "auto":
+        return backend
+    return "triton" if features.is_cuda and features.dtype in KERNEL_DTYPES else "torch"
+
+
 def check_backend(backend) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -169,8 +177,7 @@ def check_inputs(
     check_check_labels(check_labels)
     maybe_validate_labels(labels, num_classes, check_labels)
 
-    if backend == "auto":
-        backend = "triton" if features.is_cuda else "torch"
+    backend = resolve_backend(backend, features)
     options = CMIOptions(
         num_classes=num_classes,
         temperature=temperature,

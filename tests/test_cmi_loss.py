@@ -873,6 +873,25 @@ def test_bad_input_error_names_argument(change: dict, error: type, argument: str
         cmi_loss(*arguments.values(), **options)
 
 
+def test_auto_backend_takes_the_kernels_only_where_they_apply():
+    """auto: triton for CUDA features of a kernel dtype; the torch reference on the CPU and for float64 (which the
+    kernels do not take: a TypeError on backend="triton")."""
+    from types import SimpleNamespace
+
+    from cmi_fused.options import resolve_backend
+
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert resolve_backend("auto", SimpleNamespace(is_cuda=True, dtype=dtype)) == "triton"
+        assert resolve_backend("auto", SimpleNamespace(is_cuda=False, dtype=dtype)) == "torch"
+    assert resolve_backend("auto", SimpleNamespace(is_cuda=True, dtype=torch.float64)) == "torch"
+    assert resolve_backend("triton", SimpleNamespace(is_cuda=False, dtype=torch.float64)) == "triton"
+    features = torch.randn(4, 3, dtype=torch.float64, device=DEVICE)
+    labels = torch.tensor([0, 1, 2, 0], device=DEVICE)
+    assert cmi_loss(features, labels, 3).loss.dtype == torch.float64  # auto ran the torch backend
+    with pytest.raises(TypeError, match="backend='torch'"):
+        cmi_loss(features, labels, 3, backend="triton")
+
+
 def test_out_of_range_labels_checked_by_default_on_cpu():
     features = torch.randn(4, 3)
     with pytest.raises(ValueError, match="labels"):
