@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import glob
 import importlib.metadata
 import json
 import os
@@ -143,55 +144,61 @@ def main(argv=None) -> int:
 
     os.makedirs(args.output_dir, exist_ok=True)
     stem = os.path.join(args.output_dir, report.results_stem(results["device"], date))
+    if args.resume and not os.path.exists(stem + ".json"):
+        # A resumed run that starts after midnight (UTC) continues the device's newest file, not a new day's.
+        pattern = report.results_stem(results["device"], "[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]") + ".json"
+        earlier = sorted(glob.glob(os.path.join(args.output_dir, pattern)))
+        if earlier:
+            stem = earlier[-1][: -len(".json")]
     previous = None
     if (args.merge or args.resume) and os.path.exists(stem + ".json"):
         with open(stem + ".json", encoding="utf-8") as handle:
             previous = json.load(handle)
-    done_shapes, e2e_done = set(), False
+        results["date"] = previous["date"]  # the file's day; each run keeps its own start time
+    present, e2e_done = set(), False
     if args.resume and previous:
-        done_shapes = {(r["N"], r["d"], r["C"], r["dtype"]) for r in previous["rows"]}
+        present = {report.row_key(row) for row in previous["rows"]}
         e2e_done = bool(previous.get("e2e") and previous["e2e"].get("configs"))
-        log(f"resuming {stem}.json: {len(done_shapes)} shapes and {'the' if e2e_done else 'no'} e2e section done")
+        log(f"resuming {stem}.json: {len(previous['rows'])} rows and {'the' if e2e_done else 'no'} e2e section done")
 
     def save() -> None:
         report.write_json(report.merge_results(previous, results) if previous else results, stem + ".json")
         report.write_report(stem + ".json")
 
-    fused_error = cmi_op.fused_unavailable_reason()
-    if fused_error:
-        log(f"fused provider unavailable: {fused_error}")
-    if not (args.no_e2e or e2e_done):
-        settings = e2e.E2ESettings.quick() if args.quick else e2e.E2ESettings()
-        if args.e2e_rounds:
-            settings = dataclasses.replace(settings, rounds=args.e2e_rounds)
-        try:
-            results["e2e"] = e2e.run_e2e(settings, device, fused_error, seed=args.seed, log=log)
-        except Exception as error:  # e.g. transformers missing on the device: keep the op benchmark going
-            results["e2e"] = {"error": f"{type(error).__name__}: {error}"}
-        save()
-
-    if not args.no_op_bench:
-        for shape in shapes:
-            if (shape.n_rows, shape.dim, shape.num_classes, shape.dtype) in done_shapes:
-                continue
-            if args.time_limit is not None and time.monotonic() - started > args.time_limit:
-                results["skipped"].append([shape.n_rows, shape.dim, shape.num_classes, shape.dtype])
-                continue
-            rows = cmi_op.run_op_bench(
-                [shape],
-                providers,
-                tuple(args.modes),
-                tuple(args.passes),
-                tuple(args.timings),
-                device,
-                budget,
-                copy_tbps,
-                seed=args.seed,
-                log=log,
-            )
-            results["rows"] += [dict(row, run=0) for row in rows]
+    # A shape is measured unless every row this invocation would write for it is already in the resumed file.
+    grid = (providers, tuple(args.modes), tuple(args.passes), tuple(args.timings), device)
+    pending = [] if args.no_op_bench else [s for s in shapes if not cmi_op.grid_row_keys(s, *grid) <= present]
+    e2e_pending = not (args.no_e2e or e2e_done)
+    try:
+        fused_error = cmi_op.fused_unavailable_reason()
+        if fused_error:
+            log(f"fused provider unavailable: {fused_error}")
+        if e2e_pending:
+            settings = e2e.E2ESettings.quick() if args.quick else e2e.E2ESettings()
+            if args.e2e_rounds:
+                settings = dataclasses.replace(settings, rounds=args.e2e_rounds)
+            try:
+                results["e2e"] = e2e.run_e2e(settings, device, fused_error, seed=args.seed, log=log)
+            except Exception as error:  # e.g. transformers missing on the device: keep the op benchmark going
+                results["e2e"] = {"error": f"{type(error).__name__}: {error}"}
+            e2e_pending = False
             save()
-    save()
+        while pending:
+            shape = pending[0]
+            if args.time_limit is not None and time.monotonic() - started > args.time_limit:
+                break
+            rows = cmi_op.run_op_bench([shape], *grid[:4], device, budget, copy_tbps, seed=args.seed, log=log)
+            results["rows"] += [dict(row, run=0) for row in rows]
+            pending.pop(0)
+            save()
+    except KeyboardInterrupt:  # run_gpu.sh's hard limit (SIGINT): keep what finished, say what did not, then stop
+        log("interrupted: saving what finished")
+        if e2e_pending:
+            results["e2e"] = {"error": "interrupted by the time limit before it finished"}
+        raise
+    finally:
+        results["skipped"] += [list(dataclasses.astuple(shape)) for shape in pending]
+        save()
     log(f"wrote {stem}.json / .md ({time.monotonic() - started:.0f} s)")
     return 0
 

@@ -10,7 +10,9 @@ Modes: ``fixed`` (given centroids: random positive rows that sum to 1) and ``bat
 Timings (CUDA):
     ``device`` the steps captured in one CUDA graph (after warm-up on a side stream) and replayed; median
                over replays of the CUDA-event time divided by the steps per graph. The backward pass runs
-               ``torch.autograd.grad(loss, h, retain_graph=True)`` on a forward done before the capture.
+               ``torch.autograd.grad(loss, h, retain_graph=True)`` on a forward done before the capture (not
+               for the compiled providers: torch.compile's donated buffers refuse retain_graph=True, and
+               turning them off would measure another compile than users run; those rows are ``skipped``).
     ``wall``   the eager step as users run it (``loss.backward()``, ``h.grad`` set to None), timed from an
                idle GPU with CUDA events (host launch time included), median over reps, warm-up excluded.
 On CPU only ``wall`` exists, timed with ``time.perf_counter``.
@@ -47,6 +49,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PROVIDERS = ("fused", "eager", "compile", "fused_compiled", "noop")
 # fused_compiled only on request: its compiles cost device time and the op is the same custom op as fused.
 DEFAULT_PROVIDERS = ("fused", "eager", "compile", "noop")
+COMPILED_PROVIDERS = ("compile", "fused_compiled")
 MODES = ("fixed", "batch")
 PASSES = ("fwd", "bwd", "fwd_bwd")
 TIMINGS = ("device", "wall")
@@ -170,8 +173,9 @@ def build_step(loss_fn: Callable, inputs: list[InputSet], pass_name: str, *, for
     """``(prepare, run)`` closures over input set ``k``: ``prepare(k)`` is the untimed part (clears
     ``h.grad``; the forward of a ``bwd`` pass), ``run(k)`` the timed part.
 
-    ``for_graph``: backward as ``torch.autograd.grad(..., retain_graph=True)`` so that a captured
-    backward can be replayed and never accumulates; otherwise ``loss.backward()`` as users write it.
+    ``for_graph``: backward as ``torch.autograd.grad`` so that a captured step never accumulates into ``h.grad``,
+    retaining the graph in the ``bwd`` pass, whose captured backward is replayed on one forward; otherwise
+    ``loss.backward()`` as users write it.
     """
     losses: list[torch.Tensor | None] = [None] * len(inputs)
 
@@ -181,7 +185,7 @@ def build_step(loss_fn: Callable, inputs: list[InputSet], pass_name: str, *, for
 
     def backward(k, loss):
         if for_graph:
-            torch.autograd.grad(loss, inputs[k].features, retain_graph=True)
+            torch.autograd.grad(loss, inputs[k].features, retain_graph=pass_name == "bwd")
         else:
             loss.backward()
 
@@ -317,7 +321,13 @@ def count_gpu_activities(prepare, run) -> int | None:
             torch.cuda.synchronize()
     except Exception:  # no CUPTI on this host: the rows simply carry no count
         return None
-    return sum(1 for event in trace.events() if event.device_type == torch.autograd.DeviceType.CUDA)
+    # GPU-timeline events, less the user annotations (inductor marks each compiled graph call with one).
+    count = sum(
+        1
+        for event in trace.events()
+        if event.device_type == torch.autograd.DeviceType.CUDA and not getattr(event, "is_user_annotation", False)
+    )
+    return count or None  # a CUDA step launches something: 0 means the profiler could not see the GPU
 
 
 def measure_copy_tbps(device: torch.device) -> float:
@@ -403,6 +413,10 @@ def bench_case(
 
     for timing in timings:
         row = dict(base, timing=timing, ms=None, peak_mb=peak_mb)
+        if timing == "device" and pass_name == "bwd" and provider in COMPILED_PROVIDERS:
+            row["skipped"] = "a replayed backward needs retain_graph=True, which torch.compile's donated buffers refuse"
+            rows.append(row)
+            continue
         try:
             times, steps = timed_steps(loss_fn, inputs, pass_name, timing, estimate_ms, timer, budget)
             if steps is not None:
@@ -420,6 +434,29 @@ def bench_case(
     return rows
 
 
+def provider_passes(provider: str, passes) -> tuple:
+    """The passes a provider runs: ``noop`` (the host-overhead floor of a whole step) only ``fwd_bwd``."""
+    if provider == "noop":
+        return ("fwd_bwd",) if "fwd_bwd" in passes else ()
+    return tuple(passes)
+
+
+def device_timings(timings, device: torch.device) -> tuple:
+    """``device`` timing needs CUDA graphs: dropped elsewhere."""
+    return tuple(t for t in timings if device.type == "cuda" or t != "device")
+
+
+def grid_row_keys(shape: Shape, providers, modes, passes, timings, device: torch.device) -> set:
+    """The ``(N, d, C, dtype, mode, provider, pass, timing)`` of every row ``run_op_bench`` writes for ``shape``."""
+    return {
+        (*dataclasses.astuple(shape), mode, provider, pass_name, timing)
+        for mode in modes
+        for provider in providers
+        for pass_name in provider_passes(provider, passes)
+        for timing in device_timings(timings, device)
+    }
+
+
 def run_op_bench(
     shapes,
     providers,
@@ -433,8 +470,7 @@ def run_op_bench(
     log: Callable[[str], None] = print,
 ) -> list[dict]:
     """Every row for the requested grid. ``noop`` runs only as ``fwd_bwd``; ``device`` only on CUDA."""
-    if device.type != "cuda":
-        timings = tuple(t for t in timings if t != "device")
+    timings = device_timings(timings, device)
     unavailable = {}
     if any(p in ("fused", "fused_compiled") for p in providers):
         reason = fused_unavailable_reason()
@@ -449,9 +485,9 @@ def run_op_bench(
                 shape, mode, num_input_sets(shape, mode, l2_bytes, budget.max_input_sets), device, generator
             )
             for provider in providers:
-                if provider == "noop" and "fwd_bwd" not in passes:
+                case_passes = provider_passes(provider, passes)
+                if not case_passes:
                     continue
-                case_passes = ("fwd_bwd",) if provider == "noop" else passes
                 if provider in unavailable:
                     rows += [
                         dict(
@@ -465,7 +501,7 @@ def run_op_bench(
                         for timing in timings
                     ]
                     continue
-                if provider in ("compile", "fused_compiled"):
+                if provider in COMPILED_PROVIDERS:
                     torch._dynamo.reset()  # a fresh static-shape compile per case: no recompile limit to hit
                 loss_fn = make_loss_fn(provider, shape.num_classes)
                 for pass_name in case_passes:
@@ -473,7 +509,10 @@ def run_op_bench(
                         shape, mode, provider, pass_name, timings, inputs, loss_fn, device, budget, copy_tbps
                     )
                     for row in case_rows:
-                        shown = f"{row['ms']:.4f} ms" if row["ms"] is not None else f"error: {row['error'][:120]}"
+                        if row["ms"] is not None:
+                            shown = f"{row['ms']:.4f} ms"
+                        else:
+                            shown = f"error: {row['error'][:120]}" if "error" in row else f"skipped: {row['skipped']}"
                         log(f"{shape.label:>26} {mode:5} {provider:14} {pass_name:7} {row['timing']:6} {shown}")
                     rows += case_rows
             del inputs

@@ -4,7 +4,7 @@ Results JSON (one file per device and day, ``<device-slug>-<yyyy-mm-dd>.json``):
 
     {"device", "torch", "triton", "copy_tbps", "date", "quick", "runs": [...],
      "rows": [{"N", "d", "C", "dtype", "mode", "provider", "pass", "timing", "ms", "peak_mb",
-               "gbps"?, "frac_copy"?, "error"?, "input_sets", "reps"?, "steps_per_graph"?, "run"}, ...],
+               "gbps"?, "frac_copy"?, "error"?, "skipped"?, "input_sets", "reps"?, "steps_per_graph"?, "run"}, ...],
      "e2e": {...} | null, "skipped": [...]}
 
 ``runs[i]`` describes invocation ``i`` (arguments, start time, its own ``copy_tbps``); each row names the
@@ -98,6 +98,12 @@ def _fmt(value, spec: str, suffix: str = "") -> str:
     return "–" if value is None else f"{value:{spec}}{suffix}"
 
 
+def _ms_cell(row: dict) -> str:
+    if row.get("error"):
+        return "error"
+    return "skipped" if row.get("skipped") else _fmt(row.get("ms"), ".4f")
+
+
 def comparison_table(index: dict, shapes: list[tuple], mode: str, pass_name: str, timings: list[str]) -> list[str]:
     lines = [
         (
@@ -146,7 +152,7 @@ def all_rows_table(rows: list[dict]) -> list[str]:
         found = [index.get((n_rows, dim, num_classes, dtype, mode, p, pass_name, timing), {}) for p in providers]
         lines.append(
             f"| {shape_label((n_rows, dim, num_classes, dtype))} | {mode} | {pass_name} | {timing} | "
-            + " | ".join("error" if r.get("error") else _fmt(r.get("ms"), ".4f") for r in found)
+            + " | ".join(_ms_cell(r) for r in found)
             + " | "
             + " | ".join(_fmt(r.get("peak_mb"), ".1f") for r in found)
             + " |"
@@ -297,6 +303,10 @@ def render_markdown(results: dict, plot_name: str | None = None) -> str:
     errors = dict.fromkeys((r["provider"], r["error"]) for r in rows if r.get("error"))
     if errors:
         lines += ["## Errors", ""] + [f"- `{provider}`: {error}" for provider, error in errors] + [""]
+    skips = dict.fromkeys((r["provider"], r["pass"], r["timing"], r["skipped"]) for r in rows if r.get("skipped"))
+    if skips:
+        lines += ["## Not measured by design", ""]
+        lines += [f"- `{provider}` {pass_name} {timing}: {why}" for provider, pass_name, timing, why in skips] + [""]
     if results.get("skipped"):
         lines += ["## Not measured (time limit)", ""] + [f"- {shape_label(s)}" for s in results["skipped"]] + [""]
     return "\n".join(lines)

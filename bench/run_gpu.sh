@@ -9,7 +9,9 @@
 # missing: regenerate it elsewhere with `python -m bench.report <json>`), and copies them to $OUT when set.
 # It starts no new shape after BENCH_TIME_LIMIT seconds (default 420), so that it ends inside a 10-minute
 # command; the markdown then lists the shapes not measured. Running it again (with the files put back in
-# the output folder) measures only what is missing: --resume skips the shapes and the e2e already in the file.
+# the output folder) measures only what is missing: --resume skips the shapes whose requested rows are all in the
+# device's newest file, and the e2e section once it is there. BENCH_RESUME=0 measures everything again (e.g. after
+# a kernel change: give it another BENCH_OUTPUT_DIR so that the earlier rows are kept for the comparison).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
@@ -21,11 +23,15 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 python3 -c "import matplotlib" 2>/dev/null || echo "matplotlib missing: JSON and markdown only"
 
 # The time limit only stops new shapes from starting; a shape already running (two torch.compile runs among
-# its cases) could still pass a 10-minute command limit. SIGINT after BENCH_HARD_LIMIT seconds (default 560)
-# stops it so that the copy below still runs; every finished shape is already in the results file.
+# its cases) could still pass a 10-minute command limit. SIGINT after BENCH_HARD_LIMIT seconds (default 540)
+# stops it so that the copy below still runs: the finished shapes are in the results file, the interrupted and
+# later ones listed as not measured. Should Python not exit within 15 s of the SIGINT, a SIGKILL follows. 540 + 15
+# leaves room for a command prefix (NOTES: bench.host_overhead, about 20 s) inside a 600 s device call.
+resume=--resume
+[ "${BENCH_RESUME:-1}" = 0 ] && resume=
 status=0
-timeout --signal=INT "${BENCH_HARD_LIMIT:-560}" \
-    python3 -m bench --resume --time-limit "${BENCH_TIME_LIMIT:-420}" --output-dir "$output_dir" "$@" || status=$?
+timeout --signal=INT --kill-after=15 "${BENCH_HARD_LIMIT:-540}" \
+    python3 -m bench $resume --time-limit "${BENCH_TIME_LIMIT:-420}" --output-dir "$output_dir" "$@" || status=$?
 
 if [ -n "${OUT:-}" ]; then
     find "$output_dir" -maxdepth 1 -type f -newer "$started_marker" -exec cp {} "$OUT"/ \;

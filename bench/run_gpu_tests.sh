@@ -22,8 +22,8 @@ echo "kernel $(uname -r)"  # ends in -gpu on the Firecracker runtime, where ncu 
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
 
 # SIGINT after TEST_TIME_LIMIT seconds (default 540, inside a 10-minute device command): pytest then stops like on
-# Ctrl-C, still printing its summary and writing the JUnit XML of the tests that ran; the script then exits 124.
-# --durations: what is slow, for planning the next call.
-timeout --signal=INT "${TEST_TIME_LIMIT:-540}" \
+# Ctrl-C, still printing its summary and writing the JUnit XML of the tests that ran; the script then exits 124
+# (SIGKILL 15 s later if it has not stopped). --durations: what is slow, for planning the next call.
+timeout --signal=INT --kill-after=15 "${TEST_TIME_LIMIT:-540}" \
     python3 -m pytest -q tests -rs --durations=25 --junitxml "$out_dir/pytest-gpu.xml" "$@" 2>&1 | tee "$out_dir/pytest-gpu.log"
 exit "${PIPESTATUS[0]}"

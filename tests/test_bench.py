@@ -258,10 +258,10 @@ def test_e2e_overhead_is_significant_only_when_every_round_agrees():
 def test_resume_measures_only_the_missing_shapes(tmp_path):
     threads = torch.get_num_threads()  # --quick runs single-threaded; restore it for the other tests
 
-    def run(*shapes):
+    def run(*shapes, modes=("fixed",)):
         argv = ["--quick", "--resume", "--no-e2e", "--providers", "eager", "noop", "--output-dir", str(tmp_path)]
         try:
-            assert bench_main([*argv, "--shapes", *shapes]) == 0
+            assert bench_main([*argv, "--modes", *modes, "--shapes", *shapes]) == 0
         finally:
             torch.set_num_threads(threads)
         (json_path,) = glob.glob(str(tmp_path / "*.json"))
@@ -275,6 +275,46 @@ def test_resume_measures_only_the_missing_shapes(tmp_path):
     new_rows = [r for r in second["rows"] if (r["N"], r["d"]) == (6, 33)]
     assert old_rows == first["rows"] and all(r["run"] == 0 for r in old_rows)
     assert len(new_rows) == len(old_rows) and all(r["run"] == 1 and r["dtype"] == "bf16" for r in new_rows)
+    # A shape is done only for the rows asked for: another mode measures it again.
+    third = run("8x40:3:fp32", modes=("fixed", "batch"))
+    assert {(r["mode"], r["run"]) for r in third["rows"] if (r["N"], r["d"]) == (8, 40)} == {("fixed", 2), ("batch", 2)}
+    # A resume that starts on a later day (UTC) continues the newest file of the device, whatever its date.
+    (json_path,) = glob.glob(str(tmp_path / "*.json"))
+    earlier = json_path[: -len("yyyy-mm-dd.json")] + "2026-01-01.json"
+    os.rename(json_path, earlier)
+    fourth = run("8x40:3:fp32", "6x33:10:bf16")
+    assert glob.glob(str(tmp_path / "*.json")) == [earlier] and len(fourth["runs"]) == 4
+    assert fourth["rows"] == third["rows"] and fourth["date"] == third["date"]  # nothing was missing
+
+
+@pytest.mark.filterwarnings("ignore:no fused-vs-eager")
+def test_interrupted_run_lists_the_shapes_it_did_not_measure(tmp_path, monkeypatch):
+    """run_gpu.sh's hard limit interrupts a shape with SIGINT: the file keeps the finished shapes and lists the
+    interrupted and the later ones as not measured."""
+    threads = torch.get_num_threads()
+    measure = cmi_op.run_op_bench
+    calls = []
+
+    def interrupt_the_second_shape(shapes, *args, **kwargs):
+        calls.append(shapes[0])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return measure(shapes, *args, **kwargs)
+
+    monkeypatch.setattr(cmi_op, "run_op_bench", interrupt_the_second_shape)
+    argv = ["--quick", "--no-e2e", "--providers", "eager", "--modes", "fixed", "--output-dir", str(tmp_path)]
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            bench_main([*argv, "--shapes", "8x40:3:fp32", "6x33:10:bf16", "5x7:2:fp32"])
+    finally:
+        torch.set_num_threads(threads)
+    (json_path,) = glob.glob(str(tmp_path / "*.json"))
+    with open(json_path, encoding="utf-8") as handle:
+        results = json.load(handle)
+    assert {(r["N"], r["d"]) for r in results["rows"]} == {(8, 40)}
+    assert results["skipped"] == [[6, 33, 10, "bf16"], [5, 7, 2, "fp32"]]
+    with open(json_path[: -len(".json")] + ".md", encoding="utf-8") as handle:
+        assert "## Not measured (time limit)" in handle.read()
 
 
 def test_report_without_matplotlib_writes_markdown_and_warns(tmp_path, monkeypatch):
@@ -294,6 +334,47 @@ def test_report_without_matplotlib_writes_markdown_and_warns(tmp_path, monkeypat
     markdown = (tmp_path / "gpu-2026-01-01.md").read_text()
     assert "| 32x768 C=2 bf16 | wall | 0.5000 | – | 0.2000 | 2.5x |" in markdown
     assert ".png" not in markdown and not (tmp_path / "gpu-2026-01-01.png").exists()
+
+
+@pytest.mark.parametrize("pass_name, retained", [("bwd", True), ("fwd_bwd", False)])
+def test_captured_backward_retains_the_graph_only_in_the_bwd_pass(pass_name, retained):
+    """A captured bwd step replays the backward of one forward, so it keeps the graph. A captured fwd_bwd step does
+    its own forward: it frees the graph, as torch.compile's donated buffers require (they refuse retain_graph)."""
+    shape = cmi_op.Shape(6, 9, 2, "fp32")
+    inputs = cmi_op.make_inputs(shape, "fixed", 1, torch.device("cpu"), torch.Generator().manual_seed(0))
+    losses = []
+    eager = cmi_op.make_loss_fn("eager", shape.num_classes)
+
+    def recording_loss_fn(*args):
+        losses.append(eager(*args))
+        return losses[-1]
+
+    prepare, run = cmi_op.build_step(recording_loss_fn, inputs, pass_name, for_graph=True)
+    prepare(0)
+    run(0)
+    assert inputs[0].features.grad is None  # autograd.grad: nothing accumulates
+    if retained:
+        torch.autograd.grad(losses[-1], inputs[0].features)
+    else:
+        with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+            torch.autograd.grad(losses[-1], inputs[0].features)
+
+
+def test_compiled_providers_skip_the_device_bwd_timing():
+    """That retained backward is what torch.compile refuses: its device bwd rows say so instead of an error."""
+    shape = cmi_op.Shape(6, 9, 2, "fp32")
+    device = torch.device("cpu")
+    inputs = cmi_op.make_inputs(shape, "fixed", 1, device, torch.Generator().manual_seed(0))
+    loss_fn = cmi_op.make_loss_fn("eager", shape.num_classes)  # stands in for the compiled function
+    for provider in cmi_op.COMPILED_PROVIDERS:
+        (row,) = cmi_op.bench_case(
+            shape, "fixed", provider, "bwd", ("device",), inputs, loss_fn, device, cmi_op.Budget.quick(), None
+        )
+        assert row["ms"] is None and "retain_graph" in row["skipped"] and "error" not in row
+    assert "| skipped |" in "\n".join(report.all_rows_table([row]))
+    header = {"device": "cpu", "torch": "", "triton": "", "copy_tbps": None, "date": "2026-11-25", "quick": True}
+    markdown = report.render_markdown(dict(header, rows=[row]))
+    assert "## Not measured by design" in markdown and "`fused_compiled` bwd device: a replayed backward" in markdown
 
 
 def test_unavailable_fused_provider_becomes_error_rows(monkeypatch):

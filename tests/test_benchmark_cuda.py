@@ -61,7 +61,8 @@ def test_cmi_loss_speed(benchmark, shape, mode, provider, pass_name):
 
 
 def test_device_and_wall_rows_without_errors():
-    """Every provider of the default run gives device (CUDA-graph) and wall rows, and the fused peak
+    """Every provider of the default run gives device (CUDA-graph) and wall rows (but compile's device bwd, which
+    torch.compile's donated buffers refuse to replay), and the fused peak
     memory of fwd+bwd stays within issue 3's budget 1.1 x (N*d*elem + 2*C*d*4)."""
     shape = cmi_op.Shape(4096, 768, 2, "bf16")
     device = torch.device("cuda")
@@ -77,8 +78,12 @@ def test_device_and_wall_rows_without_errors():
         log=lambda message: None,
     )
     assert len(rows) == 2 * (3 * 3 + 1) * 2
+    skipped = [(r["provider"], r["mode"], r["pass"], r["timing"]) for r in rows if r.get("skipped")]
+    assert sorted(skipped) == [("compile", mode, "bwd", "device") for mode in sorted(cmi_op.MODES)]
     for row in rows:
         assert "error" not in row, row
+        if row.get("skipped"):
+            continue
         assert row["ms"] > 0 and row["peak_mb"] >= 0, row
         assert ("steps_per_graph" in row) == (row["timing"] == "device")
     budget = report.memory_budget_mb((shape.n_rows, shape.dim, shape.num_classes, shape.dtype))
