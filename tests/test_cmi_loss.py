@@ -174,13 +174,16 @@ def random_centroids(num_classes: int, dim: int, gen: torch.Generator, zero_entr
 
 def make_features(n: int, dim: int, dtype: torch.dtype, layout: str, gen: torch.Generator) -> torch.Tensor:
     """A leaf (n, dim) feature tensor on DEVICE: contiguous, ``x[:, 0]`` of an (n, 3, dim) tensor (row stride 3*dim),
-    or a column slice ``x[:, 3:3+dim]`` of an (n, dim+7) tensor (row stride dim+7, odd storage offset)."""
+    a column slice ``x[:, 3:3+dim]`` of an (n, dim+7) tensor (row stride dim+7, odd storage offset), or the
+    transpose of a (dim, n) tensor (row stride 1, column stride n)."""
     if layout == "contiguous":
         features = (1.5 * torch.randn(n, dim, generator=gen)).to(DEVICE, dtype)
     elif layout == "row_slice":
         features = (1.5 * torch.randn(n, 3, dim, generator=gen)).to(DEVICE, dtype)[:, 0]
     elif layout == "column_slice":
         features = (1.5 * torch.randn(n, dim + 7, generator=gen)).to(DEVICE, dtype)[:, 3 : 3 + dim]
+    elif layout == "transposed":
+        features = (1.5 * torch.randn(dim, n, generator=gen)).to(DEVICE, dtype).t()
     else:
         raise ValueError(f"unknown layout {layout!r}")
     assert features.is_contiguous() == (layout == "contiguous" or n == 1)
@@ -238,6 +241,7 @@ class Case:
     reduction: str = "mean"
     centroids: str = "batch"  # "batch" (None), "fixed", "fixed_zeros" (fixed with zero entries)
     layout: str = "contiguous"
+    centroid_layout: str = "contiguous"  # or "transposed": (d, C) storage, column stride C
     grad: str = "ones"  # "ones", "scalar" (random scalar), "vector" (random per row, reduction "none")
     absent_class: bool = False
 
@@ -260,6 +264,18 @@ CASES = [
     Case("fixed_zero_entries_none", n=12, d=50, c=3, centroids="fixed_zeros", reduction="none", grad="vector"),
     Case("row_slice_batch_none", n=10, d=77, c=3, layout="row_slice", reduction="none", grad="vector"),
     Case("column_slice_fixed_mean", n=10, d=77, c=3, layout="column_slice", centroids="fixed", grad="scalar"),
+    # Column strides other than 1: transposed features (e.g. a (d, N) activation read as N x d) and centroids.
+    Case(
+        "transposed_fixed_none",
+        n=10,
+        d=77,
+        c=3,
+        layout="transposed",
+        centroids="fixed",
+        reduction="none",
+        grad="vector",
+    ),
+    Case("transposed_centroids_mean", n=12, d=50, c=4, centroids="fixed", centroid_layout="transposed", grad="scalar"),
     Case("bf16_batch_mean", n=32, d=128, c=4, dtype=torch.bfloat16, grad="scalar"),
     Case(
         "bf16_fixed_none_row_slice",
@@ -294,6 +310,7 @@ CASES = [
     # d > 4096: rows span two column chunks (online log-sum-exp, second sweep), the path of d = 16384 and 30522.
     Case("d4500_two_chunks_fixed_none", n=5, d=4500, c=3, centroids="fixed", reduction="none", grad="vector"),
     Case("d5000_two_chunks_bf16_batch", n=6, d=5000, c=2, dtype=torch.bfloat16, grad="scalar"),
+    Case("d4500_two_chunks_transposed_batch", n=5, d=4500, c=2, layout="transposed", grad="scalar"),
     # Vocabulary-sized C (the contract's 50000): most classes absent, atomics by default.
     Case("c50000_fixed_none", n=24, d=12, c=50000, centroids="fixed", reduction="none", grad="vector"),
     Case("c50000_batch_sum", n=30, d=20, c=50000, reduction="sum", grad="scalar"),
@@ -349,6 +366,8 @@ def test_matches_float64_reference(case: Case, backend: str, request):
     if not per_batch:
         centroids = random_centroids(case.c, case.d, gen, zero_entries=case.centroids == "fixed_zeros")
         centroids = centroids.to(DEVICE, case.dtype)
+        if case.centroid_layout == "transposed":
+            centroids = centroids.t().contiguous().t()
     if case.grad == "ones":
         grad_output = torch.ones(case.n if case.reduction == "none" else ())
     elif case.grad == "scalar":
@@ -385,7 +404,7 @@ def cmi_problems(draw, max_n: int, max_d: int, max_c: int):
         temperature=draw(st.floats(0.5, 4.0)),
         reduction=draw(st.sampled_from(["mean", "sum", "none"])),
         per_batch=draw(st.booleans()),
-        layout=draw(st.sampled_from(["contiguous", "row_slice", "column_slice"])),
+        layout=draw(st.sampled_from(["contiguous", "row_slice", "column_slice", "transposed"])),
         seed=draw(st.integers(0, 2**31 - 1)),
     )
 
@@ -478,6 +497,79 @@ def test_per_row_losses_may_be_weighted_in_place(backend: str, request):
     ref_rows, _, _, h64 = reference_cmi(features, labels, c, None, temperature=0.8, reduction="none")
     ref_rows.backward(weights.double())
     assert_rel_close(features.grad, h64.grad, 1e-5, "gradient of the in-place weighted rows")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("centroid_mode", ["fixed", "batch"])
+@pytest.mark.parametrize("reducer", ["sum", "mean"])
+def test_per_row_losses_reduced_by_torch(backend: str, centroid_mode: str, reducer: str, request):
+    """``loss.sum().backward()`` on reduction="none" hands the backward an expanded gradient (row stride 0); the
+    kernel must read it with that stride."""
+    gen = generator_for(request)
+    n, d, c = 6, 9, 4
+    features = make_features(n, d, torch.float32, "contiguous", gen)
+    labels = random_labels(n, c, gen, per_batch=True).to(DEVICE)
+    centroids = random_centroids(c, d, gen).to(DEVICE) if centroid_mode == "fixed" else None
+    rows = cmi_loss(features, labels, c, centroids, reduction="none", backend=backend).loss
+    getattr(rows, reducer)().backward()
+    ref_rows, _, _, h64 = reference_cmi(features, labels, c, centroids, reduction="none")
+    getattr(ref_rows, reducer)().backward()
+    assert_rel_close(features.grad, h64.grad, 1e-5, f"gradient of rows.{reducer}()")
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, "triton_table"])
+@pytest.mark.parametrize("dim", [16, 4500])
+def test_per_batch_centroid_column_of_zeros_takes_the_eps_floor(backend: str, dim: int, request):
+    """A feature column far below the rest underflows to f = 0 in every row of a class, so the per-batch centroid
+    is exactly 0 there: log max(G, eps), not log 0 (which would make the KL 0 * inf = NaN). d = 4500: chunked rows."""
+    if backend == "triton_table":
+        request.getfixturevalue("log_table_forced")
+        backend = "triton"
+    gen = generator_for(request)
+    features = torch.randn(8, dim, generator=gen)
+    features[:, 3] = -200.0
+    features = features.to(DEVICE).requires_grad_(True)
+    labels = torch.tensor([0, 1] * 4, device=DEVICE)
+    result = cmi_loss(features, labels, 2, reduction="none", backend=backend)
+    grad_output = torch.randn(8, generator=gen).to(DEVICE)
+    result.loss.backward(grad_output)
+    ref_rows, _, _, h64 = reference_cmi(features, labels, 2, None, reduction="none")
+    ref_rows.backward(grad_output.double())
+    assert_rel_close(result.loss, ref_rows, 1e-5, "rows")
+    assert_rel_close(features.grad, h64.grad, 1e-5, "gradient")
+
+
+def test_each_forward_program_accumulates_into_its_own_slot():
+    """White-box: with slots (no atomics), program k adds exactly its rows k, k + P, ... into slot k. The CPU
+    interpreter runs programs one after the other, so only this check can tell a slot race (every program adding
+    into one slot without atomics) from correct code; the summed statistics would be right either way."""
+    pytest.importorskip("triton")
+    from kernels.cmi import stats_row_len
+    from kernels.cmi_forward import cmi_forward_kernel, launch_meta
+
+    n, d, c, programs = 20, 40, 3, 4
+    gen = torch.Generator().manual_seed(0)
+    features = torch.randn(n, d, generator=gen).to(DEVICE)
+    labels = torch.randint(0, c, (n,), generator=gen).to(DEVICE)
+    row_len = stats_row_len(d)
+    accum = torch.zeros(programs, c, row_len, device=DEVICE)
+    lse = torch.full((n,), float("nan"), device=DEVICE)
+    cmi_forward_kernel[(programs,)](
+        features_ptr=features, stride_feat_row=features.stride(0), stride_feat_col=features.stride(1),
+        labels_ptr=labels, stride_label=labels.stride(0),
+        centroids_ptr=None, stride_cent_row=0, stride_cent_col=0, stats_ptr=None, stride_stats_row=0,
+        accum_ptr=accum, stride_accum_row=row_len, lse_in_ptr=None, lse_out_ptr=lse, row_kl_ptr=None,
+        n_rows=n, dim=d, num_classes=c, inv_temperature=1.0, eps=1e-12,
+        USE_ATOMICS=False, HAS_LSE=False, HAS_CENTROIDS=False, LOG_CENTROIDS=False, COMPUTE_KL=False,
+        ACCUMULATE=True, SINGLE_CHUNK=True, **launch_meta(d),
+    )  # fmt: skip
+    f = torch.softmax(features.double(), dim=1)
+    for k in range(programs):
+        rows = torch.arange(k, n, programs, device=DEVICE)
+        sums = torch.zeros(c, d, dtype=torch.float64, device=DEVICE).index_add_(0, labels[rows], f[rows])
+        assert_rel_close(accum[k, :, :d], sums, 1e-5, f"slot {k} class sums")
+        assert torch.equal(accum[k, :, d].double(), torch.bincount(labels[rows], minlength=c).double()), k
+    torch.testing.assert_close(lse.double(), torch.logsumexp(features.double(), dim=1))
 
 
 def envelope_problem(request, dtype: torch.dtype):
@@ -871,6 +963,16 @@ def test_bad_input_error_names_argument(change: dict, error: type, argument: str
             options[key] = value
     with pytest.raises(error, match=argument):
         cmi_loss(*arguments.values(), **options)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_centroids_on_another_device_are_refused(backend: str):
+    """A kernel given a pointer of another device would read the wrong memory: the check names centroids (a meta
+    tensor stands in for another device on a CPU-only machine)."""
+    features = torch.randn(6, 5, device=DEVICE)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2], device=DEVICE)
+    with pytest.raises(ValueError, match="centroids are on meta"):
+        cmi_loss(features, labels, 3, torch.full((3, 5), 0.2, device="meta"), backend=backend)
 
 
 def test_auto_backend_takes_the_kernels_only_where_they_apply():

@@ -175,6 +175,17 @@ def test_state_dict_round_trip(mode, tmp_path):
     assert torch.equal(reg(h, y), restored(h, y))
 
 
+def test_frozen_state_dict_round_trip(tmp_path):
+    """A frozen regulariser restored from a checkpoint uses the saved centroids (no second freeze() needed)."""
+    reg = CMIRegularizer(C, D, "frozen", temperature=T)
+    reg.freeze(make_batches(3, seed=5))
+    torch.save(reg.state_dict(), tmp_path / "reg.pt")
+    restored = CMIRegularizer(C, D, "frozen", temperature=T)
+    restored.load_state_dict(torch.load(tmp_path / "reg.pt"))
+    h, y = make_batches(1, seed=9)[0]
+    assert torch.equal(reg(h, y), restored(h, y))
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
