@@ -140,10 +140,10 @@ def read_glue_tsv(path: str, task: GlueTask) -> datasets.Dataset:
     for line_number, row in enumerate(rows, start=first_line):
         if not row:
             continue
-        if len(row) < needed and task.skip_short_rows:
-            skipped += 1
-            continue
         if len(row) < needed:
+            if task.skip_short_rows:
+                skipped += 1
+                continue
             raise GlueDataError(
                 f"{path}:{line_number}: expected at least {needed} tab-separated columns for {task.name}, "
                 f"got {len(row)}; is this the {task.dir_name} file of the official GLUE TSV layout?"
