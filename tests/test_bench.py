@@ -254,19 +254,27 @@ def test_e2e_overhead_is_significant_only_when_every_round_agrees():
     assert noisy[1]["overhead_pct_min"] < 0 < noisy[1]["overhead_pct_max"]
 
 
-@pytest.mark.filterwarnings("ignore:no fused-vs-eager")
-def test_resume_measures_only_the_missing_shapes(tmp_path):
-    threads = torch.get_num_threads()  # --quick runs single-threaded; restore it for the other tests
+@pytest.fixture
+def keep_torch_threads():
+    """``bench_main(["--quick", ...])`` runs single-threaded: restore the thread count for the other tests."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
+
+def read_results(output_dir) -> dict:
+    """The one results JSON in ``output_dir``."""
+    (json_path,) = glob.glob(str(output_dir / "*.json"))
+    with open(json_path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+@pytest.mark.filterwarnings("ignore:no fused-vs-eager")
+def test_resume_measures_only_the_missing_shapes(tmp_path, keep_torch_threads):
     def run(*shapes, modes=("fixed",)):
         argv = ["--quick", "--resume", "--no-e2e", "--providers", "eager", "noop", "--output-dir", str(tmp_path)]
-        try:
-            assert bench_main([*argv, "--modes", *modes, "--shapes", *shapes]) == 0
-        finally:
-            torch.set_num_threads(threads)
-        (json_path,) = glob.glob(str(tmp_path / "*.json"))
-        with open(json_path, encoding="utf-8") as handle:
-            return json.load(handle)
+        assert bench_main([*argv, "--modes", *modes, "--shapes", *shapes]) == 0
+        return read_results(tmp_path)
 
     first = run("8x40:3:fp32")
     second = run("8x40:3:fp32", "6x33:10:bf16")
@@ -288,10 +296,9 @@ def test_resume_measures_only_the_missing_shapes(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:no fused-vs-eager")
-def test_interrupted_run_lists_the_shapes_it_did_not_measure(tmp_path, monkeypatch):
+def test_interrupted_run_lists_the_shapes_it_did_not_measure(tmp_path, monkeypatch, keep_torch_threads):
     """run_gpu.sh's hard limit interrupts a shape with SIGINT: the file keeps the finished shapes and lists the
     interrupted and the later ones as not measured."""
-    threads = torch.get_num_threads()
     measure = cmi_op.run_op_bench
     calls = []
 
@@ -303,17 +310,13 @@ def test_interrupted_run_lists_the_shapes_it_did_not_measure(tmp_path, monkeypat
 
     monkeypatch.setattr(cmi_op, "run_op_bench", interrupt_the_second_shape)
     argv = ["--quick", "--no-e2e", "--providers", "eager", "--modes", "fixed", "--output-dir", str(tmp_path)]
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            bench_main([*argv, "--shapes", "8x40:3:fp32", "6x33:10:bf16", "5x7:2:fp32"])
-    finally:
-        torch.set_num_threads(threads)
-    (json_path,) = glob.glob(str(tmp_path / "*.json"))
-    with open(json_path, encoding="utf-8") as handle:
-        results = json.load(handle)
+    with pytest.raises(KeyboardInterrupt):
+        bench_main([*argv, "--shapes", "8x40:3:fp32", "6x33:10:bf16", "5x7:2:fp32"])
+    results = read_results(tmp_path)
     assert {(r["N"], r["d"]) for r in results["rows"]} == {(8, 40)}
     assert results["skipped"] == [[6, 33, 10, "bf16"], [5, 7, 2, "fp32"]]
-    with open(json_path[: -len(".json")] + ".md", encoding="utf-8") as handle:
+    (markdown_path,) = glob.glob(str(tmp_path / "*.md"))
+    with open(markdown_path, encoding="utf-8") as handle:
         assert "## Not measured (time limit)" in handle.read()
 
 
