@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -244,6 +246,21 @@ def test_one_process_with_several_gpus_is_refused(tiny_bert, tmp_path, monkeypat
             capture=FeatureCapture(model, "pooled"),
             cmi_weight=0.0,
         )
+
+
+def test_torchrun_without_cuda_shards_the_data_over_processes(tiny_bert, glue_dir, tmp_path):
+    """Two CPU processes under torchrun train with DDP over gloo: 32 rows at batch 8 are 2 steps per epoch
+    (checkpoint-2, checkpoint-4), not 4 steps in each process writing the same checkpoints."""
+    output_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    command += ["-m", "cmi_fused.glue", "train", *common_args(tiny_bert, glue_dir, output_dir)]
+    command += ["--cmi", "min", "--cmi-lambda", "0.1", "--epochs", "2", "--keep-checkpoints"]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert sorted(path.name for path in output_dir.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    results = json.loads((output_dir / "results.json").read_text())
+    assert [entry["epoch"] for entry in results["history"]] == [1, 2]
 
 
 def test_feature_capture_is_the_classifier_input(tmp_path):

@@ -265,6 +265,9 @@ def build_training_arguments(config: TrainConfig, metric_for_best_model: str, **
         disable_tqdm=config.disable_tqdm,
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
+        # Under torchrun without CUDA the Trainer enters DDP (gloo) only when told to use the CPU; otherwise every
+        # process would train on all the data and write the same checkpoints.
+        use_cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
     )
     kwargs.update(overrides)
     return TrainingArguments(**kwargs)
