@@ -249,7 +249,10 @@ def cmi_forward_kernel(
                     offs = start + cols
                     z = load_scaled(row_ptr, offs, offs < dim, stride_feat_col, inv_temperature)
                     new_max = tl.maximum(run_max, tl.max(z, axis=0))
-                    run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max), axis=0)
+                    # While every chunk so far is -inf (masked logits), shift by 0: exp(-inf - -inf) would be NaN
+                    # and poison the row's f, and with it the class sums, though f is 0 in those columns.
+                    shift = tl.where(new_max == -float("inf"), 0.0, new_max)
+                    run_sum = run_sum * tl.exp(run_max - shift) + tl.sum(tl.exp(z - shift), axis=0)
                     run_max = new_max
                 lse = run_max + tl.log(run_sum)
                 tl.store(lse_out_ptr + row, lse)

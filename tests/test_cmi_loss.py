@@ -741,6 +741,28 @@ def test_non_finite_feature_row_gives_nan(backend: str, bad_value: float, reques
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in the triton interpreter
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("centroid_mode", ["fixed", "batch"])
+def test_masked_first_chunk_leaves_the_class_sums_finite(backend: str, centroid_mode: str, request):
+    """A row whose first 4096 columns are all -inf (masked logits, d = 4100: chunked rows) has f = 0 there: only
+    its own KL is NaN (0 * -inf). The online log-sum-exp must not form exp(-inf - -inf) = NaN, which would spread
+    through the class sums to the centroid of every row of that class."""
+    gen = generator_for(request)
+    n, d, c, masked_row = 6, 4100, 2, 0
+    features = torch.randn(n, d, generator=gen)
+    features[masked_row, :4096] = float("-inf")
+    features = features.to(DEVICE)
+    labels = torch.tensor([0, 0, 1, 0, 1, 1], device=DEVICE)
+    centroids = random_centroids(c, d, gen).to(DEVICE) if centroid_mode == "fixed" else None
+
+    result = cmi_loss(features, labels, c, centroids, reduction="none", backend=backend)
+    ref_rows, ref_sums, _, _ = reference_cmi(features, labels, c, centroids, reduction="none")
+    assert torch.isnan(result.loss[masked_row])
+    assert_rel_close(result.class_sums, ref_sums, 1e-5, "class_sums")
+    assert_rel_close(result.loss[1:], ref_rows[1:], 1e-5, "the other rows, the masked row's class included")
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in the triton interpreter
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_nan_centroid_entry_gives_nan_rows(backend: str, request):
     """A NaN in a centroid row propagates to the rows of that class, as torch's clamp_min(eps).log() does: the
     kernels' max(G, eps) must not return eps for NaN, which a plain maximum does on the GPU."""
