@@ -84,6 +84,22 @@ def _check_device(features: torch.Tensor) -> None:
         )
 
 
+def on_the_tensors_device(launcher):
+    """Triton launches on torch's *current* CUDA device and its stream, not on the device of the tensors it is given:
+    with tensors on cuda:1 while cuda:0 is current, the kernels would run in cuda:0's context with cuda:1's pointers
+    (an illegal address, or with peer access a race with cuda:1's stream). The launcher runs with its first
+    argument's device current; in the usual case, that device already is, it costs one device query."""
+
+    @functools.wraps(launcher)
+    def on_device(tensor: torch.Tensor, *args, **kwargs):
+        if tensor.is_cuda and tensor.device.index != torch.cuda.current_device():
+            with torch.cuda.device(tensor.device):
+                return launcher(tensor, *args, **kwargs)
+        return launcher(tensor, *args, **kwargs)
+
+    return on_device
+
+
 def _forward_programs(features: torch.Tensor) -> int:
     n_rows = features.shape[0]
     if features.is_cuda:
@@ -148,6 +164,7 @@ def log_centroid_table(
     return table
 
 
+@on_the_tensors_device
 def cmi_forward(
     features: torch.Tensor,
     labels: torch.Tensor,
@@ -229,6 +246,7 @@ def _(features, labels, centroids, num_classes, temperature, eps, accumulate):
     return row_kl, lse, stats, log_table
 
 
+@on_the_tensors_device
 def cmi_backward(
     grad_loss: torch.Tensor,
     features: torch.Tensor,

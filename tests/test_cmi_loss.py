@@ -991,6 +991,27 @@ def test_centroids_on_another_device_are_refused(backend: str):
         cmi_loss(features, labels, 3, torch.full((3, 5), 0.2, device="meta"), backend=backend)
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("centroid_mode", ["fixed", "batch"])
+@pytest.mark.parametrize("n", [37, 1500], ids=["per-element-log", "log-table"])
+def test_tensors_on_a_device_that_is_not_the_current_one(centroid_mode: str, n: int, request):
+    """Triton launches on the current device: features on cuda:1 while cuda:0 is current must still run on cuda:1
+    (forward and backward) and match the float64 reference."""
+    gen = generator_for(request)
+    d, c = 129, 3
+    features = torch.randn(n, d, generator=gen).to("cuda:1").requires_grad_(True)
+    labels = random_labels(n, c, gen, per_batch=centroid_mode == "batch").to("cuda:1")
+    centroids = random_centroids(c, d, gen).to("cuda:1") if centroid_mode == "fixed" else None
+    with torch.cuda.device(0):
+        result = cmi_loss(features, labels, c, centroids, backend="triton")
+        result.loss.backward()
+    ref_loss, ref_sums, _, h64 = reference_cmi(features, labels, c, centroids)
+    ref_loss.backward()
+    assert_rel_close(result.loss, ref_loss, 1e-5, "loss")
+    assert_rel_close(result.class_sums, ref_sums, 1e-5, "class_sums")
+    assert_rel_close(features.grad, h64.grad, 1e-5, "gradient")
+
+
 def test_auto_backend_takes_the_kernels_only_where_they_apply():
     """auto: triton for CUDA features of a kernel dtype; the torch reference on the CPU and for float64 (which the
     kernels do not take: a TypeError on backend="triton")."""
