@@ -96,13 +96,15 @@ VARIANTS = (
     Variant("no_log_table", "the log-centroid table's worth", constants=(("LOG_TABLE_MIN_ROWS", UNBOUNDED),)),
 )
 VARIANTS_BY_NAME = {variant.name: variant for variant in VARIANTS}
-# The shapes where the launch choices decide most (bench/NOTES.md: "The two numbers").
+# The shapes where the launch choices decide most (bench/NOTES.md: "The two numbers"), and last a mid-sized C
+# whose slot budget caps the grid at 53 programs, fewer than the SMs (NOTES item 9; against the atomics variant).
 DEFAULT_SHAPES = (
     cmi_op.Shape(4096, 768, 2),
     cmi_op.Shape(65536, 768, 10),
     cmi_op.Shape(32768, 4096, 3),
     cmi_op.Shape(16384, 768, 30522),
     cmi_op.Shape(8192, 4096, 1000),
+    cmi_op.Shape(65536, 768, 100),
 )
 QUICK_SHAPES = (cmi_op.Shape(8, 40, 3, "fp32"),)
 QUICK_VARIANTS = ("main", "budget_1/16", "atomics", "warps_2")
