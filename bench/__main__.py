@@ -18,6 +18,8 @@ import time
 
 import torch
 
+from cmi_fused.cli_help import DefaultsHelpFormatter
+
 if not torch.cuda.is_available():
     # The fused provider then runs in the Triton interpreter; must be set before triton is imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -39,6 +41,7 @@ def shape_argument(text: str) -> cmi_op.Shape:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
+        formatter_class=DefaultsHelpFormatter,
         description="Benchmark cmi_loss (fused triton vs eager torch vs torch.compile) and a BERT training step.",
     )
     parser.add_argument(

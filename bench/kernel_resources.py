@@ -23,6 +23,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from cmi_fused.cli_help import DefaultsHelpFormatter
 from kernels.cmi_backward import cmi_backward_kernel
 from kernels.cmi_forward import cmi_forward_kernel, num_warps_for
 from kernels.cmi_log_centroids import cmi_log_centroids_kernel
@@ -55,7 +56,11 @@ FORWARD_USES = [
     ("fixed_table", ("stats_ptr", "lse_in_ptr"), dict(FIXED, LOG_CENTROIDS=True)),
     ("batch_stats", ("centroids_ptr", "stats_ptr", "lse_in_ptr", "row_kl_ptr"), dict(BATCH_STATS, LOG_CENTROIDS=False)),
     ("batch_kl", ("centroids_ptr", "accum_ptr", "lse_out_ptr"), dict(BATCH_KL, LOG_CENTROIDS=False)),
-    ("batch_kl_table", ("stats_ptr", "accum_ptr", "lse_out_ptr"), dict(BATCH_KL, HAS_CENTROIDS=True, LOG_CENTROIDS=True)),
+    (
+        "batch_kl_table",
+        ("stats_ptr", "accum_ptr", "lse_out_ptr"),
+        dict(BATCH_KL, HAS_CENTROIDS=True, LOG_CENTROIDS=True),
+    ),
 ]
 # The backward's: given centroids, centroids from the statistics, the log-centroid table.
 BACKWARD_USES = [
@@ -153,7 +158,7 @@ def report(arch: int) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (90 = H100)")
     parser.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     args = parser.parse_args(argv)

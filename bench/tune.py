@@ -37,6 +37,7 @@ if not torch.cuda.is_available():
 import triton
 
 from cmi_fused import cmi_loss
+from cmi_fused.cli_help import DefaultsHelpFormatter
 
 from . import cmi_op, report
 from .timing import device_name, rotated
@@ -220,7 +221,11 @@ def summary_markdown(results: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bench.tune", description=__doc__.splitlines()[0].strip("`"))
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.tune",
+        description="A/B the fused op's launch choices on one GPU, in one process.",
+        formatter_class=DefaultsHelpFormatter,
+    )
     parser.add_argument("--quick", action="store_true", help="CPU smoke run: one tiny shape, wall time")
     parser.add_argument("--output-dir", default=os.environ.get("OUT") or "bench/results")
     parser.add_argument("--shapes", nargs="+", type=cmi_op.parse_shape, metavar="NxD:C[:DTYPE]")

@@ -53,6 +53,4 @@ def cmi_loss_torch(
     log_g = torch.log(centroids.detach().to(compute_dtype).clamp_min(options.eps))
     row_kl = (f * (log_f - log_g[safe_labels])).sum(dim=-1)
     row_kl = torch.where(valid, row_kl, torch.full_like(row_kl, float("nan")))
-    return CMIOutput(
-        reduce_rows(row_kl, options.reduction), class_sums.float(), class_counts.float()
-    )
+    return CMIOutput(reduce_rows(row_kl, options.reduction), class_sums.float(), class_counts.float())

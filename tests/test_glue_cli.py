@@ -300,6 +300,25 @@ def test_bad_arguments_say_what_to_pass(tiny_bert, glue_dir, tmp_path):
         main(["train", *common_args(tiny_bert, glue_dir, tmp_path / "x"), "--max-seq-length", "0"])
 
 
+@pytest.mark.parametrize(
+    "command, shown, hidden",
+    [
+        ("train", ["--epochs EPOCHS       default: 5.0", "--seed SEED           default: 0", "(default: none)"],
+         ["default: None", "default: False"]),
+        ("distill", ["default: 10.0", "(default: 0.5)", "(default: 2.0)"], ["default: None", "default: False"]),
+    ],
+)  # fmt: skip
+def test_help_shows_the_defaults(command, shown, hidden, capsys):
+    """Every option with a default says it in --help (0 included); required options and flags say nothing more."""
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for fragment in shown:
+        assert " ".join(fragment.split()) in text
+    for fragment in hidden:
+        assert fragment not in text
+
+
 def test_seed_fixes_a_fresh_classification_head(glue_dir, tmp_path, monkeypatch):
     """An encoder without a head (like the offline MiniLM) gets a new head: --seed, not the process's RNG state
     before the run, decides it, so the runs of a sweep are paired on their initialisation."""

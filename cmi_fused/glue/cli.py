@@ -8,10 +8,12 @@ Subcommands are registered by small functions (``register_train``, ``register_sw
 from __future__ import annotations
 
 import argparse
+import functools
 import shlex
 import sys
 from collections.abc import Sequence
 
+from ..cli_help import DefaultsHelpFormatter
 from ..regularizer import CENTROID_MODES, NORMALIZATIONS
 from .data import TASKS
 from .sweep import run_sweep
@@ -117,8 +119,17 @@ def register_sweep(subparsers) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cmi-glue", description=__doc__.splitlines()[0])
-    subparsers = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="cmi-glue",
+        description="Fine-tune on GLUE with Min-CMI / Max-CMI (train), sweep lambda (sweep), and distil a teacher "
+        "into a smaller student (select-teacher, distill, distill-sweep).",
+    )
+    # every subcommand's --help shows its defaults
+    subparsers = parser.add_subparsers(
+        dest="command",
+        required=True,
+        parser_class=functools.partial(argparse.ArgumentParser, formatter_class=DefaultsHelpFormatter),
+    )
     register_train(subparsers)
     register_sweep(subparsers)
     from .distill_cli import register_distill_commands  # imports this module: not at the top
