@@ -207,12 +207,17 @@ def test_comparison_table_speedups():
 
 def test_target_checks_flag_misses():
     small, large = (4096, 768, 2, "bf16"), (32768, 4096, 3, "bf16")
+    tiny, vocab = (32, 768, 2, "bf16"), (16384, 768, 30522, "bf16")
     rows = [
         make_row(small, "fixed", "fused", "fwd_bwd", "device", 0.030),
         make_row(small, "fixed", "fused", "fwd_bwd", "wall", 0.10, peak_mb=5.0),
         make_row(small, "fixed", "eager", "fwd_bwd", "wall", 0.50),
         make_row(large, "fixed", "fused", "fwd_bwd", "device", 0.300),
         make_row(large, "batch", "fused", "fwd_bwd", "device", 0.500),
+        make_row(tiny, "fixed", "fused", "fwd_bwd", "wall", 0.015),
+        make_row(tiny, "fixed", "noop", "fwd_bwd", "wall", 0.010),
+        # budget 1.1 x (16384*768*2 + 2*30522*768*4) bytes = 223 MB; the C x d term dominates at this C
+        make_row(vocab, "fixed", "fused", "fwd_bwd", "wall", 1.0, peak_mb=150.0),
     ]
     checks = {
         (c["criterion"], c["shape"]): c["verdict"]
@@ -223,6 +228,8 @@ def test_target_checks_flag_misses():
     assert checks[("fused wall ms <= eager wall ms", "4096x768 C=2 bf16")] == "met"
     assert checks[("batch-centroid device ms <= 1.5x fixed", "32768x4096 C=3 bf16")] == "MISSED by 11%"
     assert checks[("fused peak MB (fixed) <= 1.1 x (N*d*elem + 2*C*d*4)", "4096x768 C=2 bf16")] == "met"
+    assert checks[("fused peak MB (fixed) <= 1.1 x (N*d*elem + 2*C*d*4)", "16384x768 C=30522 bf16")] == "met"
+    assert checks[("fused wall ms <= 2x no-op step", "32x768 C=2 bf16")] == "met"  # 0.015 ms <= 2 x 0.010 ms
     other_gpu = report.target_checks(synthetic_results("NVIDIA A100", rows))
     assert not any(c["criterion"].endswith("H100 target") for c in other_gpu)
 
@@ -262,19 +269,19 @@ def keep_torch_threads():
     torch.set_num_threads(threads)
 
 
-def read_results(output_dir) -> dict:
-    """The one results JSON in ``output_dir``."""
-    (json_path,) = glob.glob(str(output_dir / "*.json"))
+def read_results(output_dir, pattern="*.json") -> dict:
+    """The one results JSON in ``output_dir`` that matches ``pattern``."""
+    (json_path,) = glob.glob(str(output_dir / pattern))
     with open(json_path, encoding="utf-8") as handle:
         return json.load(handle)
 
 
 @pytest.mark.filterwarnings("ignore:no fused-vs-eager")
 def test_resume_measures_only_the_missing_shapes(tmp_path, keep_torch_threads):
-    def run(*shapes, modes=("fixed",)):
+    def run(*shapes, modes=("fixed",), results="*.json"):
         argv = ["--quick", "--resume", "--no-e2e", "--providers", "eager", "noop", "--output-dir", str(tmp_path)]
         assert bench_main([*argv, "--modes", *modes, "--shapes", *shapes]) == 0
-        return read_results(tmp_path)
+        return read_results(tmp_path, results)
 
     first = run("8x40:3:fp32")
     second = run("8x40:3:fp32", "6x33:10:bf16")
@@ -286,13 +293,21 @@ def test_resume_measures_only_the_missing_shapes(tmp_path, keep_torch_threads):
     # A shape is done only for the rows asked for: another mode measures it again.
     third = run("8x40:3:fp32", modes=("fixed", "batch"))
     assert {(r["mode"], r["run"]) for r in third["rows"] if (r["N"], r["d"]) == (8, 40)} == {("fixed", 2), ("batch", 2)}
-    # A resume that starts on a later day (UTC) continues the newest file of the device, whatever its date.
+    # A resume that starts on a later day (UTC) continues the newest file of the device, whatever its date, and
+    # keeps that file's date; older files are left alone.
     (json_path,) = glob.glob(str(tmp_path / "*.json"))
-    earlier = json_path[: -len("yyyy-mm-dd.json")] + "2026-01-01.json"
-    os.rename(json_path, earlier)
-    fourth = run("8x40:3:fp32", "6x33:10:bf16")
-    assert glob.glob(str(tmp_path / "*.json")) == [earlier] and len(fourth["runs"]) == 4
-    assert fourth["rows"] == third["rows"] and fourth["date"] == third["date"]  # nothing was missing
+    stem = json_path[: -len("yyyy-mm-dd.json")]
+    os.remove(json_path)
+    report.write_json(dict(third, date="2024-01-02"), stem + "2024-01-02.json")
+    report.write_json(dict(third, date="2024-01-01", rows=[]), stem + "2024-01-01.json")
+    with open(stem + "2024-01-01.json", encoding="utf-8") as handle:
+        older = handle.read()
+    fourth = run("8x40:3:fp32", "6x33:10:bf16", results="*2024-01-02.json")
+    assert sorted(glob.glob(str(tmp_path / "*.json"))) == [stem + "2024-01-01.json", stem + "2024-01-02.json"]
+    assert len(fourth["runs"]) == 4 and fourth["date"] == "2024-01-02"
+    assert fourth["rows"] == third["rows"]  # nothing was missing
+    with open(stem + "2024-01-01.json", encoding="utf-8") as handle:
+        assert handle.read() == older
 
 
 @pytest.mark.filterwarnings("ignore:no fused-vs-eager")

@@ -33,9 +33,10 @@ from cmi_fused.distill import (  # noqa: E402
     training_set_cmi,
     with_teacher_logits,
 )
+from cmi_fused.glue import distill_cli  # noqa: E402
 from cmi_fused.glue.cli import main  # noqa: E402
 from cmi_fused.glue.data import load_task, tokenize_split  # noqa: E402
-from cmi_fused.glue.distill_cli import sweep_grid  # noqa: E402
+from cmi_fused.glue.distill_cli import DistillConfig, distill_history, load_student, sweep_grid  # noqa: E402
 from cmi_fused.glue.train import TrainConfig, build_training_arguments, train  # noqa: E402
 from glue_fixtures import save_tiny_bert  # noqa: E402
 
@@ -184,15 +185,25 @@ def test_build_errors():
         build_student(tiny_teacher(position_embedding_type="relative_key"))
 
 
+def test_seed_fixes_the_built_students_fresh_head():
+    """--seed, not the process's RNG state before the run, decides the student's new head: seeds stay paired."""
+    teacher = tiny_teacher()
+    heads = []
+    for rng_state, seed in ((1, 7), (2, 7), (1, 8)):
+        torch.manual_seed(rng_state)  # whatever ran before in this process
+        config = DistillConfig(task="mrpc", model="teacher", output_dir="out", teacher="teacher", seed=seed)
+        student, _ = load_student(config, teacher, None, 3)
+        heads.append(student.classifier.weight.detach().clone())
+    assert torch.equal(heads[0], heads[1]) and not torch.equal(heads[0], heads[2])
+
+
 # ------------------------------------------------------------------------------------------------------
 # End to end on a tiny random BERT teacher trained by cmi-glue train
 @pytest.fixture(scope="module")
 def teachers(tmp_path_factory, glue_dir):
     """Two teachers trained for 1 epoch: ``none`` (batch centroids) and ``max`` (epoch centroids)."""
     base = tmp_path_factory.mktemp("teachers")
-    model_dir = save_tiny_bert(
-        base / "init", num_layers=NUM_TEACHER_LAYERS, num_heads=4, intermediate_size=48
-    )
+    model_dir = save_tiny_bert(base / "init", num_layers=NUM_TEACHER_LAYERS, num_heads=4, intermediate_size=48)
     runs = {}
     for cmi, centroids in (("none", "batch"), ("max", "epoch")):
         runs[cmi] = str(base / cmi)
@@ -317,6 +328,24 @@ def test_cached_teacher_logits_equal_per_batch_and_teacher_gets_no_gradient(teac
         assert torch.equal(param, before[name]), name
 
 
+def test_logged_epoch_means_are_the_ce_and_kl_terms(teachers, glue_dir, tmp_path):
+    """train_kl is the mean of the KL term alone (no T^2 factor, no CE mixed in), train_ce that of the CE."""
+    trainer, _ = kd_trainer(teachers["none"], glue_dir, tmp_path, cache=True)
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    # Confident teacher logits (the trained teacher's are near uniform): a KL of order 1, well above rounding.
+    shape, generator = batch["teacher_logits"].shape, torch.Generator().manual_seed(0)
+    batch["teacher_logits"] = (3 * torch.randn(shape, generator=generator)).to(trainer.args.device)
+    trainer.model.train()
+    with torch.no_grad():
+        trainer.compute_loss(trainer.model, dict(batch))
+        student_logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        expected = trainer.kd(student_logits, batch["teacher_logits"], batch["labels"])
+    logged = []
+    trainer.log = lambda values, *args, **kwargs: logged.append(values)
+    trainer.callback_handler.on_epoch_end(trainer.args, trainer.state, trainer.control)
+    assert logged == [pytest.approx({"train_ce": float(expected.ce), "train_kl": float(expected.kl)}, rel=1e-5)]
+
+
 def test_select_teacher_uses_metric_over_training_set_cmi(teachers, glue_dir):
     none_run = training_set_cmi(teachers["none"])
     assert none_run["centroids_source"] == "training-set class means"
@@ -367,7 +396,32 @@ def test_sweep_grid_runs_alpha_zero_once():
     assert sweep_grid([0, 0.5], [1, 4]) == [(0.0, 1.0), (0.5, 1.0), (0.5, 4.0)]
 
 
-def test_distill_sweep_table(teachers, glue_dir, tmp_path):
+def test_distill_history_gives_each_epoch_its_own_train_kl():
+    """Each epoch's row carries the train_kl and train_ce logged at that epoch's end."""
+    log_history = []
+    for epoch, (ce, kl, f1) in enumerate(((0.7, 0.3, 0.5), (0.6, 0.2, 0.6), (0.5, 0.1, 0.55)), start=1):
+        log_history += [
+            {"epoch": float(epoch), "train_ce": ce, "train_kl": kl, "step": 4 * epoch},
+            {"epoch": float(epoch), "eval_f1": f1, "eval_accuracy": 0.5, "eval_loss": 0.69, "step": 4 * epoch},
+        ]
+    log_history.append({"epoch": 3.0, "train_runtime": 1.0, "train_loss": 0.6, "step": 12})
+    assert distill_history(log_history, ["f1", "accuracy"]) == [
+        {"epoch": 1, "train_ce": 0.7, "train_kl": 0.3, "eval": {"f1": 0.5, "accuracy": 0.5}},
+        {"epoch": 2, "train_ce": 0.6, "train_kl": 0.2, "eval": {"f1": 0.6, "accuracy": 0.5}},
+        {"epoch": 3, "train_ce": 0.5, "train_kl": 0.1, "eval": {"f1": 0.55, "accuracy": 0.5}},
+    ]
+
+
+def test_distill_sweep_table(teachers, glue_dir, tmp_path, monkeypatch):
+    """Two teachers x two seeds summarised per arm; with --cache-teacher-logits each teacher's runs get that
+    teacher's own training-set logits."""
+    distill, cached_logits = distill_cli.distill, []
+
+    def recording_distill(config, data, teacher, teacher_logits):
+        cached_logits.append((config, teacher_logits.clone()))
+        return distill(config, data, teacher, teacher_logits)
+
+    monkeypatch.setattr(distill_cli, "distill", recording_distill)
     out = tmp_path / "sweep"
     args = distill_args(teachers["none"], glue_dir, out)
     args[args.index("--teacher") + 1 : args.index("--teacher") + 2] = [teachers["none"], teachers["max"]]
@@ -396,6 +450,13 @@ def test_distill_sweep_table(teachers, glue_dir, tmp_path):
     assert summary["arms"][1]["paired_diffs"] == pytest.approx(
         [a - b for a, b in zip(summary["arms"][1]["values"], summary["arms"][0]["values"], strict=True)]
     )
+    train = load_task("mrpc", glue_dir).train
+    assert [config.teacher for config, _ in cached_logits] == [teachers["none"]] * 2 + [teachers["max"]] * 2
+    for config, logits in cached_logits:
+        tokenizer = AutoTokenizer.from_pretrained(config.teacher)
+        model = AutoModelForSequenceClassification.from_pretrained(config.teacher)
+        expected = teacher_logits_for(model, tokenize_split(train, tokenizer, config.max_seq_length), tokenizer, 8)
+        torch.testing.assert_close(logits.cpu(), expected, rtol=1e-5, atol=1e-5)
     table = (out / "sweep.md").read_text()
     assert "| arm |" in table and "machine:" in table and summary["arms"][1]["arm"] in table
     # A second call reads the finished runs instead of training again.

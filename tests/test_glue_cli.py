@@ -1,6 +1,8 @@
 """End-to-end ``cmi-glue train`` / ``sweep`` on a tiny random BERT saved to a temp dir (no network)."""
 
+import dataclasses
 import json
+import operator
 import os
 import subprocess
 import sys
@@ -24,11 +26,13 @@ from cmi_fused import CMIRegularizer, cmi_loss
 from cmi_fused.glue.cli import build_parser, main
 from cmi_fused.glue.data import load_task, tokenize_split
 from cmi_fused.glue.metrics import glue_metrics
-from cmi_fused.glue.sweep import run_dir, summarize_arms
+from cmi_fused.glue.sweep import reuse_or_run, run_dir, run_sweep, summarize_arms
 from cmi_fused.glue.train import (
+    RESULTS_FILE,
     CMITrainer,
     FeatureCapture,
     TrainConfig,
+    best_epoch_of,
     build_training_arguments,
     load_model_and_tokenizer,
     train,
@@ -112,6 +116,20 @@ def test_train_writes_results_and_the_best_checkpoint(tiny_bert, glue_dir, tmp_p
     assert not [name for name in os.listdir(out) if name.startswith("checkpoint-")]
 
 
+def test_trainer_keeps_the_epoch_with_the_highest_metric(tmp_path):
+    """The checkpoint load_best_model_at_end keeps is the epoch best_epoch_of reports: the highest metric. (The
+    tiny runs above often tie across epochs, so they cannot tell which way the Trainer compares.)"""
+    args = build_training_arguments(TrainConfig("mrpc", "m", str(tmp_path)), "f1")
+    assert args.load_best_model_at_end and args.metric_for_best_model == "f1"
+    better = operator.gt if args.greater_is_better else operator.lt  # transformers' test for a new best checkpoint
+    history = [{"epoch": epoch, "eval": {"f1": f1}} for epoch, f1 in ((1, 0.6), (2, 0.8), (3, 0.7))]
+    kept = history[0]
+    for row in history[1:]:
+        if better(row["eval"]["f1"], kept["eval"]["f1"]):
+            kept = row
+    assert kept["epoch"] == best_epoch_of(history, "f1")["epoch"] == 2
+
+
 def test_frozen_centroid_pass_leaves_the_training_run_unchanged(tiny_bert, glue_dir, tmp_path):
     """The frozen mode's extra pass over the training set must not draw from the RNG that shuffles and drops out:
     a plain CE run (lambda 0) is the same run whatever the centroid mode, so arms of different modes stay paired."""
@@ -183,6 +201,47 @@ def test_sweep_summarises_paired_seeds(tiny_bert, glue_dir, tmp_path):
     assert json.loads((out / "sweep.json").read_text())["lambdas"] == summary["lambdas"]
 
 
+def test_sweep_summarises_each_runs_best_epoch_not_its_last(glue_dir, tmp_path):
+    """The value of a run is its best epoch's metric (the checkpoint kept), even where a later epoch is worse."""
+
+    def fake_train(config, data):
+        best, last = 0.9 - 0.1 * config.seed, 0.1 * config.seed + (0.2 if config.cmi_lambda else 0.0)
+        history = [{"epoch": 1, "eval": {"f1": best}}, {"epoch": 2, "eval": {"f1": last}}]
+        return {"config": dataclasses.asdict(config), "best_epoch": 1, "best": history[0]["eval"], "history": history}
+
+    base = TrainConfig("mrpc", "m", str(tmp_path / "sweep"), data_dir=glue_dir, cmi="min")
+    baseline, regularised = run_sweep(base, [0.5], [0, 1], train_fn=fake_train)["lambdas"]
+    assert baseline["values"] == pytest.approx([0.9, 0.8]) and regularised["values"] == pytest.approx([0.9, 0.8])
+    assert regularised["paired_diffs"] == pytest.approx([0.0, 0.0])
+
+
+def test_every_setting_that_changes_what_a_run_computes_blocks_reuse(tmp_path):
+    """A finished run is reused only when nothing but where and how it runs differs (README): every other
+    TrainConfig field, the sample limits included, is compared."""
+    where_and_how = {"output_dir", "data_dir", "eval_batch_size", "keep_checkpoints", "resume", "disable_tqdm"}
+    changed = {
+        "task": "rte", "model": "other-model", "cmi": "max", "cmi_lambda": 0.7, "centroids": "ema", "feature": "cls",
+        "temperature": 0.3, "normalization": "center_l2", "momentum": 0.5, "epochs": 7.0, "batch_size": 3,
+        "lr": 1e-4, "weight_decay": 0.01, "warmup_ratio": 0.2, "max_seq_length": 17, "seed": 9, "bf16": True,
+        "max_train_samples": 11, "max_eval_samples": 5,
+    }  # fmt: skip
+    assert set(changed) | where_and_how == {field.name for field in dataclasses.fields(TrainConfig)}
+    base = TrainConfig("mrpc", "m", str(tmp_path / "run"), cmi="min", cmi_lambda=0.1)
+    os.makedirs(base.output_dir)
+    finished = {"config": dataclasses.asdict(base), "best": {"f1": 0.5}, "best_epoch": 1, "history": []}
+    with open(os.path.join(base.output_dir, RESULTS_FILE), "w") as handle:
+        json.dump(finished, handle)
+
+    def never():
+        raise AssertionError("a finished run was retrained")
+
+    for name, value in changed.items():
+        with pytest.raises(ValueError, match=rf"\b{name}: "):
+            reuse_or_run(dataclasses.replace(base, **{name: value}), never)
+    for name, value in {"data_dir": "/elsewhere", "eval_batch_size": 99, "keep_checkpoints": True}.items():
+        assert reuse_or_run(dataclasses.replace(base, **{name: value}), never) == finished
+
+
 def test_run_directories_of_different_lambdas_differ():
     assert run_dir("out", 0.0, 1) == os.path.join("out", "lambda_0", "seed_1")
     assert run_dir("out", 0.05, 0) == os.path.join("out", "lambda_0.05", "seed_0")
@@ -195,40 +254,94 @@ def test_summarize_arms_hand_values():
     assert rows[1]["paired_diffs"] == pytest.approx([0.1, -0.1, 0.3])
     assert rows[1]["diff_median"] == pytest.approx(0.1) and rows[1]["wins"] == 2
     assert (rows[1]["diff_min"], rows[1]["diff_max"]) == pytest.approx((-0.1, 0.3))
+    tied = summarize_arms({0.0: {0: 0.5, 1: 0.6}, 0.1: {0: 0.5, 1: 0.7}}, 0.0)[1]
+    assert tied["paired_diffs"] == pytest.approx([0.0, 0.1]) and tied["wins"] == 1  # a tie is not a win
     with pytest.raises(ValueError, match="baseline"):
         summarize_arms({0.1: {0: 0.5}}, 0.0)
 
 
-@pytest.mark.parametrize("cmi, sign", [("min", 1.0), ("max", -1.0), ("none", 0.0)])
-def test_training_loss_is_ce_plus_signed_lambda_cmi(tiny_bert, glue_dir, tmp_path, cmi, sign):
+def cmi_trainer(tiny_bert, output_dir, cmi, cmi_lambda=0.3):
+    """A CMITrainer (temperature 0.2, batch centroids, pooled feature) on the tiny BERT without dropout, and its
+    model."""
     model = BertForSequenceClassification.from_pretrained(
         tiny_bert, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
     )
-    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
-    config = TrainConfig("mrpc", tiny_bert, str(tmp_path), cmi=cmi, cmi_lambda=0.3, temperature=0.2)
-    capture = FeatureCapture(model, "pooled")
+    config = TrainConfig("mrpc", tiny_bert, str(output_dir), cmi=cmi, cmi_lambda=cmi_lambda, temperature=0.2)
     args = build_training_arguments(config, "f1", eval_strategy="no", save_strategy="no", load_best_model_at_end=False)
     trainer = CMITrainer(
         model=model,
         args=args,
         regularizer=CMIRegularizer(2, HIDDEN, temperature=0.2),
-        capture=capture,
+        capture=FeatureCapture(model, "pooled"),
         cmi_weight=config.cmi_weight,
     )
-    split = tokenize_split(load_task("mrpc", glue_dir).train.select(range(8)), tokenizer, 64)
-    inputs = tokenizer.pad(
-        [{k: row[k] for k in ("input_ids", "token_type_ids", "attention_mask")} for row in split], return_tensors="pt"
-    )
-    inputs["labels"] = torch.tensor(split["label"])
-    inputs = trainer._prepare_inputs(dict(inputs))  # on the model's device (the Trainer moved it to a GPU if any)
+    return trainer, model
+
+
+def training_batches(trainer, tiny_bert, glue_dir, sizes):
+    """Consecutive MRPC training batches of the given sizes, padded and on the trainer's device (the Trainer moved
+    the model to a GPU if any)."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    split = tokenize_split(load_task("mrpc", glue_dir).train, tokenizer, 64)
+    batches, start = [], 0
+    for size in sizes:
+        rows = split.select(range(start, start + size))
+        start += size
+        inputs = tokenizer.pad(
+            [{k: row[k] for k in ("input_ids", "token_type_ids", "attention_mask")} for row in rows],
+            return_tensors="pt",
+        )
+        inputs["labels"] = torch.tensor(rows["label"])
+        batches.append(trainer._prepare_inputs(dict(inputs)))
+    return batches
+
+
+def ce_and_cmi(model, inputs):
+    """The batch's CE and CMI (batch centroids, temperature 0.2) of the pooled feature, computed apart."""
+    outputs = model.bert(**{k: v for k, v in inputs.items() if k != "labels"})
+    ce = torch.nn.functional.cross_entropy(model.classifier(outputs.pooler_output), inputs["labels"])
+    return ce, cmi_loss(outputs.pooler_output, inputs["labels"], 2, temperature=0.2).loss
+
+
+@pytest.mark.parametrize("cmi, sign", [("min", 1.0), ("max", -1.0), ("none", 0.0)])
+def test_training_loss_and_its_gradient_are_ce_plus_signed_lambda_cmi(tiny_bert, glue_dir, tmp_path, cmi, sign):
+    """The CMI term reaches the model's gradient, not only the loss value. (lambda 30: the CMI part of the gradient
+    stands well above the float32 rounding of the CE part.)"""
+    trainer, model = cmi_trainer(tiny_bert, tmp_path, cmi, cmi_lambda=30.0)
+    (inputs,) = training_batches(trainer, tiny_bert, glue_dir, [8])
     model.train()
     loss = trainer.compute_loss(model, dict(inputs))
-    with torch.no_grad():
-        outputs = model.bert(**{k: v for k, v in inputs.items() if k != "labels"})
-        ce = torch.nn.functional.cross_entropy(model.classifier(outputs.pooler_output), inputs["labels"])
-        cmi_term = cmi_loss(outputs.pooler_output, inputs["labels"], 2, temperature=0.2).loss
+    loss.backward()
+    ce, cmi_term = ce_and_cmi(model, inputs)
     assert cmi_term > 0
-    assert loss.item() == pytest.approx((ce + sign * 0.3 * cmi_term).item(), rel=1e-5)
+    assert loss.item() == pytest.approx((ce + sign * 30.0 * cmi_term).item(), rel=1e-5)
+    weight = model.bert.pooler.dense.weight  # below the classifier: CE and CMI both reach it
+    (ce_grad,) = torch.autograd.grad(ce, weight, retain_graph=True)
+    (cmi_grad,) = torch.autograd.grad(sign * 30.0 * cmi_term, weight)
+    atol = 1e-2 * float(cmi_grad.abs().max()) + 1e-5 * float(ce_grad.abs().max())
+    torch.testing.assert_close(weight.grad - ce_grad, cmi_grad, rtol=0, atol=atol)  # what the CMI term adds
+
+
+def test_logged_epoch_means_cover_their_own_epoch(tiny_bert, glue_dir, tmp_path):
+    """train_ce and train_cmi are means over the batches of the epoch that ends, not over every batch so far."""
+    trainer, model = cmi_trainer(tiny_bert, tmp_path, "min")
+    logged = []
+    trainer.log = lambda values, *args, **kwargs: logged.append(values)
+    batches = training_batches(trainer, tiny_bert, glue_dir, [8, 8, 8])
+    model.train()
+    terms = []
+    with torch.no_grad():
+        for step, inputs in enumerate(batches):
+            trainer.compute_loss(model, dict(inputs))
+            terms.append([float(term) for term in ce_and_cmi(model, inputs)])
+            if step == 1:
+                trainer.end_epoch()  # epoch 1: batches 0 and 1; epoch 2: batch 2
+        trainer.end_epoch()
+    (ce0, cmi0), (ce1, cmi1), (ce2, cmi2) = terms
+    assert logged == [
+        pytest.approx({"train_ce": (ce0 + ce1) / 2, "train_cmi": (cmi0 + cmi1) / 2}, rel=1e-5),
+        pytest.approx({"train_ce": ce2, "train_cmi": cmi2}, rel=1e-5),
+    ]
 
 
 def test_one_process_with_several_gpus_is_refused(tiny_bert, tmp_path, monkeypatch):

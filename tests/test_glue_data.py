@@ -261,11 +261,14 @@ def test_hub_failure_gives_one_clear_message(monkeypatch):
 
 
 def test_hub_splits_are_renamed_to_the_common_columns(monkeypatch):
+    """Columns renamed; ``matched`` is the hub's validation_matched split and ``mismatched`` validation_mismatched."""
+
     def fake_hub(path, name):
         assert (path, name) == ("nyu-mll/glue", "mnli")
-        split = {"premise": ["p1", "p2"], "hypothesis": ["h1", "h2"], "label": [2, 0], "idx": [0, 1]}
         return {
-            key: datasets.Dataset.from_dict(split)
+            key: datasets.Dataset.from_dict(
+                {"premise": [f"{key} p1", f"{key} p2"], "hypothesis": ["h1", "h2"], "label": [2, 0], "idx": [0, 1]}
+            )
             for key in ("train", "validation_matched", "validation_mismatched", "test_matched")
         }
 
@@ -274,6 +277,8 @@ def test_hub_splits_are_renamed_to_the_common_columns(monkeypatch):
     assert data.train.column_names == ["text_a", "text_b", "label"]
     assert list(data.train["text_b"]) == ["h1", "h2"] and list(data.train["label"]) == [2, 0]
     assert tuple(data.eval) == ("matched", "mismatched") and len(data.eval["mismatched"]) == 1
+    assert list(data.eval["matched"]["text_a"]) == ["validation_matched p1"]
+    assert list(data.eval["mismatched"]["text_a"]) == ["validation_mismatched p1"]
 
 
 def test_unknown_task():
@@ -306,15 +311,16 @@ def test_tokenize_split_pairs_and_truncation(tmp_path):
 
 
 def test_metrics_match_hand_computed_values():
-    labels = np.array([1, 1, 1, 0, 0, 0])
-    predictions = np.array([1, 1, 0, 0, 0, 1])
-    tp, tn, fp, fn = 2, 2, 1, 1
+    """MRPC/QQP F1 is the positive class's F1 (as GLUE reports it): the classes' F1s (0.75, 0.5) differ here."""
+    labels = np.array([1, 1, 1, 1, 0, 0])
+    predictions = np.array([1, 1, 1, 0, 0, 1])
+    tp, tn, fp, fn = 3, 1, 1, 1
     mcc = (tp * tn - fp * fn) / np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
     assert glue_metrics("cola", predictions, labels) == pytest.approx({"matthews_correlation": mcc})
-    assert glue_metrics("mrpc", predictions, labels) == pytest.approx(
-        {"f1": 2 * tp / (2 * tp + fp + fn), "accuracy": 4 / 6}
-    )
-    assert glue_metrics("qqp", predictions, labels).keys() == {"f1", "accuracy"}
+    for task in ("mrpc", "qqp"):
+        assert glue_metrics(task, predictions, labels) == pytest.approx(
+            {"f1": 2 * tp / (2 * tp + fp + fn), "accuracy": 4 / 6}
+        )
     assert glue_metrics("rte", predictions, labels) == pytest.approx({"accuracy": 4 / 6})
 
 

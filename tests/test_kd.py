@@ -73,6 +73,7 @@ def test_teacher_never_receives_gradient():
 
 
 def test_pure_distillation_without_labels_and_module_form():
+    """The module is the function with its own alpha, temperature and reduction."""
     student, teacher, labels = make_inputs(seed=3)
     module = KDLoss(alpha=1.0, temperature=2.0)
     without_labels = module(student, teacher)
@@ -80,6 +81,11 @@ def test_pure_distillation_without_labels_and_module_form():
     torch.testing.assert_close(without_labels.loss, with_labels.loss)
     assert float(without_labels.ce) == 0.0
     assert "alpha=1.0" in repr(module)
+    for reduction in ("none", "sum"):
+        got = KDLoss(alpha=0.4, temperature=2.0, reduction=reduction)(student, teacher, labels)
+        expected = kd_loss(student, teacher, labels, alpha=0.4, temperature=2.0, reduction=reduction)
+        for got_term, expected_term in zip(got, expected, strict=True):
+            torch.testing.assert_close(got_term, expected_term)
 
 
 def test_fullgraph_compile_matches_eager():

@@ -125,7 +125,7 @@ def test_frozen_mode_fixes_centroids_from_one_pass():
 
 
 def test_center_l2_uses_running_feature_mean():
-    momentum = 0.5
+    momentum = 0.9  # not 0.5: the old mean and the batch mean get different weights
     reg = CMIRegularizer(C, D, "batch", temperature=0.1, normalization="center_l2", feature_momentum=momentum)
     (h1, y1), (h2, y2) = make_batches(2)
     mean = h1.double().mean(0)
@@ -137,15 +137,25 @@ def test_center_l2_uses_running_feature_mean():
     assert torch.allclose(reg.feature_mean.double(), mean, atol=1e-6)
 
 
-def test_frozen_center_l2_computes_the_feature_mean_first():
+def test_frozen_center_l2_computes_the_feature_mean_first_and_keeps_it():
+    """freeze() takes the feature mean before the centroids; training steps then leave both as they are."""
     reg = CMIRegularizer(C, D, "frozen", temperature=0.2, normalization="center_l2")
     passes = make_batches(2, seed=8)
     with pytest.raises(TypeError, match="re-iterable"):
         reg.freeze(iter(passes))
     reg.freeze(passes)
     h_all, y_all = torch.cat([p[0] for p in passes]), torch.cat([p[1] for p in passes])
-    x_all = torch.nn.functional.normalize(h_all.double() - h_all.double().mean(0), dim=-1)
-    assert torch.allclose(reg.centroids.double(), class_means(softmax(x_all, 0.2), y_all), atol=1e-6)
+    mean = h_all.double().mean(0)
+    x_all = torch.nn.functional.normalize(h_all.double() - mean, dim=-1)
+    frozen = class_means(softmax(x_all, 0.2), y_all)
+    assert torch.allclose(reg.centroids.double(), frozen, atol=1e-6)
+    assert reg.training
+    h, y = make_batches(1, seed=9)[0]
+    h = h + 5.0  # far from the frozen mean: an update would move it visibly
+    x = torch.nn.functional.normalize(h.double() - mean, dim=-1)
+    assert torch.allclose(reg(h, y).double(), hand_cmi(x, y, frozen, 0.2), atol=1e-5)
+    assert torch.allclose(reg.feature_mean.double(), mean, atol=1e-6)
+    assert torch.allclose(reg.centroids.double(), frozen, atol=1e-6)
 
 
 def test_eval_mode_keeps_state():
@@ -161,11 +171,13 @@ def test_eval_mode_keeps_state():
 
 @pytest.mark.parametrize("mode", ["epoch", "ema"])
 def test_state_dict_round_trip(mode, tmp_path):
+    """A checkpoint taken mid-epoch carries everything, the epoch's class sums so far included."""
     reg = CMIRegularizer(C, D, mode, temperature=T, normalization="center_l2")
     batches = make_batches(3)
     for h, y in batches:
         reg(h, y)
     reg.end_epoch()
+    reg(*make_batches(1, seed=4)[0])  # the checkpoint falls in the middle of epoch 2
     torch.save(reg.state_dict(), tmp_path / "reg.pt")
     restored = CMIRegularizer(C, D, mode, temperature=T, normalization="center_l2")
     restored.load_state_dict(torch.load(tmp_path / "reg.pt"))

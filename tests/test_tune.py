@@ -11,7 +11,7 @@ pytest.importorskip("triton")
 import kernels.cmi
 import kernels.cmi_forward
 from bench.report import slug
-from bench.tune import VARIANTS, VARIANTS_BY_NAME, Variant, launch_grid, main
+from bench.tune import VARIANTS, VARIANTS_BY_NAME, Variant, launch_grid, main, summary_markdown
 
 
 def test_every_variant_overrides_existing_constants():
@@ -20,9 +20,10 @@ def test_every_variant_overrides_existing_constants():
         with variant.applied():
             for name, value in variant.constants:
                 assert getattr(kernels.cmi, name) == value, (variant.name, name)
-    with pytest.raises(AttributeError, match="NO_SUCH_CONSTANT"), Variant(
-        "bad", "", constants=(("NO_SUCH_CONSTANT", 1),)
-    ).applied():
+    with (
+        pytest.raises(AttributeError, match="NO_SUCH_CONSTANT"),
+        Variant("bad", "", constants=(("NO_SUCH_CONSTANT", 1),)).applied(),
+    ):
         pass
 
 
@@ -49,6 +50,23 @@ def test_launch_grid_reports_the_variants_choice():
     assert not main_grid["atomics"]
     assert main_grid["num_warps"] == 4
     assert launch_grid(VARIANTS_BY_NAME["warps_2"], features, 3)["num_warps"] == 2
+
+
+def test_summary_vs_main_is_the_variants_time_over_mains():
+    """The "vs main" column is variant ms / main ms (medians over rounds): 2.00x takes twice as long as main."""
+    grid = {"programs": 4, "slots": 4, "atomics": False, "log_table": False, "num_warps": 4}
+    row = {"N": 64, "d": 40, "C": 3, "dtype": "fp32", "mode": "fixed", "pass": "fwd", "timing": "wall", **grid}
+    rows = [
+        dict(row, variant=variant, round=round_index, ms=ms)
+        for variant, times in (("main", (1.0, 1.2, 0.8)), ("atomics", (2.0, 2.0, 2.0)))
+        for round_index, ms in enumerate(times)
+    ]
+    results = {"device": "GPU", "date": "2026-01-01", "torch": "x", "triton": "y", "timing": "device", "rounds": 3}
+    lines = summary_markdown(dict(results, rows=rows)).splitlines()
+    (main_line,) = [line for line in lines if "| main |" in line]
+    (atomics_line,) = [line for line in lines if "| atomics |" in line]
+    assert main_line.endswith("| 1.0000 | spread 0.8000..1.2000 |")
+    assert atomics_line.endswith("| 2.0000 | 2.00x |")
 
 
 def test_quick_run_writes_a_row_per_variant_round_and_pass(tmp_path):
