@@ -54,13 +54,7 @@ TASKS = {
     "sst2": GlueTask("sst2", "SST-2", 2, "accuracy", ("sentence",), "label", ("sentence",)),
     "mrpc": GlueTask("mrpc", "MRPC", 2, "f1", ("#1 String", "#2 String"), "Quality", ("sentence1", "sentence2")),
     "qqp": GlueTask(
-        "qqp",
-        "QQP",
-        2,
-        "f1",
-        ("question1", "question2"),
-        "is_duplicate",
-        ("question1", "question2"),
+        "qqp", "QQP", 2, "f1", ("question1", "question2"), "is_duplicate", ("question1", "question2"),
         skip_short_rows=True,
     ),
     "qnli": GlueTask(
