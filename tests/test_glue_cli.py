@@ -77,7 +77,7 @@ def predict(model_dir, split, task):
     return glue_metrics(task, predictions, np.array(split["label"]))
 
 
-def test_train_writes_results_and_the_best_checkpoint(tiny_bert, glue_dir, tmp_path):
+def test_train_writes_results_and_the_best_checkpoint(tiny_bert, glue_dir, tmp_path, capfd):
     out = tmp_path / "run"
     main(
         [
@@ -114,6 +114,9 @@ def test_train_writes_results_and_the_best_checkpoint(tiny_bert, glue_dir, tmp_p
     reg.load_state_dict(torch.load(out / "cmi_regularizer.pt"))
     assert int(reg.epoch) == results["best_epoch"] and bool(reg.centroid_valid.all())
     assert not [name for name in os.listdir(out) if name.startswith("checkpoint-")]
+    # --disable-tqdm (in common_args) silences every progress bar: tokenising, loading and saving weights, training
+    progress_bars = [line for line in capfd.readouterr().err.splitlines() if "it/s]" in line or "examples/s]" in line]
+    assert not progress_bars, progress_bars[:3]
 
 
 def test_trainer_keeps_the_epoch_with_the_highest_metric(tmp_path):
