@@ -20,7 +20,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
-from .options import REDUCTIONS, check_check_labels, check_label_tensor, check_number, maybe_validate_labels
+from .options import check_check_labels, check_label_tensor, check_number, check_reduction, maybe_validate_labels
 from .reference import reduce_rows
 
 
@@ -64,8 +64,7 @@ def check_kd_inputs(
         raise ValueError(f"teacher_logits are on {teacher_logits.device} but student_logits on {student_logits.device}")
     alpha = check_number("alpha", alpha, 0.0, 1.0)
     temperature = check_number("temperature", temperature, 0.0, low_open=True)
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    check_reduction(reduction)
     check_check_labels(check_labels)
     if labels is None:
         if alpha != 1.0:
@@ -132,8 +131,7 @@ class KDLoss(nn.Module):
         super().__init__()
         self.alpha = check_number("alpha", alpha, 0.0, 1.0)
         self.temperature = check_number("temperature", temperature, 0.0, low_open=True)
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        check_reduction(reduction)
         self.reduction = reduction
 
     def forward(

@@ -114,6 +114,11 @@ def resolve_backend(backend: str, features: torch.Tensor) -> str:
     return "triton" if features.is_cuda and features.dtype in KERNEL_DTYPES else "torch"
 
 
+def check_reduction(reduction) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
 def check_backend(backend) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -170,8 +175,7 @@ def check_inputs(
             raise ValueError(f"centroids are on {centroids.device} but features on {features.device}")
     temperature = check_temperature(temperature)
     eps = check_number("eps", eps, 0.0, low_open=True)
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    check_reduction(reduction)
     check_backend(backend)
     if deterministic not in (None, True, False):
         raise ValueError(f"deterministic must be None, True or False, got {deterministic!r}")
