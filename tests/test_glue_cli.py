@@ -351,17 +351,9 @@ def test_one_process_with_several_gpus_is_refused(tiny_bert, tmp_path, monkeypat
     """Several GPUs in one process would mean nn.DataParallel, whose replicas each fire the feature hook."""
     from transformers import TrainingArguments
 
-    model = BertForSequenceClassification.from_pretrained(tiny_bert)
     monkeypatch.setattr(TrainingArguments, "n_gpu", property(lambda self: 2))
-    config = TrainConfig("mrpc", tiny_bert, str(tmp_path))
     with pytest.raises(ValueError, match="one process per GPU"):
-        CMITrainer(
-            model=model,
-            args=build_training_arguments(config, "f1", eval_strategy="no", load_best_model_at_end=False),
-            regularizer=CMIRegularizer(2, HIDDEN),
-            capture=FeatureCapture(model, "pooled"),
-            cmi_weight=0.0,
-        )
+        cmi_trainer(tiny_bert, tmp_path, "none")
 
 
 def test_torchrun_without_cuda_shards_the_data_over_processes(tiny_bert, glue_dir, tmp_path):
