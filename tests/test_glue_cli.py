@@ -65,13 +65,16 @@ def common_args(tiny_bert, glue_dir, output_dir, task="mrpc"):
     ]
 
 
+def padded_batch(tokenizer, encoded_rows):
+    """The model inputs of tokenised rows, padded into one batch."""
+    columns = ("input_ids", "token_type_ids", "attention_mask")
+    return tokenizer.pad([{k: row[k] for k in columns} for row in encoded_rows], return_tensors="pt")
+
+
 def predict(model_dir, split, task):
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    encoded = tokenize_split(split, tokenizer, 128)
-    batch = tokenizer.pad(
-        [{k: row[k] for k in ("input_ids", "token_type_ids", "attention_mask")} for row in encoded], return_tensors="pt"
-    )
+    batch = padded_batch(tokenizer, tokenize_split(split, tokenizer, 128))
     with torch.no_grad():
         predictions = model(**batch).logits.argmax(-1).numpy()
     return glue_metrics(task, predictions, np.array(split["label"]))
@@ -290,10 +293,7 @@ def training_batches(trainer, tiny_bert, glue_dir, sizes):
     for size in sizes:
         rows = split.select(range(start, start + size))
         start += size
-        inputs = tokenizer.pad(
-            [{k: row[k] for k in ("input_ids", "token_type_ids", "attention_mask")} for row in rows],
-            return_tensors="pt",
-        )
+        inputs = padded_batch(tokenizer, rows)
         inputs["labels"] = torch.tensor(rows["label"])
         batches.append(trainer._prepare_inputs(dict(inputs)))
     return batches
