@@ -221,6 +221,23 @@ def test_sweep_summarises_each_runs_best_epoch_not_its_last(glue_dir, tmp_path):
     assert regularised["paired_diffs"] == pytest.approx([0.0, 0.0])
 
 
+def test_only_rank_0_writes_the_sweep_files(glue_dir, tmp_path, monkeypatch):
+    """Under torchrun every rank runs the sweep; sweep.json and sweep.md come from rank 0 alone."""
+
+    def fake_train(config, data):
+        history = [{"epoch": 1, "eval": {"f1": 0.5 + 0.1 * config.seed}}]
+        return {"config": dataclasses.asdict(config), "best_epoch": 1, "best": history[0]["eval"], "history": history}
+
+    base = TrainConfig("mrpc", "m", str(tmp_path / "sweep"), data_dir=glue_dir, cmi="min")
+    monkeypatch.setenv("RANK", "1")
+    summary = run_sweep(base, [0.5], [0, 1], train_fn=fake_train)
+    assert summary["lambdas"][1]["values"] == pytest.approx([0.5, 0.6])
+    assert not (tmp_path / "sweep" / "sweep.json").exists() and not (tmp_path / "sweep" / "sweep.md").exists()
+    monkeypatch.setenv("RANK", "0")
+    run_sweep(base, [0.5], [0, 1], train_fn=fake_train)
+    assert json.loads((tmp_path / "sweep" / "sweep.json").read_text())["lambdas"] == summary["lambdas"]
+
+
 def test_every_setting_that_changes_what_a_run_computes_blocks_reuse(tmp_path):
     """A finished run is reused only when nothing but where and how it runs differs (README): every other
     TrainConfig field, the sample limits included, is compared."""
@@ -369,6 +386,7 @@ def test_torchrun_without_cuda_shards_the_data_over_processes(tiny_bert, glue_di
     assert sorted(path.name for path in output_dir.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     results = json.loads((output_dir / "results.json").read_text())
     assert [entry["epoch"] for entry in results["history"]] == [1, 2]
+    assert finished.stdout.count("best epoch") == 1, finished.stdout  # the summary line from rank 0 only
 
 
 def test_feature_capture_is_the_classifier_input(tmp_path):

@@ -17,7 +17,7 @@ from ..cli_help import DefaultsHelpFormatter
 from ..regularizer import CENTROID_MODES, NORMALIZATIONS
 from .data import TASKS
 from .sweep import run_sweep
-from .train import CMI_SIGNS, FEATURES, TrainConfig, train
+from .train import CMI_SIGNS, FEATURES, TrainConfig, is_main_process, train
 
 
 def parse_list(kind):
@@ -77,6 +77,12 @@ def add_cmi_args(parser: argparse.ArgumentParser, default_cmi: str = "none") -> 
     parser.add_argument("--momentum", type=float, default=0.9, help="EMA momentum of --centroids ema")
 
 
+def report(*lines: str) -> None:
+    """Print a command's summary lines, once under ``torchrun`` (rank 0)."""
+    if is_main_process():
+        print("\n".join(lines))
+
+
 def config_from_args(args: argparse.Namespace, **overrides) -> TrainConfig:
     """A :class:`TrainConfig` from parsed arguments (fields the parser lacks keep their defaults)."""
     fields = {name: getattr(args, name) for name in TrainConfig.__dataclass_fields__ if hasattr(args, name)}
@@ -87,16 +93,17 @@ def config_from_args(args: argparse.Namespace, **overrides) -> TrainConfig:
 def run_train(args: argparse.Namespace) -> None:
     results = train(config_from_args(args))
     best = ", ".join(f"{name} {value:.4f}" for name, value in results["best"].items())
-    print(f"{args.task}: best epoch {results['best_epoch']}: {best}; results in {args.output_dir}/results.json")
+    report(f"{args.task}: best epoch {results['best_epoch']}: {best}; results in {args.output_dir}/results.json")
 
 
 def run_sweep_command(args: argparse.Namespace) -> None:
     command = "cmi-glue " + " ".join(shlex.quote(arg) for arg in args.argv)
     summary = run_sweep(config_from_args(args), args.lambdas, args.seeds, command=command)
+    lines = []
     for row in summary["lambdas"]:
         diff = f", paired diff median {row['diff_median']:+.4f}" if row["arm"] != 0 and row["paired_diffs"] else ""
-        print(f"lambda {row['arm']:g}: median {summary['metric']} {row['median']:.4f}{diff}")
-    print(f"table in {args.output_dir}/sweep.md")
+        lines.append(f"lambda {row['arm']:g}: median {summary['metric']} {row['median']:.4f}{diff}")
+    report(*lines, f"table in {args.output_dir}/sweep.md")
 
 
 def register_train(subparsers) -> None:

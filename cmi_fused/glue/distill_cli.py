@@ -30,7 +30,7 @@ from ..distill import (
     with_teacher_logits,
 )
 from ..kd import KDLoss
-from .cli import add_common_args, parse_list
+from .cli import add_common_args, parse_list, report
 from .data import GlueData, load_task, tokenize_split, tokenize_task
 from .sweep import format_sweep_markdown, machine_description, reuse_or_run, summarize_arms, value_label, write_sweep
 from .train import (
@@ -310,9 +310,8 @@ def distill_config_from_args(args: argparse.Namespace, **overrides) -> DistillCo
 def run_distill_command(args: argparse.Namespace) -> None:
     results = distill(distill_config_from_args(args))
     best = ", ".join(f"{name} {value:.4f}" for name, value in results["best"].items())
-    print(
-        f"{args.task}: student best epoch {results['best_epoch']}: {best}; results in {args.output_dir}/{RESULTS_FILE}"
-    )
+    where = os.path.join(args.output_dir, RESULTS_FILE)
+    report(f"{args.task}: student best epoch {results['best_epoch']}: {best}; results in {where}")
 
 
 def run_select_teacher_command(args: argparse.Namespace) -> None:
@@ -343,9 +342,8 @@ def run_distill_sweep_command(args: argparse.Namespace) -> None:
     command = "cmi-glue " + " ".join(shlex.quote(arg) for arg in args.argv)
     base = distill_config_from_args(args, teacher=args.teacher[0])
     summary = run_distill_sweep(base, args.teacher, args.alphas, args.kd_temperatures, args.seeds, command=command)
-    for row in summary["arms"]:
-        print(f"{row['arm']}: median {summary['metric']} {row['median']:.4f}")
-    print(f"table in {args.output_dir}/sweep.md")
+    lines = [f"{row['arm']}: median {summary['metric']} {row['median']:.4f}" for row in summary["arms"]]
+    report(*lines, f"table in {args.output_dir}/sweep.md")
 
 
 def register_distill(subparsers) -> None:

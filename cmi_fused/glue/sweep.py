@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .data import load_task
-from .train import RESULTS_FILE, TrainConfig, train
+from .train import RESULTS_FILE, TrainConfig, is_main_process, train
 
 # Settings that locate a run or say how it is executed, not what it computes: a finished run is reused whatever they
 # are now.
@@ -130,7 +130,9 @@ def format_sweep_markdown(
 
 
 def write_sweep(output_dir: str, summary: dict, markdown: str) -> None:
-    """Write ``sweep.json`` and ``sweep.md`` into ``output_dir``."""
+    """Write ``sweep.json`` and ``sweep.md`` into ``output_dir`` (once under ``torchrun``: rank 0)."""
+    if not is_main_process():
+        return
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, "sweep.json"), "w") as handle:
         json.dump(summary, handle, indent=2)

@@ -41,6 +41,12 @@ REGULARIZER_FILE = "cmi_regularizer.pt"
 RESULTS_FILE = "results.json"
 
 
+def is_main_process() -> bool:
+    """False on every ``torchrun`` rank but rank 0, so that a command's summary line and a sweep's files come once,
+    not once per process (read from ``RANK``, which torchrun sets: also right before the Trainer joins the group)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 @dataclasses.dataclass
 class TrainConfig:
     """Everything one ``cmi-glue train`` run depends on (written to ``results.json`` as ``config``)."""
