@@ -24,6 +24,14 @@ Peak memory (CUDA): ``max_memory_allocated`` during one eager step minus the all
 measured once per (provider, mode, pass) and reported in both its device and wall rows. ``gpu_launches``
 (fwd_bwd rows, CUDA): the kernels, memsets and copies the profiler saw in one eager step.
 
+Accuracy (every provider but ``noop``, once per shape and mode, on input set 0): the loss and the gradient of one
+forward + backward against a float64 evaluation of the same inputs (the torch backend on the upcast features),
+``rel_err_loss`` and ``rel_err_grad`` in the provider's ``fwd_bwd`` rows, so that no timing stands for a wrong
+result. The loss error is taken against ``max(|loss|, 0.1 x mean_i sum_j f_ij (|log f_ij| + |log g_ij|))``: a
+loss made of cancelling terms (per-batch centroids of one-row classes give KL_i = 0) can be exact only to the
+rounding of its terms, as in tests/test_cmi_loss.py. The gradient is taken of ``scale x loss`` with ``scale`` the
+power of two nearest N (as a loss scaler does), so that fp16 gradients of a mean stay in fp16's normal range.
+
 Bytes model (achieved GB/s): a pass reads or writes the (N, d) activations ``passes`` times
 (fwd 1: read h; bwd 2: read h, write dh; fwd_bwd 3), plus, with fixed centroids, the gathered centroid
 rows ``min(N, C) * d * 4`` once. The (C, d) ``class_sums`` output is not counted.
@@ -42,6 +50,7 @@ from collections.abc import Callable
 import torch
 
 from cmi_fused import cmi_loss
+from cmi_fused.options import CMIOptions
 
 from .timing import elapsed_ms, sync
 
@@ -56,6 +65,8 @@ TIMINGS = ("device", "wall")
 PASS_ACTIVATION_TRAFFIC = {"fwd": 1, "bwd": 2, "fwd_bwd": 3}
 DEFAULT_L2_BYTES = 50 * 2**20
 COPY_WARMUP_STEPS = 3
+# The loss error's floor, as a fraction of the magnitude of the terms the loss sums (see the module docstring).
+LOSS_TERM_FLOOR = 0.1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,6 +178,59 @@ def make_inputs(shape: Shape, mode: str, count: int, device: torch.device, gener
         features = features.to(shape.torch_dtype).requires_grad_(True)
         sets.append(InputSet(features, labels, centroids))
     return sets
+
+
+@dataclasses.dataclass
+class Reference:
+    """Float64 loss, the magnitude of its terms, and the gradient of ``grad_scale x loss``, for one input set."""
+
+    loss: float
+    term_scale: float
+    grad: torch.Tensor
+    grad_scale: float
+
+
+def grad_scale_for(n_rows: int) -> float:
+    """The power of two nearest ``n_rows``: undoes a mean's 1/N, exactly, in every float dtype."""
+    return float(2 ** round(math.log2(n_rows)))
+
+
+def float64_reference(item: InputSet, num_classes: int) -> Reference:
+    """The torch backend's loss and gradient on the float64 features, and the magnitude of the loss's terms."""
+    h64 = item.features.detach().double().requires_grad_(True)
+    result = cmi_loss(h64, item.labels, num_classes, item.centroids, backend="torch", check_labels=False)
+    scale = grad_scale_for(h64.shape[0])
+    (grad,) = torch.autograd.grad(result.loss * scale, h64)
+    with torch.no_grad():
+        log_f = torch.log_softmax(h64, dim=1)
+        if item.centroids is None:
+            centroids = result.class_sums.double() / result.class_counts.double().clamp_min(1.0)[:, None]
+        else:
+            centroids = item.centroids.double()
+        log_g = torch.log(centroids.clamp_min(CMIOptions.eps))[item.labels]  # the op's default eps, as timed
+        term_scale = (log_f.exp() * (log_f.abs() + log_g.abs())).sum(dim=1).mean()
+    return Reference(result.loss.item(), term_scale.item(), grad, scale)
+
+
+def accuracy(loss_fn: Callable, item: InputSet, reference: Reference) -> dict:
+    """``{"rel_err_loss", "rel_err_grad"}`` of one forward + backward against ``reference`` (``None`` and an
+    ``accuracy_error`` where a value is not finite); ``{"accuracy_error": ...}`` when the step fails."""
+    try:
+        loss = loss_fn(item.features, item.labels, item.centroids)
+        (grad,) = torch.autograd.grad(loss * reference.grad_scale, item.features)
+    except Exception as error:
+        return {"accuracy_error": f"{type(error).__name__}: {error}"}
+    loss_floor = max(abs(reference.loss), LOSS_TERM_FLOOR * reference.term_scale)
+    errors = {
+        "rel_err_loss": abs(loss.item() - reference.loss) / loss_floor,
+        "rel_err_grad": (torch.linalg.vector_norm(grad.double() - reference.grad)
+                         / torch.linalg.vector_norm(reference.grad)).item(),
+    }  # fmt: skip
+    not_finite = [name for name, value in errors.items() if not math.isfinite(value)]
+    if not_finite:
+        errors = {name: (None if name in not_finite else value) for name, value in errors.items()}
+        errors["accuracy_error"] = f"not finite: {', '.join(not_finite)}"
+    return errors
 
 
 def build_step(loss_fn: Callable, inputs: list[InputSet], pass_name: str, *, for_graph: bool):
@@ -484,6 +548,8 @@ def run_op_bench(
             inputs = make_inputs(
                 shape, mode, num_input_sets(shape, mode, l2_bytes, budget.max_input_sets), device, generator
             )
+            checked = [p for p in providers if p != "noop" and p not in unavailable and "fwd_bwd" in passes]
+            reference = float64_reference(inputs[0], shape.num_classes) if checked else None
             for provider in providers:
                 case_passes = provider_passes(provider, passes)
                 if not case_passes:
@@ -504,10 +570,15 @@ def run_op_bench(
                 if provider in COMPILED_PROVIDERS:
                     torch._dynamo.reset()  # a fresh static-shape compile per case: no recompile limit to hit
                 loss_fn = make_loss_fn(provider, shape.num_classes)
+                checks = accuracy(loss_fn, inputs[0], reference) if provider in checked else {}
+                if checks:
+                    log(f"{shape.label:>26} {mode:5} {provider:14} accuracy vs float64: {checks}")
                 for pass_name in case_passes:
                     case_rows = bench_case(
                         shape, mode, provider, pass_name, timings, inputs, loss_fn, device, budget, copy_tbps
                     )
+                    if pass_name == "fwd_bwd":
+                        case_rows = [dict(row, **checks) for row in case_rows]
                     for row in case_rows:
                         if row["ms"] is not None:
                             shown = f"{row['ms']:.4f} ms"
@@ -515,7 +586,7 @@ def run_op_bench(
                             shown = f"error: {row['error'][:120]}" if "error" in row else f"skipped: {row['skipped']}"
                         log(f"{shape.label:>26} {mode:5} {provider:14} {pass_name:7} {row['timing']:6} {shown}")
                     rows += case_rows
-            del inputs
+            del inputs, reference
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
