@@ -424,21 +424,42 @@ def write_json(results: dict, path: str) -> None:
 
 def write_report(json_path: str) -> None:
     """(Re)write the markdown and the PNG next to a results JSON."""
-    with open(json_path, encoding="utf-8") as handle:
-        results = json.load(handle)
+    results = read_json(json_path)
     stem = json_path.removesuffix(".json")
     has_plot = bool(results["rows"]) and plot_speedups(results, stem + ".png")
     with open(stem + ".md", "w", encoding="utf-8") as handle:
         handle.write(render_markdown(results, os.path.basename(stem) + ".png" if has_plot else None))
 
 
+def read_json(path: str) -> dict:
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m bench.report", description="Rewrite the markdown table and PNG plot of results JSON files."
+        prog="python -m bench.report",
+        description=(
+            "Rewrite the markdown table and PNG plot of results JSON files; with --merge-into, first merge them "
+            "(in order) into that file, e.g. a second device call's shapes into the first call's results."
+        ),
     )
     parser.add_argument("json_paths", nargs="+", metavar="RESULTS_JSON")
-    for json_path in parser.parse_args(argv).json_paths:
-        write_report(json_path)
+    parser.add_argument(
+        "--merge-into",
+        metavar="TARGET_JSON",
+        help="results file of the same device that takes the rows of RESULTS_JSON (same-key rows replaced)",
+    )
+    args = parser.parse_args(argv)
+    if args.merge_into is None:
+        for json_path in args.json_paths:
+            write_report(json_path)
+        return
+    merged = read_json(args.merge_into)
+    for json_path in args.json_paths:
+        merged = merge_results(merged, read_json(json_path))
+    write_json(merged, args.merge_into)
+    write_report(args.merge_into)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 # case runs against CUDA tensors. Needs no network: run it from a checkout (nothing is installed into the
 # environment; the checkout's packages are imported from the working directory).
 #
-#   bench/run_gpu_tests.sh [extra pytest options]
+#   [TEST_PATHS="tests/test_cmi_loss.py ..."] bench/run_gpu_tests.sh [extra pytest options]
 #
 # Python packages the host lacks (on the lent H100: `datasets` and its `dill`, `multiprocess`) come as wheels in
 # ./.whl, installed into /tmp/site for this run only; bench/NOTES.md has the download command. The log, a JUnit
@@ -21,9 +21,10 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader ||
 echo "kernel $(uname -r)"  # ends in -gpu on the Firecracker runtime, where ncu reads hardware counters
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
 
+read -ra paths <<<"${TEST_PATHS:-tests}"  # the whole suite, or the files and node ids given
 # SIGINT after TEST_TIME_LIMIT seconds (default 540, inside a 10-minute device command): pytest then stops like on
 # Ctrl-C, still printing its summary and writing the JUnit XML of the tests that ran; the script then exits 124
 # (SIGKILL 15 s later if it has not stopped). --durations: what is slow, for planning the next call.
 timeout --signal=INT --kill-after=15 "${TEST_TIME_LIMIT:-540}" \
-    python3 -m pytest -q tests -rs --durations=25 --junitxml "$out_dir/pytest-gpu.xml" "$@" 2>&1 | tee "$out_dir/pytest-gpu.log"
+    python3 -m pytest -q "${paths[@]}" -rs --durations=25 --junitxml "$out_dir/pytest-gpu.xml" "$@" 2>&1 | tee "$out_dir/pytest-gpu.log"
 exit "${PIPESTATUS[0]}"

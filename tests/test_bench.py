@@ -5,6 +5,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ import torch
 
 from bench import cmi_op, e2e, report
 from bench.__main__ import main as bench_main
+from bench.timing import device_name
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROW_KEYS = {"N", "d", "C", "dtype", "mode", "provider", "pass", "timing", "ms", "peak_mb"}
@@ -326,6 +328,22 @@ def test_merge_replaces_same_key_rows_and_keeps_the_rest():
         report.merge_results(old, synthetic_results("other GPU", []))
 
 
+@pytest.mark.filterwarnings("ignore:no fused-vs-eager", "ignore:matplotlib is not installed")
+def test_report_merges_a_second_call_into_the_first(tmp_path):
+    shape, other = (32, 768, 2, "bf16"), (4096, 768, 2, "bf16")
+    first = synthetic_results("GPU", [make_row(shape, "fixed", "eager", "fwd", "wall", 1.0)])
+    first["e2e"], first["skipped"] = {"error": "kept"}, [list(other)]
+    second = synthetic_results("GPU", [make_row(other, "fixed", "eager", "fwd", "wall", 2.0)])
+    report.write_json(first, str(tmp_path / "first.json"))
+    report.write_json(second, str(tmp_path / "second.json"))
+    report.main([str(tmp_path / "second.json"), "--merge-into", str(tmp_path / "first.json")])
+    merged = read_results(tmp_path, "first.json")
+    assert sorted((r["N"], r["ms"], r["run"]) for r in merged["rows"]) == [(32, 1.0, 0), (4096, 2.0, 1)]
+    assert merged["skipped"] == [] and merged["e2e"] == {"error": "kept"} and len(merged["runs"]) == 2
+    assert "| 4096x768 C=2 bf16 | fixed | fwd | wall |" in (tmp_path / "first.md").read_text()
+    assert read_results(tmp_path, "second.json") == second  # the merged-in file is left as it was
+
+
 def test_e2e_overhead_is_significant_only_when_every_round_agrees():
     clear = e2e.summarise({"plain": [10.0, 10.2, 9.9], "cmi_fused": [10.5, 10.6, 10.3]})
     noisy = e2e.summarise({"plain": [10.0, 10.2, 9.9], "cmi_fused": [10.1, 10.0, 10.0]})
@@ -486,3 +504,35 @@ def test_unavailable_fused_provider_becomes_error_rows(monkeypatch):
     assert by_provider["fused"]["ms"] is None and by_provider["fused"]["error"] == "ImportError: no kernels"
     assert by_provider["eager"]["ms"] > 0 and "error" not in by_provider["eager"]
     assert "frac_copy" not in by_provider["eager"]  # no copy rate, no fraction of it
+
+
+@pytest.mark.filterwarnings("ignore:no fused-vs-eager")
+def test_gpu_session_script_dry_run(tmp_path):
+    """bench/gpu_session.sh, the one device call of a GPU session, end to end on the CPU with tiny stages: every
+    stage runs, and what it leaves in $OUT is what the device tool returns (at most 8 plain files, plain names)."""
+    out_dir, bench_dir = tmp_path / "out", tmp_path / "bench"
+    env = dict(
+        os.environ,
+        OUT=str(out_dir),
+        BENCH_OUTPUT_DIR=str(bench_dir),
+        TEST_PATHS="tests/test_host_overhead.py::test_stub_counts_every_launch_of_a_step_and_is_undone",
+        TEST_WORKERS="1",
+        BENCH_SHAPES="6x33:10:bf16",
+        BENCH_ARGS="--no-e2e --providers eager noop",
+        PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],  # python3 = this interpreter
+    )
+    completed = subprocess.run(
+        ["bash", "bench/gpu_session.sh"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    log = (out_dir / "session.log").read_text()
+    for stage in ("=== facts", "=== issue 2", "=== issue 3", "=== host path", "=== done"):
+        assert stage in log, log[-3000:]
+    assert "1 passed" in log and "run_gpu_tests.sh exit status 0" in log and "run_gpu.sh exit status 0" in log
+    files = sorted(path.name for path in out_dir.iterdir())
+    stem = report.results_stem(device_name(torch.device("cpu")), read_results(out_dir, "cpu-*.json")["date"])
+    expected = {"session.log", "pytest-gpu.log", "pytest-gpu.xml", "host-overhead.json", f"{stem}.json", f"{stem}.md"}
+    assert expected <= set(files) <= expected | {f"{stem}.png"}
+    assert all(path.is_file() and re.fullmatch(r"[A-Za-z0-9._-]+", path.name) for path in out_dir.iterdir())
+    rows = read_results(out_dir, "cpu-*.json")["rows"]
+    assert {(r["N"], r["d"], r["C"], r["provider"]) for r in rows} == {(6, 33, 10, "eager"), (6, 33, 10, "noop")}

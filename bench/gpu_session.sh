@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# A whole GPU session's checks in one device call: the device tool lends 15 minutes of device time per session,
+# machine start included, and gives a machine back after 30 s idle, so the work is one prepared command:
+#
+#   1. facts: GPU, driver, runtime (the kernel ends in -gpu on Firecracker, where ncu reads counters), versions;
+#   2. issue 2: the test suite on CUDA tensors (bench/run_gpu_tests.sh; pytest-xdist workers when installed, since
+#      Triton and inductor compiles dominate a first CUDA run), for at most TEST_TIME_LIMIT s (default 200; 0 skips
+#      it, e.g. in a second call that only resumes the benchmark);
+#   3. issue 3: bench/run_gpu.sh, the issue's target shapes first, in the time left (it resumes: a second call
+#      with this call's results put back in bench/results measures only what is missing);
+#   4. bench.host_overhead (CPU only, about 10 s), if at least 30 s are left: the GPU host's Python speed, to split
+#      the wall rows into host path and launches (bench/NOTES.md item 4).
+#
+#   bench/gpu_session.sh            # inside `run` with timeout_s 600; carry .whl (datasets for the GLUE tests)
+#
+# A dry run on a CPU host (what tests/test_bench.py runs): TEST_PATHS=tests/test_kd.py BENCH_SHAPES=8x40:3:fp32
+# BENCH_ARGS="--no-e2e --providers eager fused noop" SESSION_LIMIT=300 bench/gpu_session.sh
+#
+# Everything ends by SESSION_LIMIT s (default 570, inside a 600 s call). What comes back in $OUT (the tool returns
+# at most 8 files): session.log (all output), pytest-gpu.log, pytest-gpu.xml, host-overhead.json and the bench's
+# <gpu>-<date>.{json,md,png}.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+session_limit=${SESSION_LIMIT:-570}
+out_dir=${OUT:-/tmp/gpu-session}
+mkdir -p "$out_dir"
+exec > >(tee -a "$out_dir/session.log") 2>&1
+tee_pid=$!
+export OUT=$out_dir PYTHONUNBUFFERED=1
+
+left() { echo $((session_limit - SECONDS)); }
+stage() { echo; echo "=== $1 (at ${SECONDS} s, $(left) s left)"; }
+
+stage "facts"
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem,memory.total --format=csv,noheader || true
+echo "kernel $(uname -r), $(nproc) CPUs"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
+
+stage "issue 2: the test suite on CUDA"
+# Not test_cmi_loss_speed: its pytest-benchmark timings measure what python -m bench measures below.
+test_args=(-k "not test_cmi_loss_speed")
+if python3 -c "import xdist" 2>/dev/null; then
+    test_args+=(-n "${TEST_WORKERS:-8}")
+fi
+if [ "${TEST_TIME_LIMIT:-200}" -gt 0 ]; then
+    TEST_TIME_LIMIT=${TEST_TIME_LIMIT:-200} bench/run_gpu_tests.sh "${test_args[@]}"
+    echo "run_gpu_tests.sh exit status $?"
+else
+    echo "skipped: TEST_TIME_LIMIT=0"
+fi
+
+stage "issue 3: python -m bench"
+# Target shapes of the issue first, so that a cut-off run has measured them; then the two others of the default set.
+shapes=(32x768:2:bf16 4096x768:2:bf16 16384x768:30522:bf16 8192x4096:1000:bf16 65536x768:10:bf16
+        32768x4096:3:bf16 32x768:2:fp32 256x1024:3:bf16)
+[ -n "${BENCH_SHAPES:-}" ] && read -ra shapes <<<"$BENCH_SHAPES"
+# run_gpu.sh interrupts a shape at BENCH_HARD_LIMIT and then copies its files to $OUT: keep 40 s for that and the
+# last stage's check. No new shape starts in the last 60 s of its time (a large shape's two compiles take tens).
+bench_hard=$(( $(left) - 40 ))
+if [ "$bench_hard" -gt 60 ]; then
+    BENCH_HARD_LIMIT=$bench_hard BENCH_TIME_LIMIT=$(( bench_hard - 60 )) bench/run_gpu.sh --shapes "${shapes[@]}" ${BENCH_ARGS:-}
+    echo "run_gpu.sh exit status $?"
+else
+    echo "skipped: only $(left) s left"
+fi
+
+stage "host path (CPU only)"
+if [ "$(left)" -ge 30 ]; then
+    timeout "$(( $(left) - 5 ))" python3 -m bench.host_overhead --rounds 5 --json "$out_dir/host-overhead.json"
+else
+    echo "skipped: only $(left) s left"
+fi
+stage "summary"
+grep -E "^(=+ )?[0-9]+ (passed|failed)|^FAILED|^ERROR" "$out_dir/pytest-gpu.log" 2>/dev/null | tail -15
+for results in "$out_dir"/*-[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9].json; do
+    [ -f "$results" ] || continue
+    python3 - "$results" <<'PY'
+import json, sys
+
+from bench import report
+
+results = json.load(open(sys.argv[1], encoding="utf-8"))
+rows = results["rows"]
+print(f"{sys.argv[1]}: {len(rows)} rows, copy {results['copy_tbps']:.2f} TB/s, e2e {'yes' if results['e2e'] else 'no'}")
+outside = [r for r in rows if report.within_tolerance(r) is False]
+print(f"accuracy vs float64 outside the bounds: {len(outside)} rows")
+errors = [r for r in rows if r.get("error")]
+print(f"error rows: {len(errors)}")
+missing = " ".join(f"{n}x{d}:{c}:{dtype}" for n, d, c, dtype in results["skipped"])
+print(f"not measured: BENCH_SHAPES=\"{missing}\"" if missing else "every requested shape measured")
+for check in report.target_checks(results) if results.get("cuda") else []:
+    print(f"  {check['criterion']} | {check['shape']} | {check['verdict']}")
+PY
+done
+stage "done"
+exec >&- 2>&-
+wait "$tee_pid"  # session.log complete before the tool collects $OUT
