@@ -13,7 +13,9 @@ cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 out_dir=${OUT:-/tmp}
 
-if compgen -G ".whl/*.whl" >/dev/null; then
+# Only where datasets is missing: a run inside the suite (tests/test_bench.py's dry run of gpu_session.sh) finds it
+# in /tmp/site and must not rewrite the files that the other test workers are importing.
+if compgen -G ".whl/*.whl" >/dev/null && ! python3 -c "import datasets" 2>/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
