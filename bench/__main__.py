@@ -11,7 +11,6 @@ import dataclasses
 import datetime
 import glob
 import importlib.metadata
-import json
 import os
 import sys
 import time
@@ -155,8 +154,7 @@ def main(argv=None) -> int:
             stem = earlier[-1][: -len(".json")]
     previous = None
     if (args.merge or args.resume) and os.path.exists(stem + ".json"):
-        with open(stem + ".json", encoding="utf-8") as handle:
-            previous = json.load(handle)
+        previous = report.read_json(stem + ".json")
         results["date"] = previous["date"]  # the file's day; each run keeps its own start time
     present, e2e_done = set(), False
     if args.resume and previous:

@@ -75,11 +75,11 @@ grep -E "^(=+ )?[0-9]+ (passed|failed)|^FAILED|^ERROR" "$out_dir/pytest-gpu.log"
 for results in "$out_dir"/*-[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9].json; do
     [ -f "$results" ] || continue
     python3 - "$results" <<'PY'
-import json, sys
+import sys
 
 from bench import report
 
-results = json.load(open(sys.argv[1], encoding="utf-8"))
+results = report.read_json(sys.argv[1])
 rows = results["rows"]
 print(f"{sys.argv[1]}: {len(rows)} rows, copy {results['copy_tbps']:.2f} TB/s, e2e {'yes' if results['e2e'] else 'no'}")
 outside = [r for r in rows if report.within_tolerance(r) is False]
