@@ -84,13 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--resume",
         action="store_true",
-        help="like --merge, but skip the shapes (and the e2e benchmark) that file already has",
+        help="like --merge, but skip the shapes and modes (and the e2e benchmark) that file already has",
     )
     parser.add_argument(
         "--time-limit",
         type=float,
         metavar="SECONDS",
-        help="start no new shape after this many seconds; the rest is listed as skipped",
+        help="start no new shape or mode after this many seconds; the rest is listed as skipped",
     )
     parser.add_argument("--seed", type=int, default=0)
     return parser
@@ -166,9 +166,16 @@ def main(argv=None) -> int:
         report.write_json(report.merge_results(previous, results) if previous else results, stem + ".json")
         report.write_report(stem + ".json")
 
-    # A shape is measured unless every row this invocation would write for it is already in the resumed file.
-    grid = (providers, tuple(args.modes), tuple(args.passes), tuple(args.timings), device)
-    pending = [] if args.no_op_bench else [s for s in shapes if not cmi_op.grid_row_keys(s, *grid) <= present]
+    # The unit of work is one shape in one mode, saved as it finishes: a run cut off by the time limit (or by
+    # run_gpu.sh's SIGINT) loses at most the unit it was in. A unit is measured unless every row this invocation
+    # would write for it is already in the resumed file.
+    passes, timings = tuple(args.passes), tuple(args.timings)
+    pending = [] if args.no_op_bench else [
+        (shape, mode)
+        for shape in shapes
+        for mode in args.modes
+        if not cmi_op.grid_row_keys(shape, providers, (mode,), passes, timings, device) <= present
+    ]  # fmt: skip
     e2e_pending = not (args.no_e2e or e2e_done)
     try:
         fused_error = cmi_op.fused_unavailable_reason()
@@ -185,10 +192,12 @@ def main(argv=None) -> int:
             e2e_pending = False
             save()
         while pending:
-            shape = pending[0]
+            shape, mode = pending[0]
             if args.time_limit is not None and time.monotonic() - started > args.time_limit:
                 break
-            rows = cmi_op.run_op_bench([shape], *grid[:4], device, budget, copy_tbps, seed=args.seed, log=log)
+            rows = cmi_op.run_op_bench(
+                [shape], providers, (mode,), passes, timings, device, budget, copy_tbps, seed=args.seed, log=log
+            )
             results["rows"] += [dict(row, run=0) for row in rows]
             pending.pop(0)
             save()
@@ -198,7 +207,7 @@ def main(argv=None) -> int:
             results["e2e"] = {"error": "interrupted by the time limit before it finished"}
         raise
     finally:
-        results["skipped"] += [list(dataclasses.astuple(shape)) for shape in pending]
+        results["skipped"] += [[*dataclasses.astuple(shape), mode] for shape, mode in pending]
         save()
     log(f"wrote {stem}.json / .md ({time.monotonic() - started:.0f} s)")
     return 0

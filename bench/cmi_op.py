@@ -27,10 +27,11 @@ measured once per (provider, mode, pass) and reported in both its device and wal
 Accuracy (every provider but ``noop``, once per shape and mode, on input set 0): the loss and the gradient of one
 forward + backward against a float64 evaluation of the same inputs (the torch backend on the upcast features),
 ``rel_err_loss`` and ``rel_err_grad`` in the provider's ``fwd_bwd`` rows, so that no timing stands for a wrong
-result. The loss error is taken against ``max(|loss|, 0.1 x mean_i sum_j f_ij (|log f_ij| + |log g_ij|))``: a
-loss made of cancelling terms (per-batch centroids of one-row classes give KL_i = 0) can be exact only to the
-rounding of its terms, as in tests/test_cmi_loss.py. The gradient is taken of ``scale x loss`` with ``scale`` the
-power of two nearest N (as a loss scaler does), so that fp16 gradients of a mean stay in fp16's normal range.
+result. Each error is taken against the larger of the reference's norm and 0.1 x the norm of the terms it sums,
+``f_ij (|log f_ij| + |log g_ij|)`` for KL_i and ``f_ij (|log f_ij| + |log g_ij| + |KL_i|) / N`` for the gradient:
+cancelling terms (per-batch centroids of one-row classes give KL_i = 0 and a zero gradient row) can be exact only
+to the rounding of the terms, as the loss in tests/test_cmi_loss.py. The gradient is taken of ``scale x loss``
+with ``scale`` the power of two nearest N (as a loss scaler does), so fp16 gradients of a mean stay normal.
 
 Bytes model (achieved GB/s): a pass reads or writes the (N, d) activations ``passes`` times
 (fwd 1: read h; bwd 2: read h, write dh; fwd_bwd 3), plus, with fixed centroids, the gathered centroid
@@ -65,8 +66,8 @@ TIMINGS = ("device", "wall")
 PASS_ACTIVATION_TRAFFIC = {"fwd": 1, "bwd": 2, "fwd_bwd": 3}
 DEFAULT_L2_BYTES = 50 * 2**20
 COPY_WARMUP_STEPS = 3
-# The loss error's floor, as a fraction of the magnitude of the terms the loss sums (see the module docstring).
-LOSS_TERM_FLOOR = 0.1
+# The error floors of the loss and the gradient, as a fraction of the size of the terms they sum (module docstring).
+TERM_FLOOR = 0.1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,11 +183,13 @@ def make_inputs(shape: Shape, mode: str, count: int, device: torch.device, gener
 
 @dataclasses.dataclass
 class Reference:
-    """Float64 loss, the magnitude of its terms, and the gradient of ``grad_scale x loss``, for one input set."""
+    """Float64 loss and gradient of ``grad_scale x loss`` for one input set, and the norms of the terms each is
+    summed from (the floors of their errors)."""
 
     loss: float
-    term_scale: float
+    loss_terms: float
     grad: torch.Tensor
+    grad_terms: float
     grad_scale: float
 
 
@@ -196,20 +199,31 @@ def grad_scale_for(n_rows: int) -> float:
 
 
 def float64_reference(item: InputSet, num_classes: int) -> Reference:
-    """The torch backend's loss and gradient on the float64 features, and the magnitude of the loss's terms."""
+    """The torch backend's loss and gradient on the float64 features (T = 1, mean), and the sizes of their terms:
+    ``KL_i = sum_j f_ij (log f_ij - log g_ij)`` and ``dKL_i/dh_ij = f_ij (log f_ij - log g_ij - KL_i)``."""
     h64 = item.features.detach().double().requires_grad_(True)
     result = cmi_loss(h64, item.labels, num_classes, item.centroids, backend="torch", check_labels=False)
     scale = grad_scale_for(h64.shape[0])
     (grad,) = torch.autograd.grad(result.loss * scale, h64)
     with torch.no_grad():
         log_f = torch.log_softmax(h64, dim=1)
+        f = log_f.exp()
         if item.centroids is None:
             centroids = result.class_sums.double() / result.class_counts.double().clamp_min(1.0)[:, None]
         else:
             centroids = item.centroids.double()
         log_g = torch.log(centroids.clamp_min(CMIOptions.eps))[item.labels]  # the op's default eps, as timed
-        term_scale = (log_f.exp() * (log_f.abs() + log_g.abs())).sum(dim=1).mean()
-    return Reference(result.loss.item(), term_scale.item(), grad, scale)
+        row_kl = (f * (log_f - log_g)).sum(dim=1, keepdim=True)
+        loss_terms = (f * (log_f.abs() + log_g.abs())).sum(dim=1).mean()
+        grad_terms = torch.linalg.vector_norm(f * (log_f.abs() + log_g.abs() + row_kl.abs())) * scale / h64.shape[0]
+    return Reference(result.loss.item(), loss_terms.item(), grad, grad_terms.item(), scale)
+
+
+def relative(error: float, floor: float) -> float:
+    """``error / floor``; with a zero floor (d = 1: f = g = 1, every term 0) only an exact result is within."""
+    if floor > 0:
+        return error / floor
+    return 0.0 if error == 0 else math.inf
 
 
 def accuracy(loss_fn: Callable, item: InputSet, reference: Reference) -> dict:
@@ -220,12 +234,12 @@ def accuracy(loss_fn: Callable, item: InputSet, reference: Reference) -> dict:
         (grad,) = torch.autograd.grad(loss * reference.grad_scale, item.features)
     except Exception as error:
         return {"accuracy_error": f"{type(error).__name__}: {error}"}
-    loss_floor = max(abs(reference.loss), LOSS_TERM_FLOOR * reference.term_scale)
+    loss_floor = max(abs(reference.loss), TERM_FLOOR * reference.loss_terms)
+    grad_floor = max(torch.linalg.vector_norm(reference.grad).item(), TERM_FLOOR * reference.grad_terms)
     errors = {
-        "rel_err_loss": abs(loss.item() - reference.loss) / loss_floor,
-        "rel_err_grad": (torch.linalg.vector_norm(grad.double() - reference.grad)
-                         / torch.linalg.vector_norm(reference.grad)).item(),
-    }  # fmt: skip
+        "rel_err_loss": relative(abs(loss.item() - reference.loss), loss_floor),
+        "rel_err_grad": relative(torch.linalg.vector_norm(grad.double() - reference.grad).item(), grad_floor),
+    }
     not_finite = [name for name, value in errors.items() if not math.isfinite(value)]
     if not_finite:
         errors = {name: (None if name in not_finite else value) for name, value in errors.items()}

@@ -86,7 +86,7 @@ outside = [r for r in rows if report.within_tolerance(r) is False]
 print(f"accuracy vs float64 outside the bounds: {len(outside)} rows")
 errors = [r for r in rows if r.get("error")]
 print(f"error rows: {len(errors)}")
-missing = " ".join(f"{n}x{d}:{c}:{dtype}" for n, d, c, dtype in results["skipped"])
+missing = " ".join(dict.fromkeys(f"{n}x{d}:{c}:{dtype}" for n, d, c, dtype, _ in results["skipped"]))
 print(f"not measured: BENCH_SHAPES=\"{missing}\"" if missing else "every requested shape measured")
 for check in report.target_checks(results) if results.get("cuda") else []:
     print(f"  {check['criterion']} | {check['shape']} | {check['verdict']}")

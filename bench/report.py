@@ -5,7 +5,7 @@ Results JSON (one file per device and day, ``<device-slug>-<yyyy-mm-dd>.json``):
     {"device", "torch", "triton", "copy_tbps", "date", "quick", "runs": [...],
      "rows": [{"N", "d", "C", "dtype", "mode", "provider", "pass", "timing", "ms", "peak_mb",
                "gbps"?, "frac_copy"?, "error"?, "skipped"?, "input_sets", "reps"?, "steps_per_graph"?, "run"}, ...],
-     "e2e": {...} | null, "skipped": [...]}
+     "e2e": {...} | null, "skipped": [[N, d, C, dtype, mode], ...]}
 
 ``runs[i]`` describes invocation ``i`` (arguments, start time, its own ``copy_tbps``); each row names the
 run that measured it, so results merged from several invocations (``--merge``) stay traceable.
@@ -68,7 +68,7 @@ def merge_results(old: dict, new: dict) -> dict:
     merged = dict(new, runs=old["runs"] + new["runs"], rows=list(rows.values()))
     if new.get("e2e") is None:
         merged["e2e"] = old.get("e2e")
-    measured = {(r["N"], r["d"], r["C"], r["dtype"]) for r in merged["rows"]}
+    measured = {(r["N"], r["d"], r["C"], r["dtype"], r["mode"]) for r in merged["rows"]}
     merged["skipped"] = [s for s in old.get("skipped", []) + new.get("skipped", []) if tuple(s) not in measured]
     return merged
 
@@ -364,7 +364,8 @@ def render_markdown(results: dict, plot_name: str | None = None) -> str:
         lines += ["## Not measured by design", ""]
         lines += [f"- `{provider}` {pass_name} {timing}: {why}" for provider, pass_name, timing, why in skips] + [""]
     if results.get("skipped"):
-        lines += ["## Not measured (time limit)", ""] + [f"- {shape_label(s)}" for s in results["skipped"]] + [""]
+        lines += ["## Not measured (time limit)", ""]
+        lines += [f"- {shape_label(s[:4])}, {s[4]} centroids" for s in results["skipped"]] + [""]
     return "\n".join(lines)
 
 

@@ -133,6 +133,26 @@ def test_accuracy_check_catches_a_wrong_provider(centroid_mode):
     assert not report.within_tolerance(dict(failed, dtype="bf16"))
 
 
+def test_accuracy_check_of_cancelling_terms():
+    """Per-batch centroids of one-row classes: every KL_i and every gradient row is 0 up to rounding, so the errors
+    are taken against the size of the terms, not against a zero reference; a wrong gradient still shows."""
+    gen = torch.Generator().manual_seed(6)
+    (item,) = cmi_op.make_inputs(cmi_op.Shape(6, 33, 10, "bf16"), "batch", 1, torch.device("cpu"), gen)
+    item.labels = torch.arange(6)  # one row per class
+    reference = cmi_op.float64_reference(item, 10)
+    assert abs(reference.loss) < 1e-12 and torch.linalg.vector_norm(reference.grad) < 1e-12 * reference.grad_terms
+    eager = cmi_op.make_loss_fn("eager", 10)
+    assert report.within_tolerance(dict(cmi_op.accuracy(eager, item, reference), dtype="bf16"))
+
+    def wrong_grad(features, labels, centroids):
+        loss = eager(features, labels, centroids)
+        penalty = 1e-2 * features.float().square().mean()
+        return loss + penalty - penalty.detach()
+
+    off = cmi_op.accuracy(wrong_grad, item, reference)
+    assert off["rel_err_loss"] < report.LOSS_TOLERANCE and off["rel_err_grad"] > report.GRAD_TOLERANCE["bf16"]
+
+
 def test_accuracy_table_counts_what_is_outside():
     shape = (32, 768, 2, "bf16")
     rows = [
@@ -149,6 +169,11 @@ def test_accuracy_table_counts_what_is_outside():
     assert "| 32x768 C=2 bf16 | fixed | fused | 1.00e-07 | 2.00e-02 | 1e-05 / 1e-02 | **OUTSIDE** |" in table
     assert "| 32x768 C=2 bf16 | batch | fused | – | – | 1e-05 / 1e-02 | **OUTSIDE** not finite: rel_err_loss |" in table
     assert report.accuracy_table([make_row(shape, "fixed", "fused", "fwd", "wall", 0.1)]) == []
+
+
+def test_relative_error_with_a_zero_floor_only_accepts_exact():
+    assert cmi_op.relative(1.0, 4.0) == 0.25
+    assert cmi_op.relative(0.0, 0.0) == 0.0 and cmi_op.relative(1e-300, 0.0) == math.inf
 
 
 def test_grad_scale_is_the_power_of_two_nearest_n():
@@ -316,14 +341,19 @@ def test_merge_replaces_same_key_rows_and_keeps_the_rest():
         "GPU",
         [make_row(shape, "fixed", "fused", "fwd", "wall", 1.0), make_row(other, "fixed", "fused", "fwd", "wall", 2.0)],
     )
-    old["skipped"] = [[4096, 768, 2, "bf16"], [65536, 768, 10, "bf16"]]
+    old["skipped"] = [
+        [4096, 768, 2, "bf16", "fixed"],
+        [4096, 768, 2, "bf16", "batch"],
+        [65536, 768, 10, "bf16", "fixed"],
+    ]
     new = synthetic_results("GPU", [make_row(shape, "fixed", "fused", "fwd", "wall", 0.5)])
     merged = report.merge_results(old, new)
     by_shape = {(r["N"], r["d"]): r for r in merged["rows"]}
     assert by_shape[(32, 768)]["ms"] == 0.5 and by_shape[(32, 768)]["run"] == 1
     assert by_shape[(4096, 768)]["ms"] == 2.0 and by_shape[(4096, 768)]["run"] == 0
     assert len(merged["runs"]) == 2
-    assert merged["skipped"] == [[65536, 768, 10, "bf16"]]
+    # 4096x768 has its fixed rows now; its batch mode is still missing
+    assert merged["skipped"] == [[4096, 768, 2, "bf16", "batch"], [65536, 768, 10, "bf16", "fixed"]]
     with pytest.raises(ValueError, match="cannot merge"):
         report.merge_results(old, synthetic_results("other GPU", []))
 
@@ -332,7 +362,7 @@ def test_merge_replaces_same_key_rows_and_keeps_the_rest():
 def test_report_merges_a_second_call_into_the_first(tmp_path):
     shape, other = (32, 768, 2, "bf16"), (4096, 768, 2, "bf16")
     first = synthetic_results("GPU", [make_row(shape, "fixed", "eager", "fwd", "wall", 1.0)])
-    first["e2e"], first["skipped"] = {"error": "kept"}, [list(other)]
+    first["e2e"], first["skipped"] = {"error": "kept"}, [[*other, "fixed"]]
     second = synthetic_results("GPU", [make_row(other, "fixed", "eager", "fwd", "wall", 2.0)])
     report.write_json(first, str(tmp_path / "first.json"))
     report.write_json(second, str(tmp_path / "second.json"))
@@ -382,9 +412,9 @@ def test_resume_measures_only_the_missing_shapes(tmp_path, keep_torch_threads):
     new_rows = [r for r in second["rows"] if (r["N"], r["d"]) == (6, 33)]
     assert old_rows == first["rows"] and all(r["run"] == 0 for r in old_rows)
     assert len(new_rows) == len(old_rows) and all(r["run"] == 1 and r["dtype"] == "bf16" for r in new_rows)
-    # A shape is done only for the rows asked for: another mode measures it again.
+    # A shape is done only for the rows asked for, mode by mode: another mode measures that mode alone.
     third = run("8x40:3:fp32", modes=("fixed", "batch"))
-    assert {(r["mode"], r["run"]) for r in third["rows"] if (r["N"], r["d"]) == (8, 40)} == {("fixed", 2), ("batch", 2)}
+    assert {(r["mode"], r["run"]) for r in third["rows"] if (r["N"], r["d"]) == (8, 40)} == {("fixed", 0), ("batch", 2)}
     # A resume that starts on a later day (UTC) continues the newest file of the device, whatever its date, and
     # keeps that file's date; older files are left alone.
     (json_path,) = glob.glob(str(tmp_path / "*.json"))
@@ -403,28 +433,39 @@ def test_resume_measures_only_the_missing_shapes(tmp_path, keep_torch_threads):
 
 
 @pytest.mark.filterwarnings("ignore:no fused-vs-eager")
-def test_interrupted_run_lists_the_shapes_it_did_not_measure(tmp_path, monkeypatch, keep_torch_threads):
-    """run_gpu.sh's hard limit interrupts a shape with SIGINT: the file keeps the finished shapes and lists the
-    interrupted and the later ones as not measured."""
+def test_interrupted_run_lists_what_it_did_not_measure(tmp_path, monkeypatch, keep_torch_threads):
+    """run_gpu.sh's hard limit interrupts a run with SIGINT: the file keeps every finished (shape, mode), the
+    first mode of the interrupted shape included, and lists the interrupted and the later ones as not measured;
+    --resume then measures only those."""
     measure = cmi_op.run_op_bench
     calls = []
 
-    def interrupt_the_second_shape(shapes, *args, **kwargs):
-        calls.append(shapes[0])
-        if len(calls) == 2:
+    def interrupt_the_third_unit(shapes, providers, modes, *args, **kwargs):
+        calls.append((shapes[0].n_rows, *modes))
+        if len(calls) == 3:
             raise KeyboardInterrupt
-        return measure(shapes, *args, **kwargs)
+        return measure(shapes, providers, modes, *args, **kwargs)
 
-    monkeypatch.setattr(cmi_op, "run_op_bench", interrupt_the_second_shape)
-    argv = ["--quick", "--no-e2e", "--providers", "eager", "--modes", "fixed", "--output-dir", str(tmp_path)]
+    monkeypatch.setattr(cmi_op, "run_op_bench", interrupt_the_third_unit)
+    argv = ["--quick", "--no-e2e", "--providers", "eager", "--output-dir", str(tmp_path)]
+    shapes = ["--shapes", "8x40:3:fp32", "6x33:10:bf16"]
     with pytest.raises(KeyboardInterrupt):
-        bench_main([*argv, "--shapes", "8x40:3:fp32", "6x33:10:bf16", "5x7:2:fp32"])
+        bench_main([*argv, *shapes])
+    assert calls == [(8, "fixed"), (8, "batch"), (6, "fixed")]
     results = read_results(tmp_path)
-    assert {(r["N"], r["d"]) for r in results["rows"]} == {(8, 40)}
-    assert results["skipped"] == [[6, 33, 10, "bf16"], [5, 7, 2, "fp32"]]
+    assert {(r["N"], r["mode"]) for r in results["rows"]} == {(8, "fixed"), (8, "batch")}
+    assert results["skipped"] == [[6, 33, 10, "bf16", "fixed"], [6, 33, 10, "bf16", "batch"]]
     (markdown_path,) = glob.glob(str(tmp_path / "*.md"))
     with open(markdown_path, encoding="utf-8") as handle:
-        assert "## Not measured (time limit)" in handle.read()
+        assert "## Not measured (time limit)\n\n- 6x33 C=10 bf16, fixed centroids\n" in handle.read()
+
+    calls.clear()
+    assert bench_main([*argv, "--resume", *shapes]) == 0
+    assert calls == [(6, "fixed"), (6, "batch")]
+    resumed = read_results(tmp_path)
+    assert resumed["skipped"] == [] and {(r["N"], r["mode"]) for r in resumed["rows"]} == {
+        (n_rows, mode) for n_rows in (8, 6) for mode in cmi_op.MODES
+    }
 
 
 def test_report_without_matplotlib_writes_markdown_and_warns(tmp_path, monkeypatch):
@@ -517,6 +558,7 @@ def test_gpu_session_script_dry_run(tmp_path):
         BENCH_OUTPUT_DIR=str(bench_dir),
         TEST_PATHS="tests/test_host_overhead.py::test_stub_counts_every_launch_of_a_step_and_is_undone",
         TEST_WORKERS="1",
+        CUDA_VISIBLE_DEVICES="",  # a CPU dry run on a GPU host too (the suite's GPU run goes through this script)
         BENCH_SHAPES="6x33:10:bf16",
         BENCH_ARGS="--no-e2e --providers eager noop",
         PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],  # python3 = this interpreter
