@@ -7,10 +7,10 @@
 #
 # Writes $BENCH_OUTPUT_DIR (default bench/results)/<gpu-slug>-<yyyy-mm-dd>.{json,md,png} (no PNG, with a warning, if matplotlib is
 # missing: regenerate it elsewhere with `python -m bench.report <json>`), and copies them to $OUT when set.
-# It starts no new shape after BENCH_TIME_LIMIT seconds (default 420), so that it ends inside a 10-minute
-# command; the markdown then lists the shapes not measured. Running it again (with the files put back in
-# the output folder) measures only what is missing: --resume skips the shapes whose requested rows are all in the
-# device's newest file, and the e2e section once it is there. BENCH_RESUME=0 measures everything again (e.g. after
+# It starts no new shape or mode after BENCH_TIME_LIMIT seconds (default 420), so that it ends inside a 10-minute
+# command; the markdown then lists the shapes and modes not measured. Running it again (with the files put back in
+# the output folder) measures only what is missing: --resume skips the shapes and modes whose requested rows are
+# all in the device's newest file, and the e2e section once it is there. BENCH_RESUME=0 measures everything again (e.g. after
 # a kernel change: give it another BENCH_OUTPUT_DIR so that the earlier rows are kept for the comparison).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,9 +22,9 @@ nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=c
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
 python3 -c "import matplotlib" 2>/dev/null || echo "matplotlib missing: JSON and markdown only"
 
-# The time limit only stops new shapes from starting; a shape already running (two torch.compile runs among
+# The time limit only stops new shapes and modes from starting; one already running (a torch.compile run among
 # its cases) could still pass a 10-minute command limit. SIGINT after BENCH_HARD_LIMIT seconds (default 540)
-# stops it so that the copy below still runs: the finished shapes are in the results file, the interrupted and
+# stops it so that the copy below still runs: the finished ones are in the results file, the interrupted and
 # later ones listed as not measured. Should Python not exit within 15 s of the SIGINT, a SIGKILL follows. 540 + 15
 # leaves room for a command prefix (NOTES: bench.host_overhead, about 20 s) inside a 600 s device call.
 resume=--resume
