@@ -14,7 +14,9 @@ setup(
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",
-        "transformers>=5",  # TrainingArguments.warmup_steps < 1 is a fraction of the steps (cmi-glue --warmup-ratio)
+        # >=5: TrainingArguments.warmup_steps < 1 is a fraction of the steps (cmi-glue --warmup-ratio).
+        # <5.25: 5.25.0 requires Hugging Face's `kernels` distribution, whose import name clashes with ours.
+        "transformers>=5,<5.25",
         "datasets>=2.19",
         "scikit-learn>=1.3",
         "accelerate>=0.26",
