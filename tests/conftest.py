@@ -3,9 +3,14 @@
 * Without a GPU, run the Triton kernels in the interpreter.
 * A fresh inductor cache: its FX-graph cache key does not cover a custom op's fake kernel, so graphs cached by an
   older checkout (e.g. another statistics row length) would be replayed against the new op and fail.
+* A clear stop when another distribution also provides the import name ``kernels`` (Hugging Face's hub-kernels,
+  which transformers >= 5.25 requires): the two shadow each other, and a transformers whose supported range admits
+  that distribution's version takes our ``kernels`` for it and fails on import, deep inside the fixtures below.
 """
 
+import importlib.metadata
 import os
+import re
 import tempfile
 
 import pytest
@@ -14,6 +19,17 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="cmi-fused-inductor-"))
+
+other_kernels = sorted(
+    {re.sub(r"[-_.]+", "-", name).lower() for name in importlib.metadata.packages_distributions().get("kernels", [])}
+    - {"cmi-fused"}
+)
+if other_kernels:
+    pytest.exit(
+        f"distribution(s) {other_kernels} also provide the import name `kernels` (Hugging Face's hub-kernels?), "
+        "which shadows ours: use a fresh environment with transformers<5.25, as setup.py pins",
+        returncode=4,
+    )
 
 from glue_fixtures import glue_dir  # noqa: E402, F401  (shared fixture of the GLUE driver and distillation tests)
 
