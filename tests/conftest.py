@@ -10,19 +10,18 @@
 
 import importlib.metadata
 import os
-import re
 import tempfile
 
 import pytest
 import torch
+from packaging.utils import canonicalize_name
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="cmi-fused-inductor-"))
 
 other_kernels = sorted(
-    {re.sub(r"[-_.]+", "-", name).lower() for name in importlib.metadata.packages_distributions().get("kernels", [])}
-    - {"cmi-fused"}
+    {canonicalize_name(name) for name in importlib.metadata.packages_distributions().get("kernels", [])} - {"cmi-fused"}
 )
 if other_kernels:
     pytest.exit(
