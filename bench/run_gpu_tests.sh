@@ -5,7 +5,7 @@
 #
 #   [TEST_PATHS="tests/test_cmi_loss.py ..."] bench/run_gpu_tests.sh [extra pytest options]
 #
-# Python packages the host lacks (on the lent H200, as on the H100 before it: `datasets` and its `dill`,
+# Python packages the host lacks (on the lent H100 and H200 alike: `datasets` and its `dill`,
 # `multiprocess`) come as wheels in ./.whl, installed into /tmp/site for this run only; bench/NOTES.md has the
 # download command. The log, a JUnit XML file and the skip reasons go to $OUT (when set) or /tmp.
 set -uo pipefail
