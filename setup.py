@@ -19,6 +19,7 @@ setup(
         "transformers>=5,<5.25",
         "datasets>=2.19",
         "scikit-learn>=1.3",
+        "scipy>=1.7",  # scipy.stats.binomtest: the sweeps' paired sign test
         "accelerate>=0.26",
     ],
     extras_require={

@@ -283,6 +283,24 @@ def test_summarize_arms_hand_values():
         summarize_arms({0.1: {0: 0.5}}, 0.0)
 
 
+@pytest.mark.parametrize(
+    "arm_minus_ce, wins, losses, p",
+    [
+        ([1, 1, 1, 1, 1, 1], 6, 0, 2 / 2**6),  # P(6 of 6 or 0 of 6) = 2 / 64
+        ([1, 1, 1, 1, 1, 0], 5, 0, 2 / 2**5),  # the tie is dropped: 5 of 5
+        ([1, 1, 1, 1, 1, -1], 5, 1, 14 / 2**6),  # P(>= 5 of 6) + P(<= 1 of 6) = (1 + 6 + 6 + 1) / 64
+        ([1, 1, 1, -1, -1, -1], 3, 3, 1.0),
+        ([0, 0, 0], 0, 0, 1.0),  # every seed tied: no evidence either way
+    ],
+)
+def test_summarize_arms_sign_test(arm_minus_ce, wins, losses, p):
+    ce = {seed: 0.5 for seed in range(len(arm_minus_ce))}
+    arm = {seed: 0.5 + 0.01 * step for seed, step in enumerate(arm_minus_ce)}
+    row = summarize_arms({0.0: ce, 0.1: arm}, 0.0)[1]
+    assert (row["wins"], row["losses"]) == (wins, losses)
+    assert row["sign_test_p"] == pytest.approx(p, rel=1e-12)
+
+
 def cmi_trainer(tiny_bert, output_dir, cmi, cmi_lambda=0.3):
     """A CMITrainer (temperature 0.2, batch centroids, pooled feature) on the tiny BERT without dropout, and its
     model."""

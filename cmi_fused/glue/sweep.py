@@ -2,8 +2,9 @@
 
 For arm ``a`` with best-epoch metric ``m[a, s]`` on seed ``s`` and the baseline arm ``b``:
 median over seeds of ``m[a, s]``, mean and std, and the paired differences ``m[a, s] - m[b, s]``
-(median, min, max, number of seeds where ``a`` wins). The table code works on any arms (the
-distillation sweeps reuse it).
+(median, min, max, number of seeds where ``a`` wins and loses, and the two-sided exact sign test over the
+seeds that are not tied: ``P`` of at least that lopsided a split of wins and losses if either arm were as
+likely to win a seed). The table code works on any arms (the distillation sweeps reuse it).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import statistics
 from collections.abc import Callable, Sequence
 
 import torch
+from scipy.stats import binomtest
 
 from .data import load_task
 from .train import RESULTS_FILE, TrainConfig, is_main_process, train
@@ -65,7 +67,8 @@ def summarize_arms(values: dict, baseline) -> list:
 
     Returns one dict per arm (baseline first): ``arm``, ``seeds``, ``values``, ``median``, ``mean``,
     ``std``, and, for the seeds the baseline also has, ``paired_diffs``, ``diff_median``, ``diff_min``,
-    ``diff_max``, ``wins``.
+    ``diff_max``, ``wins``, ``losses`` (ties are neither) and ``sign_test_p`` (two-sided exact sign test of
+    wins against losses; 1.0 when every seed ties).
     """
     if baseline not in values:
         raise ValueError(f"the baseline arm {baseline!r} has no runs")
@@ -87,11 +90,14 @@ def summarize_arms(values: dict, baseline) -> list:
         diffs = [per_seed[seed] - values[baseline][seed] for seed in paired]
         row["paired_diffs"] = diffs
         if diffs:
+            wins, losses = sum(diff > 0 for diff in diffs), sum(diff < 0 for diff in diffs)
             row.update(
                 diff_median=statistics.median(diffs),
                 diff_min=min(diffs),
                 diff_max=max(diffs),
-                wins=sum(diff > 0 for diff in diffs),
+                wins=wins,
+                losses=losses,
+                sign_test_p=binomtest(wins, wins + losses).pvalue if wins + losses else 1.0,
             )
         rows.append(row)
     return rows
@@ -107,21 +113,22 @@ def format_sweep_markdown(
         f"- metric: `{metric}` of the best epoch, x 100; paired difference = arm - {baseline_name} on the same seed",
         "",
         f"| {arm_header} | seeds | per seed | median | mean ± std | Δ median vs {baseline_name} | Δ min .. max "
-        "| wins |",
-        "|---|---|---|---|---|---|---|---|",
+        "| wins | sign test p |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         per_seed = ", ".join(f"{100 * value:.2f}" for value in row["values"])
         if row["arm"] == rows[0]["arm"]:
-            diff_cells = ["—", "—", "—"]
+            diff_cells = ["—", "—", "—", "—"]
         elif row["paired_diffs"]:
             diff_cells = [
                 f"{100 * row['diff_median']:+.2f}",
                 f"{100 * row['diff_min']:+.2f} .. {100 * row['diff_max']:+.2f}",
                 f"{row['wins']}/{len(row['paired_diffs'])}",
+                f"{row['sign_test_p']:.2f}",
             ]
         else:
-            diff_cells = ["n/a", "n/a", "0/0"]
+            diff_cells = ["n/a", "n/a", "0/0", "n/a"]
         lines.append(
             f"| {row['arm']} | {len(row['seeds'])} | {per_seed} | {100 * row['median']:.2f} | "
             f"{100 * row['mean']:.2f} ± {100 * row['std']:.2f} | " + " | ".join(diff_cells) + " |"
