@@ -3,6 +3,7 @@ frozen teacher, teacher selection and end-to-end ``cmi-glue distill`` / ``distil
 
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -375,8 +376,11 @@ def test_select_teacher_command(teachers, tmp_path, capsys):
     printed = capsys.readouterr().out
     selection = json.loads(out.read_text())
     assert f"selected: {selection['selected']}" in printed and "why:" in printed
-    # A parent directory stands for the training runs inside it; a distillation run there (results.json, no
-    # regulariser state) is left out, and named on its own it gets an error that says what to pass.
+    assert selection["left_out"] == [] and "left out" not in printed
+    # A parent directory stands for the runs inside it trained with a CMI term: its CE run (--cmi none, a sweep's
+    # lambda 0 baseline, the lowest CMI) is left out and reported, and named on its own it is kept (above). A
+    # distillation run there (results.json, no regulariser state) is skipped, and named on its own it gets an
+    # error that says what to pass.
     parent = tmp_path / "runs"
     for name in ("none", "max"):
         shutil.copytree(teachers[name], parent / name)
@@ -384,12 +388,17 @@ def test_select_teacher_command(teachers, tmp_path, capsys):
     distilled.mkdir(parents=True)
     shutil.copyfile(parent / "none" / "results.json", distilled / "results.json")
     main(["select-teacher", "--runs", str(parent), "--json", str(out)])
-    assert sorted(row["run"] for row in json.loads(out.read_text())["runs"]) == [
-        str(parent / "max"),
-        str(parent / "none"),
-    ]
+    selection = json.loads(out.read_text())
+    assert [row["run"] for row in selection["runs"]] == [str(parent / "max")]
+    assert selection["selected"] == str(parent / "max") and selection["left_out"] == [str(parent / "none")]
+    assert f"left out (CE baselines of the directories given; name a run to include it): {parent / 'none'}" in (
+        capsys.readouterr().out
+    )
     with pytest.raises(FileNotFoundError, match="a distillation run has none"):
         select_teacher([str(distilled)])
+    shutil.rmtree(parent / "max")
+    with pytest.raises(ValueError, match=re.escape(f"--runs: {parent} holds only CE runs")):
+        main(["select-teacher", "--runs", str(parent)])
 
 
 def test_sweep_grid_runs_alpha_zero_once():

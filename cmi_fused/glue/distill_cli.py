@@ -314,15 +314,39 @@ def run_distill_command(args: argparse.Namespace) -> None:
     report(f"{args.task}: student best epoch {results['best_epoch']}: {best}; results in {where}")
 
 
-def run_select_teacher_command(args: argparse.Namespace) -> None:
-    run_dirs = []
-    for path in args.runs:  # a sweep directory stands for all its training runs (distillation runs inside are not)
+def teacher_candidates(paths: Sequence[str]) -> tuple[list, list]:
+    """The run directories ``--runs`` names, and the CE runs left out of the directories it names.
+
+    A run directory stands for itself. A directory of runs (a sweep) stands for the training runs inside it that
+    were trained with a CMI term: a ``cmi-glue sweep`` always trains CE baselines (lambda 0, ``--cmi none``), whose
+    features have the lowest CMI, so the metric / CMI rule would pick one of them over every Max-CMI teacher it is
+    meant to choose among. Those are returned second; a CE run named on its own is kept. Distillation runs inside
+    (a ``results.json`` and no regulariser state) are not training runs and are skipped.
+    """
+    run_dirs, left_out = [], []
+    for path in paths:
         found = sorted(
             os.path.dirname(p)
             for p in glob.glob(os.path.join(path, "**", RESULTS_FILE), recursive=True)
             if os.path.isfile(os.path.join(os.path.dirname(p), REGULARIZER_FILE))
         )
-        run_dirs += found or [path]
+        if found == [path] or not found:
+            run_dirs.append(path)
+            continue
+        for run in found:
+            with open(os.path.join(run, RESULTS_FILE)) as handle:
+                trained_with_cmi = json.load(handle)["config"]["cmi"] != "none"
+            (run_dirs if trained_with_cmi else left_out).append(run)
+        if not set(found) - set(left_out):
+            raise ValueError(
+                f"--runs: {path} holds only CE runs (--cmi none), which a directory does not stand for: name a run "
+                "directory to include it"
+            )
+    return run_dirs, left_out
+
+
+def run_select_teacher_command(args: argparse.Namespace) -> None:
+    run_dirs, left_out = teacher_candidates(args.runs)
     selection = select_teacher(run_dirs, args.data_dir, args.batch_size)
     metric = selection["metric"]
     print(f"| run | cmi | lambda | best {metric} | training-set CMI | ratio | centroids |")
@@ -332,7 +356,10 @@ def run_select_teacher_command(args: argparse.Namespace) -> None:
             f"| {row['run']} | {row['cmi']} | {row['cmi_lambda']:g} | {row['best_metric']:.4f} | "
             f"{row['train_set_cmi']:.4f} | {row['ratio']:.4f} | {row['centroids_source']} |"
         )
+    if left_out:
+        print(f"left out (CE baselines of the directories given; name a run to include it): {', '.join(left_out)}")
     print(f"selected: {selection['selected']}\nwhy: {selection['reason']}")
+    selection["left_out"] = left_out
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(selection, handle, indent=2)
@@ -361,7 +388,8 @@ def register_select_teacher(subparsers) -> None:
         "--runs",
         nargs="+",
         required=True,
-        help="cmi-glue train output directories (or sweep directories: all runs inside)",
+        help="cmi-glue train output directories, or directories of runs (a sweep): the runs inside trained with a "
+        "CMI term (their CE baselines, --cmi none, are left out)",
     )
     parser.add_argument("--data-dir", help="GLUE TSV root; default: the one each run was trained with")
     parser.add_argument("--batch-size", type=int, default=64)
