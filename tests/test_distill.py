@@ -372,10 +372,12 @@ def test_select_teacher_uses_metric_over_training_set_cmi(teachers, glue_dir):
 
 def test_select_teacher_command(teachers, tmp_path, capsys):
     out = tmp_path / "selection.json"
-    main(["select-teacher", "--runs", teachers["none"], teachers["max"], "--json", str(out)])
+    # A CE run named on its own is a candidate (with or without a trailing separator).
+    main(["select-teacher", "--runs", teachers["none"] + os.sep, teachers["max"], "--json", str(out)])
     printed = capsys.readouterr().out
     selection = json.loads(out.read_text())
     assert f"selected: {selection['selected']}" in printed and "why:" in printed
+    assert [row["cmi"] for row in selection["runs"]] == ["none", "max"]
     assert selection["left_out"] == [] and "left out" not in printed
     # A parent directory stands for the runs inside it trained with a CMI term: its CE run (--cmi none, a sweep's
     # lambda 0 baseline, the lowest CMI) is left out and reported, and named on its own it is kept (above). A

@@ -330,8 +330,8 @@ def teacher_candidates(paths: Sequence[str]) -> tuple[list, list]:
             for p in glob.glob(os.path.join(path, "**", RESULTS_FILE), recursive=True)
             if os.path.isfile(os.path.join(os.path.dirname(p), REGULARIZER_FILE))
         )
-        if found == [path] or not found:
-            run_dirs.append(path)
+        if os.path.isfile(os.path.join(path, RESULTS_FILE)) or not found:
+            run_dirs.append(path)  # a run (select_teacher says what is wrong with it if it is not a training run)
             continue
         for run in found:
             with open(os.path.join(run, RESULTS_FILE)) as handle:
