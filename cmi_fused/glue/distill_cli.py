@@ -325,23 +325,28 @@ def teacher_candidates(paths: Sequence[str]) -> tuple[list, list]:
     """
     run_dirs, left_out = [], []
     for path in paths:
-        found = sorted(
-            os.path.dirname(p)
-            for p in glob.glob(os.path.join(path, "**", RESULTS_FILE), recursive=True)
-            if os.path.isfile(os.path.join(os.path.dirname(p), REGULARIZER_FILE))
-        )
-        if os.path.isfile(os.path.join(path, RESULTS_FILE)) or not found:
+        found = []
+        if not os.path.isfile(os.path.join(path, RESULTS_FILE)):
+            found = sorted(
+                os.path.dirname(p)
+                for p in glob.glob(os.path.join(path, "**", RESULTS_FILE), recursive=True)
+                if os.path.isfile(os.path.join(os.path.dirname(p), REGULARIZER_FILE))
+            )
+        if not found:
             run_dirs.append(path)  # a run (select_teacher says what is wrong with it if it is not a training run)
             continue
+        ce_runs = []
         for run in found:
             with open(os.path.join(run, RESULTS_FILE)) as handle:
-                trained_with_cmi = json.load(handle)["config"]["cmi"] != "none"
-            (run_dirs if trained_with_cmi else left_out).append(run)
-        if not set(found) - set(left_out):
+                if json.load(handle)["config"]["cmi"] == "none":
+                    ce_runs.append(run)
+        if len(ce_runs) == len(found):
             raise ValueError(
                 f"--runs: {path} holds only CE runs (--cmi none), which a directory does not stand for: name a run "
                 "directory to include it"
             )
+        run_dirs += [run for run in found if run not in ce_runs]
+        left_out += ce_runs
     return run_dirs, left_out
 
 
