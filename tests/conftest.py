@@ -1,15 +1,18 @@
 """Test-session set-up that must happen before torch compiles or triton is imported.
 
 * Without a GPU, run the Triton kernels in the interpreter.
-* A fresh inductor cache: its FX-graph cache key does not cover a custom op's fake kernel, so graphs cached by an
-  older checkout (e.g. another statistics row length) would be replayed against the new op and fail.
+* A fresh inductor cache, removed at exit: its FX-graph cache key does not cover a custom op's fake kernel, so
+  graphs cached by an older checkout (e.g. another statistics row length) would be replayed against the new op and
+  fail.
 * A clear stop when another distribution also provides the import name ``kernels`` (Hugging Face's hub-kernels,
   which transformers >= 5.25 requires): the two shadow each other, and a transformers whose supported range admits
   that distribution's version takes our ``kernels`` for it and fails on import, deep inside the fixtures below.
 """
 
+import atexit
 import importlib.metadata
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -18,7 +21,10 @@ from packaging.utils import canonicalize_name
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="cmi-fused-inductor-"))
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    inductor_cache = tempfile.mkdtemp(prefix="cmi-fused-inductor-")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache
+    atexit.register(shutil.rmtree, inductor_cache, ignore_errors=True)  # not left behind in /tmp by every run
 
 other_kernels = sorted(
     {canonicalize_name(name) for name in importlib.metadata.packages_distributions().get("kernels", [])} - {"cmi-fused"}
