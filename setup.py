@@ -21,6 +21,7 @@ setup(
         "scikit-learn>=1.3",
         "scipy>=1.7",  # scipy.stats.binomtest: the sweeps' paired sign test
         "accelerate>=0.26",
+        "filelock>=3.10",  # FileLock.acquire(blocking=False): sweeps side by side share their runs
     ],
     extras_require={
         # ruff: tests/test_lint.py; its minor version is pinned because new releases add rules to the selected sets.

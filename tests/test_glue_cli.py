@@ -26,7 +26,7 @@ from cmi_fused import CMIRegularizer, cmi_loss
 from cmi_fused.glue.cli import build_parser, main
 from cmi_fused.glue.data import load_task, tokenize_split
 from cmi_fused.glue.metrics import glue_metrics
-from cmi_fused.glue.sweep import reuse_or_run, run_dir, run_sweep, summarize_arms
+from cmi_fused.glue.sweep import reuse_or_run, run_dir, run_lock, run_sweep, summarize_arms
 from cmi_fused.glue.train import (
     RESULTS_FILE,
     CMITrainer,
@@ -219,6 +219,43 @@ def test_sweep_summarises_each_runs_best_epoch_not_its_last(glue_dir, tmp_path):
     baseline, regularised = run_sweep(base, [0.5], [0, 1], train_fn=fake_train)["lambdas"]
     assert baseline["values"] == pytest.approx([0.9, 0.8]) and regularised["values"] == pytest.approx([0.9, 0.8])
     assert regularised["paired_diffs"] == pytest.approx([0.0, 0.0])
+
+
+def test_sweeps_side_by_side_share_their_runs(glue_dir, tmp_path, monkeypatch):
+    """Sweeps into one --output-dir split by lambdas (README): a run whose lock another sweep holds is put off while
+    this one trains the rest, then read back once finished there; one that sweep gave up unfinished is trained here.
+    Under torchrun (WORLD_SIZE > 1) runs are not locked, so nothing waits."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    base = TrainConfig("mrpc", "m", str(tmp_path / "sweep"), data_dir=glue_dir, cmi="min")
+    finished_there, given_up = run_lock(run_dir(base.output_dir, 0.0, 0)), run_lock(run_dir(base.output_dir, 0.5, 0))
+    finished_there.acquire()
+    given_up.acquire()
+    trained = []
+
+    def result(config, value):
+        return {"config": dataclasses.asdict(config), "best_epoch": 1, "best": {"f1": value}, "history": []}
+
+    def fake_train(config, data):
+        trained.append((config.cmi_lambda, config.seed))
+        if len(trained) == 1:  # meanwhile the other sweep finishes one of its runs ...
+            other = dataclasses.replace(base, output_dir=run_dir(base.output_dir, 0.0, 0), cmi="none", cmi_lambda=0.0)
+            os.makedirs(other.output_dir)
+            with open(os.path.join(other.output_dir, RESULTS_FILE), "w") as handle:
+                json.dump(result(other, 0.25), handle)
+            finished_there.release()
+        elif len(trained) == 2:  # ... and stops before finishing the other
+            given_up.release()
+        return result(config, 0.5 + 0.1 * config.seed + config.cmi_lambda)
+
+    summary = run_sweep(base, [0.5], [0, 1], train_fn=fake_train)
+    assert trained == [(0.0, 1), (0.5, 1), (0.5, 0)]
+    baseline, regularised = summary["lambdas"]
+    assert baseline["values"] == pytest.approx([0.25, 0.6]) and regularised["values"] == pytest.approx([1.0, 1.1])
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with run_lock(run_dir(str(tmp_path / "ddp"), 0.0, 0)):
+        run_sweep(dataclasses.replace(base, output_dir=str(tmp_path / "ddp")), [0.5], [0], train_fn=fake_train)
+    assert trained[3:] == [(0.0, 0), (0.5, 0)]
 
 
 def test_only_rank_0_writes_the_sweep_files(glue_dir, tmp_path, monkeypatch):

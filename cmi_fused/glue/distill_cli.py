@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import glob
 import json
 import os
@@ -32,7 +33,14 @@ from ..distill import (
 from ..kd import KDLoss
 from .cli import add_common_args, parse_list, report
 from .data import GlueData, load_task, tokenize_split, tokenize_task
-from .sweep import format_sweep_markdown, machine_description, reuse_or_run, summarize_arms, value_label, write_sweep
+from .sweep import (
+    format_sweep_markdown,
+    machine_description,
+    reuse_or_run_each,
+    summarize_arms,
+    value_label,
+    write_sweep,
+)
 from .train import (
     REGULARIZER_FILE,
     RESULTS_FILE,
@@ -191,8 +199,9 @@ def run_distill_sweep(
     """Distil from every teacher at every ``(alpha, T)`` and seed; the first arm is the baseline.
 
     Runs live in ``base.output_dir/teacher_<k>/alpha_<a>_T_<t>/seed_<s>``; a run whose ``results.json``
-    exists is read, not retrained. Each teacher is loaded once, and with ``cache_teacher_logits`` its
-    training-set logits are computed once for all its runs. Returns the ``sweep.json`` document.
+    exists is read, not retrained, and one that another sweep is training is left to it (``reuse_or_run_each``).
+    Each teacher is loaded once, and with ``cache_teacher_logits`` its training-set logits are computed once for
+    all its runs. Returns the ``sweep.json`` document.
     """
     if not teachers or not alphas or not kd_temperatures or not seeds:
         raise ValueError("distill-sweep needs at least one --teacher, --alphas, --kd-temperatures and --seeds value")
@@ -203,45 +212,50 @@ def run_distill_sweep(
         label = teacher_dir if len(teachers) > 1 else ""
         teacher = load_teacher(teacher_dir, data.num_labels)
         cached = None
+
+        def run_distill(config, teacher=teacher):
+            nonlocal cached  # the teacher's training-set logits, computed by the first run that needs them
+            if config.cache_teacher_logits and config.alpha > 0 and cached is None:
+                cached = training_set_teacher_logits(config, data, teacher)
+            return distill(config, data, teacher, cached)
+
+        arms, configs = [], []
         for alpha, kd_temperature in grid:
             arm = arm_name(label, alpha, kd_temperature)
             arm_order.append(arm)
             for seed in seeds:
-                config = dataclasses.replace(
-                    base,
-                    teacher=teacher_dir,
-                    model=base.student or teacher_dir,
-                    alpha=alpha,
-                    kd_temperature=kd_temperature,
-                    seed=seed,
-                    output_dir=os.path.join(
-                        base.output_dir,
-                        f"teacher_{index}",
-                        f"alpha_{value_label(alpha)}_T_{value_label(kd_temperature)}",
-                        f"seed_{seed}",
-                    ),
+                arms.append(arm)
+                configs.append(
+                    dataclasses.replace(
+                        base,
+                        teacher=teacher_dir,
+                        model=base.student or teacher_dir,
+                        alpha=alpha,
+                        kd_temperature=kd_temperature,
+                        seed=seed,
+                        output_dir=os.path.join(
+                            base.output_dir,
+                            f"teacher_{index}",
+                            f"alpha_{value_label(alpha)}_T_{value_label(kd_temperature)}",
+                            f"seed_{seed}",
+                        ),
+                    )
                 )
-
-                def run_distill(config=config, teacher=teacher):
-                    nonlocal cached  # the teacher's training-set logits, computed by the first run that needs them
-                    if config.cache_teacher_logits and config.alpha > 0 and cached is None:
-                        cached = training_set_teacher_logits(config, data, teacher)
-                    return distill(config, data, teacher, cached)
-
-                results = reuse_or_run(config, run_distill)
-                values.setdefault(arm, {})[seed] = results["best"][data.task.metric]
-                runs.append(
-                    {
-                        "arm": arm,
-                        "teacher": teacher_dir,
-                        "alpha": alpha,
-                        "kd_temperature": kd_temperature,
-                        "seed": seed,
-                        "best_epoch": results["best_epoch"],
-                        "best": results["best"],
-                        "output_dir": config.output_dir,
-                    }
-                )
+        jobs = [(config, functools.partial(run_distill, config)) for config in configs]
+        for arm, config, results in zip(arms, configs, reuse_or_run_each(jobs), strict=True):
+            values.setdefault(arm, {})[config.seed] = results["best"][data.task.metric]
+            runs.append(
+                {
+                    "arm": arm,
+                    "teacher": teacher_dir,
+                    "alpha": config.alpha,
+                    "kd_temperature": config.kd_temperature,
+                    "seed": config.seed,
+                    "best_epoch": results["best_epoch"],
+                    "best": results["best"],
+                    "output_dir": config.output_dir,
+                }
+            )
     rows = summarize_arms({arm: values[arm] for arm in arm_order}, arm_order[0])
     machine = machine_description()
     summary = {

@@ -10,12 +10,14 @@ likely to win a seed). The table code works on any arms (the distillation sweeps
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import platform
 import statistics
 from collections.abc import Callable, Sequence
 
+import filelock
 import torch
 from scipy.stats import binomtest
 
@@ -48,6 +50,44 @@ def reuse_or_run(config: TrainConfig, run: Callable[[], dict]) -> dict:
             "give the sweep another --output-dir, or delete that run to redo it"
         )
     return results
+
+
+def reuse_or_run_each(jobs: Sequence[tuple[TrainConfig, Callable[[], dict]]]) -> list:
+    """:func:`reuse_or_run` for every ``(config, run)`` job; the results in job order.
+
+    Sweeps running side by side into one output directory share its runs: each run is trained or read under a lock
+    on the file ``<run dir>.lock``; a run whose lock another process holds (it is training that run) is put off
+    until this process has been through the others, then waited for and read back once finished there (trained
+    here if that process stopped without finishing it). Under ``torchrun`` (``WORLD_SIZE`` > 1) all processes train
+    each run together, so runs are not locked.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return [reuse_or_run(config, run) for config, run in jobs]
+    results, put_off = [None] * len(jobs), []
+    for index, (config, run) in enumerate(jobs):
+        lock = run_lock(config.output_dir)
+        try:
+            lock.acquire(blocking=False)
+        except filelock.Timeout:
+            print(f"{config.output_dir}: another process is training this run; coming back to it later", flush=True)
+            put_off.append(index)
+            continue
+        try:
+            results[index] = reuse_or_run(config, run)
+        finally:
+            lock.release()
+    for index in put_off:
+        config, run = jobs[index]
+        with run_lock(config.output_dir):  # blocks until the other process is done with the run
+            results[index] = reuse_or_run(config, run)
+    return results
+
+
+def run_lock(output_dir: str) -> filelock.FileLock:
+    """The lock of the run in ``output_dir``: the file ``<output_dir>.lock`` beside it (kept after release)."""
+    lock_path = os.path.normpath(output_dir) + ".lock"
+    os.makedirs(os.path.dirname(lock_path) or ".", exist_ok=True)
+    return filelock.FileLock(lock_path)
 
 
 def machine_description() -> str:
@@ -168,7 +208,8 @@ def run_sweep(
     """Train CE (lambda 0, ``cmi="none"``) and ``base.cmi`` at every lambda for every seed; summarise.
 
     Runs live in ``base.output_dir/lambda_<l>/seed_<s>``; a run whose ``results.json`` exists is read,
-    not retrained (delete it to re-run). Returns the ``sweep.json`` document.
+    not retrained (delete it to re-run), and one that another sweep is training is left to it
+    (:func:`reuse_or_run_each`). Returns the ``sweep.json`` document.
     """
     if base.cmi == "none" and any(value != 0 for value in lambdas):
         raise ValueError("sweep: --cmi must be min or max (lambda 0 is the CE baseline)")
@@ -178,27 +219,30 @@ def run_sweep(
         raise ValueError("--seeds must name at least one seed")
     lambdas = [0.0] + sorted({float(value) for value in lambdas if value != 0})
     data = load_task(base.task, base.data_dir, base.max_train_samples, base.max_eval_samples)
+    configs = [
+        dataclasses.replace(
+            base,
+            output_dir=run_dir(base.output_dir, cmi_lambda, seed),
+            cmi="none" if cmi_lambda == 0 else base.cmi,
+            cmi_lambda=cmi_lambda,
+            seed=seed,
+        )
+        for cmi_lambda in lambdas
+        for seed in seeds
+    ]
+    jobs = [(config, functools.partial(train_fn, config, data)) for config in configs]
     values, runs, metric = {}, [], data.task.metric
-    for cmi_lambda in lambdas:
-        for seed in seeds:
-            config = dataclasses.replace(
-                base,
-                output_dir=run_dir(base.output_dir, cmi_lambda, seed),
-                cmi="none" if cmi_lambda == 0 else base.cmi,
-                cmi_lambda=cmi_lambda,
-                seed=seed,
-            )
-            results = reuse_or_run(config, lambda config=config: train_fn(config, data))
-            values.setdefault(cmi_lambda, {})[seed] = results["best"][metric]
-            runs.append(
-                {
-                    "lambda": cmi_lambda,
-                    "seed": seed,
-                    "best_epoch": results["best_epoch"],
-                    "best": results["best"],
-                    "output_dir": config.output_dir,
-                }
-            )
+    for config, results in zip(configs, reuse_or_run_each(jobs), strict=True):
+        values.setdefault(config.cmi_lambda, {})[config.seed] = results["best"][metric]
+        runs.append(
+            {
+                "lambda": config.cmi_lambda,
+                "seed": config.seed,
+                "best_epoch": results["best_epoch"],
+                "best": results["best"],
+                "output_dir": config.output_dir,
+            }
+        )
     rows = summarize_arms(values, 0.0)
     summary = {
         "task": base.task,
