@@ -22,8 +22,10 @@ reads h and writes dh (three passes over N x d); storing the gradient in the for
 grad_output in the backward would take four (write in forward, read + write in backward) and keep an extra
 N x d buffer alive between the passes.
 
-A row with a label outside [0, C) has KL_i = NaN from the forward, so its gradient is NaN; its centroid loads are
-masked off and never address memory outside the centroid matrix.
+A row with a label outside [0, C) has KL_i = NaN from the forward but passes no gradient back (zero, as
+``torch.where`` gives the reference): a caller that drops such rows from the loss (an ignore label) then gets the
+other rows' step intact instead of NaN from 0 * NaN. Its centroid loads are masked off and never address memory
+outside the centroid matrix.
 """
 
 import triton
@@ -63,8 +65,11 @@ def cmi_backward_kernel(
     class_idx, label_ok = load_class(labels_ptr, row, stride_label, num_classes)
 
     lse = tl.load(lse_ptr + row)
-    row_kl = tl.load(row_kl_ptr + row)
-    scale = tl.load(grad_loss_ptr + row * stride_grad).to(tl.float32) * (grad_scale * inv_temperature)
+    # A bad label's row: scale 0 and a finite row_kl (its log_g is log 1 = 0), so grad = 0 * f * log_f = 0, and the
+    # per-element loop needs no extra select.
+    row_kl = tl.where(label_ok, tl.load(row_kl_ptr + row), 0.0)
+    grad_row = tl.load(grad_loss_ptr + row * stride_grad).to(tl.float32)
+    scale = tl.where(label_ok, grad_row * (grad_scale * inv_temperature), 0.0)
 
     row_ptr = features_ptr + row * stride_feat_row
     out_ptr = grad_features_ptr + row * dim

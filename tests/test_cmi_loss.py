@@ -1038,24 +1038,33 @@ def test_out_of_range_labels_checked_by_default_on_cpu():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("centroid_mode", ["fixed", "batch"])
+@pytest.mark.parametrize("centroid_mode", ["fixed", "batch", "batch, log table"])
 def test_unchecked_out_of_range_labels_give_nan_rows(backend: str, centroid_mode: str, request):
     """check_labels=False: rows labelled -1 or C never index memory; their KL is NaN, every other row and the
-    class sums/counts equal those of the valid rows alone."""
+    class sums/counts equal those of the valid rows alone. Those rows pass no gradient back, whatever their
+    grad_output (zero, not NaN: dropping them from the loss, as for an ignore label, leaves a clean step)."""
     gen = generator_for(request)
     n, d, c = 12, 30, 3
-    features = make_features(n, d, torch.float32, "contiguous", gen)
+    features = make_features(n, d, torch.float32, "contiguous", gen).requires_grad_(True)
     labels = random_labels(n, c, gen, per_batch=True)
     bad_rows = [3, 7, 11]
     labels[3], labels[7], labels[11] = -1, c, c + 1000
     labels = labels.to(DEVICE)
     centroids = random_centroids(c, d, gen).to(DEVICE) if centroid_mode == "fixed" else None
+    if centroid_mode == "batch, log table":
+        request.getfixturevalue("log_table_forced")
 
     result = cmi_loss(features, labels, c, centroids, reduction="none", backend=backend, check_labels=False)
-    ref_rows, ref_sums, ref_counts, _ = reference_cmi(features, labels, c, centroids, reduction="none")
+    ref_rows, ref_sums, ref_counts, ref_h = reference_cmi(features, labels, c, centroids, reduction="none")
     good = [row for row in range(n) if row not in bad_rows]
     assert torch.isnan(result.loss[bad_rows]).all()
     assert_rel_close(result.loss[good], ref_rows[good], 1e-5, "rows with valid labels")
     assert_rel_close(result.class_sums, ref_sums, 1e-5, "class_sums")
     assert torch.equal(result.class_counts.double(), ref_counts)
     assert result.class_counts.sum().item() == n - len(bad_rows)
+
+    grad_rows = torch.randn(n, generator=gen).to(DEVICE)
+    result.loss.backward(grad_rows)
+    ref_rows[good].mul(grad_rows[good].double()).sum().backward()
+    assert torch.equal(features.grad[bad_rows], torch.zeros(len(bad_rows), d, device=DEVICE))
+    assert_rel_close(features.grad[good], ref_h.grad[good], 1e-5, "gradient of the rows with valid labels")
