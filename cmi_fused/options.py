@@ -64,7 +64,9 @@ def check_number(name: str, value, low: float = -math.inf, high: float = math.in
             number = math.inf
     above = low < number if low_open else low <= number
     below = number < high if high_open else number <= high
-    if not (math.isfinite(number) and above and below):
+    # -inf < x < inf rather than math.isfinite: also false for NaN, and traceable when torch.compile passes a
+    # changing temperature or eps in as a symbolic float (math.isfinite breaks the graph there).
+    if not (-math.inf < number < math.inf and above and below):
         if high == math.inf:
             interval = f"{'>' if low_open else '>='} {low:g}"
         else:

@@ -41,6 +41,28 @@ def test_fullgraph_compile_matches_eager(backend, fixed_centroids, request):
     torch.testing.assert_close(layer.weight.grad, eager_grad, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_fullgraph_compile_with_a_changing_temperature_and_eps(backend, dynamic):
+    """A temperature schedule: T and eps reach the compiled step as symbolic floats (on the second value, or at
+    once with dynamic=True), which the argument checks must trace without breaking the graph."""
+
+    def step(features, labels, temperature, eps):
+        return cmi_loss(features, labels, 3, temperature=temperature, eps=eps, backend=backend).loss
+
+    torch._dynamo.reset()  # every case compiles the same code object: start below dynamo's recompile limit
+    torch.manual_seed(3)
+    features = torch.randn(10, 12, device=DEVICE, requires_grad=True)
+    labels = torch.randint(0, 3, (10,), device=DEVICE)
+    compiled = torch.compile(step, fullgraph=True, dynamic=dynamic)
+    for temperature, eps in ((1.0, 1e-12), (0.5, 1e-10), (0.25, 1e-8)):
+        loss = compiled(features, labels, temperature, eps)
+        eager = step(features, labels, temperature, eps)
+        torch.testing.assert_close(loss, eager, rtol=1e-5, atol=1e-6)
+        grads = [torch.autograd.grad(value, features)[0] for value in (loss, eager)]
+        torch.testing.assert_close(*grads, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_autocast_accumulates_in_fp32(dtype):
     torch.manual_seed(5)
