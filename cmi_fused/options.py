@@ -87,6 +87,15 @@ def check_temperature(temperature) -> float:
     return value
 
 
+def check_eps(eps) -> float:
+    """eps as a float: finite, > 0, and a normal float32 (the kernels and the float32 path floor G at eps in
+    float32, where a smaller eps would round to 0 or a subnormal and a larger one overflow to inf)."""
+    value = check_number("eps", eps, 0.0, low_open=True)
+    if not FLOAT32.tiny <= value <= FLOAT32.max:
+        raise ValueError(f"eps must lie in [{FLOAT32.tiny:.3g}, {FLOAT32.max:.3g}] (a normal float32), got {eps!r}")
+    return value
+
+
 def validate_labels(labels: torch.Tensor, num_classes: int) -> None:
     """Raise ``ValueError`` if any label is outside ``[0, num_classes)``. Synchronises on CUDA."""
     if labels.numel() == 0:
@@ -176,7 +185,7 @@ def check_inputs(
         if centroids.device != features.device:
             raise ValueError(f"centroids are on {centroids.device} but features on {features.device}")
     temperature = check_temperature(temperature)
-    eps = check_number("eps", eps, 0.0, low_open=True)
+    eps = check_eps(eps)
     check_reduction(reduction)
     check_backend(backend)
     if deterministic not in (None, True, False):

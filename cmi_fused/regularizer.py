@@ -42,7 +42,14 @@ import torch.distributed as dist
 from torch import nn
 
 from .loss import cmi_loss
-from .options import check_backend, check_label_tensor, check_number, check_temperature, maybe_validate_labels
+from .options import (
+    check_backend,
+    check_eps,
+    check_label_tensor,
+    check_number,
+    check_temperature,
+    maybe_validate_labels,
+)
 
 CENTROID_MODES = ("batch", "epoch", "ema", "frozen")
 NORMALIZATIONS = ("none", "center_l2")
@@ -105,7 +112,7 @@ class CMIRegularizer(nn.Module):
         self.normalization = normalization
         self.momentum = check_number("momentum", momentum, 0.0, 1.0, high_open=True)
         self.feature_momentum = check_number("feature_momentum", feature_momentum, 0.0, 1.0, high_open=True)
-        self.eps = check_number("eps", eps, 0.0, low_open=True)
+        self.eps = check_eps(eps)
         self.backend = backend
         # g_c in use, and which classes have one (the rest fall back to per-batch centroids).
         self.register_buffer("centroids", torch.zeros(num_classes, dim))

@@ -954,6 +954,8 @@ BAD_INPUTS = [
     ("temperature_beyond_float", dict(temperature=10**400), ValueError, "temperature"),
     ("eps_inf", dict(eps=float("inf")), ValueError, "eps"),
     ("eps_nan", dict(eps=float("nan")), ValueError, "eps"),
+    ("eps_below_float32", dict(eps=1e-50), ValueError, "eps"),  # would round to 0: no floor under log G
+    ("eps_beyond_float32", dict(eps=1e39), ValueError, "eps"),
     ("eps_string", dict(eps="1e-12"), ValueError, "eps"),
     # uint16/32/64 pass an is-integer test but torch has no CPU min/max/compare kernels for them.
     ("uint32_labels", dict(labels=torch.tensor([0, 1, 2, 0, 1, 2], dtype=torch.uint32)), TypeError, "labels"),

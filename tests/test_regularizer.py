@@ -208,6 +208,7 @@ def test_frozen_state_dict_round_trip(tmp_path):
         (dict(temperature=float("inf")), "temperature must be"),
         (dict(eps=-1.0), "eps must be"),
         (dict(eps="x"), "eps must be"),
+        (dict(eps=1e-50), "eps must lie"),
         (dict(backend="bogus"), "backend must be one of"),
     ],
 )
