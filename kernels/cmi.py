@@ -252,9 +252,10 @@ def cmi_backward(
     features: torch.Tensor,
     labels: torch.Tensor,
     centroids: Optional[torch.Tensor],
-    stats: torch.Tensor,
+    stats: Optional[torch.Tensor],
     lse: torch.Tensor,
     row_kl: torch.Tensor,
+    num_classes: int,
     temperature: float,
     eps: float,
     grad_scale: float,
@@ -262,7 +263,8 @@ def cmi_backward(
 ) -> torch.Tensor:
     """Gradient w.r.t. the features (contiguous, features' dtype).
 
-    ``centroids``: the given centroids, the log-centroid table (``log_centroids``), or None (from ``stats``).
+    ``centroids``: the given centroids, the log-centroid table (``log_centroids``), or None (from ``stats``, which
+    is None otherwise).
 
     ``grad_loss``: the (N,) gradient w.r.t. each KL_i, or the 0-d gradient of the reduced loss, which the kernel
     broadcasts (stride 0) and multiplies by ``grad_scale`` (1/N for a mean, 1 for a sum).
@@ -279,7 +281,7 @@ def cmi_backward(
         stride_cent_row=0 if centroids is None else centroids.stride(0),
         stride_cent_col=0 if centroids is None else centroids.stride(1),
         stats_ptr=stats,
-        stride_stats_row=stats.stride(0),
+        stride_stats_row=0 if stats is None else stats.stride(0),
         lse_ptr=lse,
         row_kl_ptr=row_kl,
         grad_loss_ptr=grad_loss,
@@ -287,7 +289,7 @@ def cmi_backward(
         grad_scale=grad_scale,
         grad_features_ptr=grad_features,
         dim=dim,
-        num_classes=stats.shape[0],
+        num_classes=num_classes,
         inv_temperature=1.0 / temperature,
         eps=eps,
         HAS_CENTROIDS=centroids is not None,
@@ -301,7 +303,8 @@ cmi_backward_op = torch.library.custom_op("cmi_fused::cmi_backward", cmi_backwar
 
 
 @cmi_backward_op.register_fake
-def _(grad_loss, features, labels, centroids, stats, lse, row_kl, temperature, eps, grad_scale, log_centroids):
+def _(grad_loss, features, labels, centroids, stats, lse, row_kl, num_classes, temperature, eps, grad_scale,
+      log_centroids):  # fmt: skip
     return torch.empty(features.shape, dtype=features.dtype, device=features.device)
 
 
@@ -315,8 +318,14 @@ class CMIFunction(torch.autograd.Function):
         forward = cmi_forward_op if torch.compiler.is_compiling() else cmi_forward
         row_kl, lse, stats, log_table = forward(features, labels, centroids, num_classes, temperature, eps, accumulate)
         ctx.log_centroids = log_table.shape[0] > 0
-        # The backward needs log G: the table when there is one, else the centroids (or stats) it came from.
-        ctx.save_for_backward(features, labels, log_table if ctx.log_centroids else centroids, stats, lse, row_kl)
+        # The backward needs log G: the table when there is one, else the centroids (or stats) it came from. stats
+        # is saved only when it is that source: class_sums / class_counts are views of it, and autograd refuses a
+        # backward after an in-place change to a saved tensor, so the caller may change them (or all-reduce them)
+        # in place except where the gradient depends on them.
+        from_stats = centroids is None and not ctx.log_centroids
+        log_g_source = log_table if ctx.log_centroids else centroids
+        ctx.save_for_backward(features, labels, log_g_source, stats if from_stats else None, lse, row_kl)
+        ctx.num_classes = num_classes
         ctx.temperature = temperature
         ctx.eps = eps
         ctx.grad_scale = 1.0 / features.shape[0] if reduction == "mean" else 1.0
@@ -340,6 +349,6 @@ class CMIFunction(torch.autograd.Function):
         backward = cmi_backward_op if torch.compiler.is_compiling() else cmi_backward
         grad_features = backward(
             grad_loss, features, labels, centroids, stats, lse, row_kl,
-            ctx.temperature, ctx.eps, ctx.grad_scale, ctx.log_centroids,
+            ctx.num_classes, ctx.temperature, ctx.eps, ctx.grad_scale, ctx.log_centroids,
         )  # fmt: skip
         return grad_features, None, None, None, None, None, None, None

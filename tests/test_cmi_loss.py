@@ -1041,6 +1041,32 @@ def test_out_of_range_labels_checked_by_default_on_cpu():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("centroid_mode", ["fixed", "batch", "batch, log table"])
+def test_class_statistics_may_change_in_place_unless_the_gradient_reads_them(backend, centroid_mode, request):
+    """class_sums / class_counts changed in place before the backward (say, turned into means, or all-reduced):
+    the gradient is unchanged where it does not depend on them; with per-batch centroids read back from the
+    triton statistics buffer autograd refuses the backward rather than use the changed values (README)."""
+    gen = generator_for(request)
+    n, d, c = 9, 21, 3
+    features = make_features(n, d, torch.float32, "contiguous", gen).requires_grad_(True)
+    labels = random_labels(n, c, gen, per_batch=True).to(DEVICE)
+    centroids = random_centroids(c, d, gen).to(DEVICE) if centroid_mode == "fixed" else None
+    if centroid_mode == "batch, log table":
+        request.getfixturevalue("log_table_forced")
+    result = cmi_loss(features, labels, c, centroids, backend=backend)
+    result.class_sums.div_(result.class_counts.clamp_min(1.0)[:, None])
+    result.class_counts.zero_()
+    if backend == "triton" and centroid_mode == "batch":
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            result.loss.backward()
+        return
+    result.loss.backward()
+    ref_loss, _, _, ref_h = reference_cmi(features, labels, c, centroids)
+    ref_loss.backward()
+    assert_rel_close(features.grad, ref_h.grad, 1e-5, "gradient")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("centroid_mode", ["fixed", "batch", "batch, log table"])
 def test_unchecked_out_of_range_labels_give_nan_rows(backend: str, centroid_mode: str, request):
     """check_labels=False: rows labelled -1 or C never index memory; their KL is NaN, every other row and the
     class sums/counts equal those of the valid rows alone. Those rows pass no gradient back, whatever their
