@@ -28,6 +28,7 @@ from cmi_fused.glue.data import load_task, tokenize_split
 from cmi_fused.glue.metrics import glue_metrics
 from cmi_fused.glue.sweep import reuse_or_run, run_dir, run_lock, run_sweep, summarize_arms
 from cmi_fused.glue.train import (
+    REGULARIZER_FILE,
     RESULTS_FILE,
     CMITrainer,
     FeatureCapture,
@@ -429,12 +430,16 @@ def test_one_process_with_several_gpus_is_refused(tiny_bert, tmp_path, monkeypat
 
 
 def test_torchrun_without_cuda_shards_the_data_over_processes(tiny_bert, glue_dir, tmp_path):
-    """Two CPU processes under torchrun train with DDP over gloo: 32 rows at batch 8 are 2 steps per epoch
-    (checkpoint-2, checkpoint-4), not 4 steps in each process writing the same checkpoints."""
+    """Two CPU processes under torchrun train with DDP over gloo: 26 rows at batch 8 are 2 steps per epoch
+    (checkpoint-2, checkpoint-4), not 4 steps in each process writing the same checkpoints. The frozen centroids
+    and feature mean are those of one process: at eval batch 8 the second process's share ends in a 2-row batch,
+    which the Trainer's eval loader would fill up with rows already counted."""
     output_dir = tmp_path / "run"
+    args = ["--cmi", "min", "--cmi-lambda", "0.1", "--epochs", "2", "--keep-checkpoints", "--centroids", "frozen"]
+    args += ["--normalization", "center_l2", "--temperature", "0.2", "--max-train-samples", "26"]
+    args += ["--eval-batch-size", "8"]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    command += ["-m", "cmi_fused.glue", "train", *common_args(tiny_bert, glue_dir, output_dir)]
-    command += ["--cmi", "min", "--cmi-lambda", "0.1", "--epochs", "2", "--keep-checkpoints"]
+    command += ["-m", "cmi_fused.glue", "train", *common_args(tiny_bert, glue_dir, output_dir), *args]
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr[-3000:]
@@ -442,6 +447,12 @@ def test_torchrun_without_cuda_shards_the_data_over_processes(tiny_bert, glue_di
     results = json.loads((output_dir / "results.json").read_text())
     assert [entry["epoch"] for entry in results["history"]] == [1, 2]
     assert finished.stdout.count("best epoch") == 1, finished.stdout  # the summary line from rank 0 only
+
+    main(["train", *common_args(tiny_bert, glue_dir, tmp_path / "one-process"), *args])
+    two, one = (torch.load(path / REGULARIZER_FILE) for path in (output_dir, tmp_path / "one-process"))
+    for name in ("centroids", "feature_mean"):
+        # summation order differs (2.7e-6 here); rows counted twice moved the centroids by 7.6e-3
+        torch.testing.assert_close(two[name], one[name], rtol=0, atol=5e-5, msg=f"{name} under torchrun")
 
 
 def test_feature_capture_is_the_classifier_input(tmp_path):

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -218,13 +219,20 @@ class CMITrainer(Trainer):
 
         The pass leaves the torch RNGs as it found them (its DataLoader draws a seed), so the training run that
         follows, shuffling and dropout included, is the one any other centroid mode gets from the same ``--seed``.
+        Under torchrun each process reads its own contiguous shard, so that every row counts once in the
+        all-reduced sums: the Trainer's eval loader would fill the last batches of a short shard with rows from the
+        start of the data (accelerate's ``even_batches``), which a sum over the pass counts twice.
         """
         trainer = self
+        dataset = self._remove_unused_columns(train_dataset, description="frozen centroids")
+        if self.args.world_size > 1:
+            dataset = dataset.shard(self.args.world_size, self.args.process_index, contiguous=True)
+        loader = DataLoader(dataset, batch_size=self.args.eval_batch_size, collate_fn=self.data_collator)
 
         class TrainFeatures:
             def __iter__(self):
                 model = trainer.model.to(trainer.args.device).eval()
-                for batch in trainer.get_eval_dataloader(train_dataset):
+                for batch in loader:
                     batch = trainer._prepare_inputs(batch)
                     model(**{key: value for key, value in batch.items() if key != "labels"})
                     yield trainer.capture.pop().float(), batch["labels"]
