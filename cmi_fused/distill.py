@@ -371,11 +371,18 @@ def select_teacher(run_dirs: Sequence[str], data_dir: Optional[str] = None, batc
     """
     if not run_dirs:
         raise ValueError("--runs must name at least one run directory")
-    rows, metrics = [], set()
+    tasks = {}  # checked before the passes over the training sets (SST-2 and RTE share a metric, not a task)
+    for run in run_dirs:
+        if os.path.isfile(os.path.join(run, RESULTS_FILE)):  # (training_set_cmi says what is wrong with the others)
+            with open(os.path.join(run, RESULTS_FILE)) as handle:
+                tasks[run] = json.load(handle)["task"]
+    if len(set(tasks.values())) > 1:
+        runs_and_tasks = ", ".join(f"{run} ({task})" for run, task in tasks.items())
+        raise ValueError(f"--runs must all be runs of one task, got {runs_and_tasks}")
+    rows = []
     for run in run_dirs:
         results = training_set_cmi(run, data_dir, batch_size)
         metric = results["metric"]
-        metrics.add(metric)
         cmi = results["train_set_cmi"]
         if not cmi > 0:
             raise ValueError(f"--runs: {run} has training-set CMI {cmi}; the metric/CMI ratio needs CMI > 0")
@@ -390,9 +397,6 @@ def select_teacher(run_dirs: Sequence[str], data_dir: Optional[str] = None, batc
                 "centroids_source": results["centroids_source"],
             }
         )
-    if len(metrics) != 1:
-        raise ValueError(f"--runs must all be runs of one task (one metric), got metrics {sorted(metrics)}")
-    metric = metrics.pop()
     best = max(rows, key=lambda row: row["ratio"])
     reason = (
         f"{best['run']} has the highest {metric} / training-set CMI ratio, {best['ratio']:.4f} "

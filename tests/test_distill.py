@@ -370,6 +370,18 @@ def test_select_teacher_uses_metric_over_training_set_cmi(teachers, glue_dir):
         select_teacher([glue_dir])
 
 
+def test_select_teacher_refuses_runs_of_different_tasks(teachers, tmp_path):
+    """Runs of two tasks are refused before any pass over a training set, also where the tasks share a metric
+    (SST-2, QNLI, RTE and WNLI report accuracy; MRPC and QQP F1)."""
+    other = tmp_path / "qqp-run"
+    shutil.copytree(teachers["max"], other)
+    results = json.loads((other / "results.json").read_text())
+    results["task"] = results["config"]["task"] = "qqp"
+    (other / "results.json").write_text(json.dumps(results))
+    with pytest.raises(ValueError, match=r"one task, got .*\(mrpc\), .*qqp-run \(qqp\)"):
+        select_teacher([teachers["max"], str(other)])
+
+
 def test_select_teacher_command(teachers, tmp_path, capsys):
     out = tmp_path / "selection.json"
     # A CE run named on its own is a candidate (with or without a trailing separator).
