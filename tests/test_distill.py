@@ -35,7 +35,7 @@ from cmi_fused.distill import (  # noqa: E402
     with_teacher_logits,
 )
 from cmi_fused.glue import distill_cli  # noqa: E402
-from cmi_fused.glue.cli import main  # noqa: E402
+from cmi_fused.glue.cli import build_parser, main  # noqa: E402
 from cmi_fused.glue.data import load_task, tokenize_split  # noqa: E402
 from cmi_fused.glue.distill_cli import DistillConfig, distill_history, load_student, sweep_grid  # noqa: E402
 from cmi_fused.glue.train import TrainConfig, build_training_arguments, train  # noqa: E402
@@ -368,6 +368,15 @@ def test_select_teacher_uses_metric_over_training_set_cmi(teachers, glue_dir):
     assert selection["selected"] in selection["reason"] and "ratio" in selection["reason"]
     with pytest.raises(FileNotFoundError, match="--runs"):
         select_teacher([glue_dir])
+
+
+def test_distill_takes_seed_and_distill_sweep_seeds():
+    """distill-sweep sets each run's seed from --seeds, so it offers no --seed of its own that --seeds would silently
+    override: there --seed is argparse's abbreviation of --seeds."""
+    common = ["--task", "mrpc", "--teacher", "t", "--output-dir", "o"]
+    assert build_parser().parse_args(["distill", *common, "--seed", "3"]).seed == 3
+    sweep_args = build_parser().parse_args(["distill-sweep", *common, "--seed", "3"])
+    assert sweep_args.seeds == [3] and not hasattr(sweep_args, "seed")
 
 
 def test_select_teacher_refuses_runs_of_different_tasks(teachers, tmp_path):

@@ -305,7 +305,6 @@ def add_distill_args(parser: argparse.ArgumentParser) -> None:
         type=parse_layers,
         help="teacher layers copied into the built student, e.g. 0,2,4,7,9,11 (default: evenly spread)",
     )
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--cache-teacher-logits",
         action="store_true",
@@ -395,6 +394,7 @@ def run_distill_sweep_command(args: argparse.Namespace) -> None:
 def register_distill(subparsers) -> None:
     parser = subparsers.add_parser("distill", help="distil a cmi-glue train teacher into a student")
     add_distill_args(parser)
+    parser.add_argument("--seed", type=int, default=0)  # distill-sweep takes --seeds instead
     parser.add_argument("--teacher", required=True, help="teacher directory written by cmi-glue train")
     parser.add_argument("--alpha", type=float, default=0.5, help="weight of the KD term, in [0, 1]")
     parser.add_argument("--kd-temperature", type=float, default=2.0, help="softmax temperature T > 0 of the KD term")
