@@ -158,25 +158,33 @@ def main(argv=None) -> int:
         results["date"] = previous["date"]  # the file's day; each run keeps its own start time
     present, e2e_done = set(), False
     if args.resume and previous:
-        present = {report.row_key(row) for row in previous["rows"]}
-        e2e_done = bool(previous.get("e2e") and previous["e2e"].get("configs"))
-        log(f"resuming {stem}.json: {len(previous['rows'])} rows and {'the' if e2e_done else 'no'} e2e section done")
-
-    def save() -> None:
-        report.write_json(report.merge_results(previous, results) if previous else results, stem + ".json")
-        report.write_report(stem + ".json")
+        # Rows that failed (a compile error, an OOM, a CUDA fault) count as missing: a resume measures them again.
+        present = {report.row_key(row) for row in previous["rows"] if not row.get("error")}
+        previous_e2e = previous.get("e2e") or {}
+        e2e_done = bool(previous_e2e.get("configs")) and not previous_e2e.get("errors")
+        log(f"resuming {stem}.json: {len(present)} rows and {'the' if e2e_done else 'no'} e2e section done")
 
     # The unit of work is one shape in one mode, saved as it finishes: a run cut off by the time limit (or by
     # run_gpu.sh's SIGINT) loses at most the unit it was in. A unit is measured unless every row this invocation
-    # would write for it is already in the resumed file.
+    # would write for it is already in the resumed file. Mode-major order: the fixed-centroid units of every shape
+    # (the device-ms targets) come before the per-batch ones, so a run cut off early has measured them.
     passes, timings = tuple(args.passes), tuple(args.timings)
     pending = [] if args.no_op_bench else [
         (shape, mode)
-        for shape in shapes
         for mode in args.modes
+        for shape in shapes
         if not cmi_op.grid_row_keys(shape, providers, (mode,), passes, timings, device) <= present
     ]  # fmt: skip
+
+    def save() -> None:
+        # Every unit not finished yet is listed as skipped at every save, so that a run killed outright (SIGKILL,
+        # a crash in the driver) leaves a file that still says what it did not measure.
+        results["skipped"] = [[*dataclasses.astuple(shape), mode] for shape, mode in pending]
+        report.write_json(report.merge_results(previous, results) if previous else results, stem + ".json")
+        report.write_report(stem + ".json")
+
     e2e_pending = not (args.no_e2e or e2e_done)
+    save()
     try:
         fused_error = cmi_op.fused_unavailable_reason()
         if fused_error:
@@ -207,7 +215,6 @@ def main(argv=None) -> int:
             results["e2e"] = {"error": "interrupted by the time limit before it finished"}
         raise
     finally:
-        results["skipped"] += [[*dataclasses.astuple(shape), mode] for shape, mode in pending]
         save()
     log(f"wrote {stem}.json / .md ({time.monotonic() - started:.0f} s)")
     return 0

@@ -397,14 +397,14 @@ def count_gpu_activities(prepare, run) -> int | None:
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as trace:
             run(0)
             torch.cuda.synchronize()
-    except Exception:  # no CUPTI on this host: the rows simply carry no count
+        # GPU-timeline events, less the user annotations (inductor marks each compiled graph call with one).
+        count = sum(
+            1
+            for event in trace.events()
+            if event.device_type == torch.autograd.DeviceType.CUDA and not getattr(event, "is_user_annotation", False)
+        )
+    except Exception:  # no CUPTI on this host, or a trace it cannot parse: the rows simply carry no count
         return None
-    # GPU-timeline events, less the user annotations (inductor marks each compiled graph call with one).
-    count = sum(
-        1
-        for event in trace.events()
-        if event.device_type == torch.autograd.DeviceType.CUDA and not getattr(event, "is_user_annotation", False)
-    )
     return count or None  # a CUDA step launches something: 0 means the profiler could not see the GPU
 
 

@@ -46,8 +46,10 @@ if python3 -c "import xdist" 2>/dev/null; then
     test_args+=(-n "${TEST_WORKERS:-8}")
 fi
 if [ "${TEST_TIME_LIMIT:-200}" -gt 0 ]; then
-    # 8 workers of 2 CPU threads each on the 16 cores, instead of 16 threads each
-    OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} TEST_TIME_LIMIT=${TEST_TIME_LIMIT:-200} bench/run_gpu_tests.sh "${test_args[@]}"
+    # 8 workers of 2 CPU threads each on the 16 cores, instead of 16 threads each (OpenMP and inductor's compile
+    # pool, which would otherwise start min(32, cores) = 16 compile processes per worker)
+    OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-2} \
+        TEST_TIME_LIMIT=${TEST_TIME_LIMIT:-200} bench/run_gpu_tests.sh "${test_args[@]}"
     echo "run_gpu_tests.sh exit status $?"
 else
     echo "skipped: TEST_TIME_LIMIT=0"
@@ -91,7 +93,9 @@ outside = [r for r in rows if report.within_tolerance(r) is False]
 print(f"accuracy vs float64 outside the bounds: {len(outside)} rows")
 errors = [r for r in rows if r.get("error")]
 print(f"error rows: {len(errors)}")
-missing = " ".join(dict.fromkeys(f"{n}x{d}:{c}:{dtype}" for n, d, c, dtype, _ in results["skipped"]))
+# Not measured: skipped units and units with error rows (a --resume measures both again).
+units = [tuple(s[:4]) for s in results["skipped"]] + [(r["N"], r["d"], r["C"], r["dtype"]) for r in errors]
+missing = " ".join(dict.fromkeys(f"{n}x{d}:{c}:{dtype}" for n, d, c, dtype in units))
 print(f"not measured: BENCH_SHAPES=\"{missing}\"" if missing else "every requested shape measured")
 for check in report.target_checks(results) if results.get("cuda") else []:
     print(f"  {check['criterion']} | {check['shape']} | {check['verdict']}")

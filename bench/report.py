@@ -364,7 +364,7 @@ def render_markdown(results: dict, plot_name: str | None = None) -> str:
         lines += ["## Not measured by design", ""]
         lines += [f"- `{provider}` {pass_name} {timing}: {why}" for provider, pass_name, timing, why in skips] + [""]
     if results.get("skipped"):
-        lines += ["## Not measured (time limit)", ""]
+        lines += ["## Not measured (time limit, or the run stopped)", ""]
         lines += [f"- {shape_label(s[:4])}, {s[4]} centroids" for s in results["skipped"]] + [""]
     return "\n".join(lines)
 
@@ -418,9 +418,13 @@ def plot_speedups(results: dict, path: str) -> bool:
 
 
 def write_json(results: dict, path: str) -> None:
-    with open(path, "w", encoding="utf-8") as handle:
+    """Written to a temporary file, then renamed over ``path``: a run killed mid-write leaves the previous file
+    whole, which the next ``--resume`` reads."""
+    partial = path + ".partial"
+    with open(partial, "w", encoding="utf-8") as handle:
         json.dump(results, handle, indent=1, allow_nan=False)
         handle.write("\n")
+    os.replace(partial, path)
 
 
 def write_report(json_path: str) -> None:

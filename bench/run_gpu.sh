@@ -34,7 +34,7 @@ timeout --signal=INT --kill-after=15 "${BENCH_HARD_LIMIT:-540}" \
     python3 -m bench $resume --time-limit "${BENCH_TIME_LIMIT:-420}" --output-dir "$output_dir" "$@" || status=$?
 
 if [ -n "${OUT:-}" ]; then
-    find "$output_dir" -maxdepth 1 -type f -newer "$started_marker" -exec cp {} "$OUT"/ \;
+    find "$output_dir" -maxdepth 1 -type f ! -name '*.partial' -newer "$started_marker" -exec cp {} "$OUT"/ \;
 fi
 rm -f "$started_marker"
 exit "$status"

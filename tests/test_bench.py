@@ -434,14 +434,16 @@ def test_resume_measures_only_the_missing_shapes(tmp_path, keep_torch_threads):
 
 @pytest.mark.filterwarnings("ignore:no fused-vs-eager")
 def test_interrupted_run_lists_what_it_did_not_measure(tmp_path, monkeypatch, keep_torch_threads):
-    """run_gpu.sh's hard limit interrupts a run with SIGINT: the file keeps every finished (shape, mode), the
-    first mode of the interrupted shape included, and lists the interrupted and the later ones as not measured;
-    --resume then measures only those."""
+    """run_gpu.sh's hard limit interrupts a run with SIGINT: the file keeps every finished (shape, mode), in
+    mode-major order (every shape's fixed-centroid unit first), and lists the interrupted and the later ones as
+    not measured; --resume then measures only those. A run killed outright (SIGKILL, a driver crash) gets no
+    chance to save: the file written before each unit already lists that unit and the later ones."""
     measure = cmi_op.run_op_bench
-    calls = []
+    calls, listed_while_running = [], []
 
     def interrupt_the_third_unit(shapes, providers, modes, *args, **kwargs):
         calls.append((shapes[0].n_rows, *modes))
+        listed_while_running.append(read_results(tmp_path)["skipped"])
         if len(calls) == 3:
             raise KeyboardInterrupt
         return measure(shapes, providers, modes, *args, **kwargs)
@@ -451,21 +453,55 @@ def test_interrupted_run_lists_what_it_did_not_measure(tmp_path, monkeypatch, ke
     shapes = ["--shapes", "8x40:3:fp32", "6x33:10:bf16"]
     with pytest.raises(KeyboardInterrupt):
         bench_main([*argv, *shapes])
-    assert calls == [(8, "fixed"), (8, "batch"), (6, "fixed")]
+    assert calls == [(8, "fixed"), (6, "fixed"), (8, "batch")]
+    units = [[8, 40, 3, "fp32", "fixed"], [6, 33, 10, "bf16", "fixed"], [8, 40, 3, "fp32", "batch"]]
+    units.append([6, 33, 10, "bf16", "batch"])
+    assert listed_while_running == [units, units[1:], units[2:]]
     results = read_results(tmp_path)
-    assert {(r["N"], r["mode"]) for r in results["rows"]} == {(8, "fixed"), (8, "batch")}
-    assert results["skipped"] == [[6, 33, 10, "bf16", "fixed"], [6, 33, 10, "bf16", "batch"]]
+    assert {(r["N"], r["mode"]) for r in results["rows"]} == {(8, "fixed"), (6, "fixed")}
+    assert results["skipped"] == units[2:]
     (markdown_path,) = glob.glob(str(tmp_path / "*.md"))
     with open(markdown_path, encoding="utf-8") as handle:
-        assert "## Not measured (time limit)\n\n- 6x33 C=10 bf16, fixed centroids\n" in handle.read()
+        assert "## Not measured (time limit, or the run stopped)\n\n- 8x40 C=3 fp32, batch centroids\n" in (
+            handle.read()
+        )
 
     calls.clear()
     assert bench_main([*argv, "--resume", *shapes]) == 0
-    assert calls == [(6, "fixed"), (6, "batch")]
+    assert calls == [(8, "batch"), (6, "batch")]
     resumed = read_results(tmp_path)
     assert resumed["skipped"] == [] and {(r["N"], r["mode"]) for r in resumed["rows"]} == {
         (n_rows, mode) for n_rows in (8, 6) for mode in cmi_op.MODES
     }
+
+
+@pytest.mark.filterwarnings("ignore:no fused-vs-eager")
+def test_resume_measures_failed_rows_again(tmp_path, monkeypatch, keep_torch_threads):
+    """A unit whose rows failed (a compile error, an OOM, a CUDA fault) is not done: --resume measures it again and
+    its new rows replace the error rows; finished units stay as they are."""
+    measure = cmi_op.run_op_bench
+    calls, failed = [], []
+
+    def fail_the_bf16_shape_once(shapes, providers, modes, *args, **kwargs):
+        calls.append((shapes[0].n_rows, *modes))
+        rows = measure(shapes, providers, modes, *args, **kwargs)
+        if shapes[0].n_rows == 6 and not failed:
+            failed.append(calls[-1])
+            rows = [dict(row, ms=None, error="RuntimeError: CUDA error: an illegal memory access") for row in rows]
+        return rows
+
+    monkeypatch.setattr(cmi_op, "run_op_bench", fail_the_bf16_shape_once)
+    argv = ["--quick", "--no-e2e", "--providers", "eager", "--modes", "fixed", "--output-dir", str(tmp_path)]
+    argv += ["--shapes", "8x40:3:fp32", "6x33:10:bf16"]
+    assert bench_main(argv) == 0
+    first = read_results(tmp_path)
+    assert all(row.get("error") for row in first["rows"] if row["N"] == 6)
+    calls.clear()
+    assert bench_main([*argv, "--resume"]) == 0
+    assert calls == [(6, "fixed")]
+    resumed = read_results(tmp_path)
+    assert len(resumed["rows"]) == len(first["rows"]) and not any(row.get("error") for row in resumed["rows"])
+    assert [row for row in resumed["rows"] if row["N"] == 8] == [row for row in first["rows"] if row["N"] == 8]
 
 
 def test_report_without_matplotlib_writes_markdown_and_warns(tmp_path, monkeypatch):
