@@ -417,6 +417,13 @@ def test_select_teacher_command(teachers, tmp_path, capsys):
     assert f"left out (CE baselines of the directories given; name a run to include it): {parent / 'none'}" in (
         capsys.readouterr().out
     )
+    # A run named on its own and inside a directory named too is one candidate, and a CE run named so is not
+    # reported as left out.
+    named = [str(parent / "none"), str(parent / "max") + os.sep]
+    main(["select-teacher", "--runs", *named, str(parent), "--json", str(out)])
+    selection = json.loads(out.read_text())
+    assert [row["run"] for row in selection["runs"]] == named
+    assert selection["left_out"] == [] and "left out" not in capsys.readouterr().out
     with pytest.raises(FileNotFoundError, match="a distillation run has none"):
         select_teacher([str(distilled)])
     shutil.rmtree(parent / "max")

@@ -477,15 +477,18 @@ def test_feature_capture_is_the_classifier_input(tmp_path):
         assert torch.allclose(capture.pop(), hidden[:, 0])
 
 
-def test_bad_arguments_say_what_to_pass(tiny_bert, glue_dir, tmp_path):
+def test_bad_arguments_say_what_to_pass(tiny_bert, glue_dir, tmp_path, capsys):
     with pytest.raises(OSError, match="pass a local directory"):
         main(["train", *common_args(str(tmp_path / "no-model"), glue_dir, tmp_path / "x")])
     with pytest.raises(ValueError, match="cmi_lambda must be >= 0"):
         main(["train", *common_args(tiny_bert, glue_dir, tmp_path / "x"), "--cmi", "min", "--cmi-lambda", "-1"])
     with pytest.raises(SystemExit):
         build_parser().parse_args(["sweep", *common_args(tiny_bert, glue_dir, tmp_path / "x"), "--lambdas", "0,a"])
-    with pytest.raises(ValueError, match="epochs must be a positive whole number"):
+    with pytest.raises(SystemExit):  # a usage error, before anything loads
         main(["train", *common_args(tiny_bert, glue_dir, tmp_path / "x"), "--epochs", "2.5"])
+    assert "expected a positive whole number of epochs, got '2.5'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="epochs must be a positive whole number"):
+        TrainConfig("mrpc", "m", str(tmp_path / "x"), epochs=2.5)
     with pytest.raises(ValueError, match=r"warmup_ratio must be in \[0, 1\)"):
         main(["train", *common_args(tiny_bert, glue_dir, tmp_path / "x"), "--warmup-ratio", "1"])
     with pytest.raises(ValueError, match="max_seq_length must be a positive int"):

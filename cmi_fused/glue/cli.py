@@ -32,6 +32,17 @@ def parse_list(kind):
     return parse
 
 
+def whole_epochs(text: str) -> float:
+    """``--epochs``: a positive whole number (evaluation, checkpoints and the history are per epoch), as a float."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not (value > 0 and value.is_integer()):
+        raise argparse.ArgumentTypeError(f"expected a positive whole number of epochs, got {text!r}")
+    return value
+
+
 def add_common_args(parser: argparse.ArgumentParser, with_model: bool = True) -> None:
     """Task, model, data and training options shared by every subcommand (``with_model=False``: no ``--model``)."""
     parser.add_argument("--task", required=True, choices=sorted(TASKS), help="GLUE classification task")
@@ -39,7 +50,7 @@ def add_common_args(parser: argparse.ArgumentParser, with_model: bool = True) ->
         parser.add_argument("--model", required=True, help="hub name or local directory of the model and tokenizer")
     parser.add_argument("--output-dir", required=True, help="where checkpoints and results are written")
     parser.add_argument("--data-dir", help="GLUE TSV root (<dir>/<TASK>/train.tsv, dev.tsv); default: datasets hub")
-    parser.add_argument("--epochs", type=float, default=5.0)
+    parser.add_argument("--epochs", type=whole_epochs, default=5.0, help="a positive whole number")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--eval-batch-size", type=int, help="default: --batch-size")
     parser.add_argument("--lr", type=float, default=2e-5)
@@ -52,7 +63,7 @@ def add_common_args(parser: argparse.ArgumentParser, with_model: bool = True) ->
     parser.add_argument(
         "--keep-checkpoints",
         action="store_true",
-        help="keep the best and the last checkpoint-* (with optimizer state, for --resume)",
+        help="keep the best and the last checkpoint-* (with optimizer state; train --resume continues the last)",
     )
     parser.add_argument("--disable-tqdm", action="store_true")
 
