@@ -566,6 +566,93 @@ def test_each_forward_program_accumulates_into_its_own_slot():
     torch.testing.assert_close(lse.double(), torch.logsumexp(features.double(), dim=1))
 
 
+def test_backward_kernel_writes_its_rows_and_nothing_past_them():
+    """White-box: dh for rows 0..N-1 and not one element more, into a NaN-poisoned buffer of N+1 rows (d = 37:
+    BLOCK_D 64 leaves masked lanes in every row). The interpreter runs programs one after the other, so a store
+    past a row's end would be overwritten by the next row's program and show only after the last row: here."""
+    pytest.importorskip("triton")
+    from kernels.cmi_backward import cmi_backward_kernel
+    from kernels.cmi_forward import launch_meta
+
+    n, d, c, temperature = 9, 37, 3, 0.7
+    gen = torch.Generator().manual_seed(0)
+    features = torch.randn(n, d, generator=gen).to(DEVICE)
+    labels = torch.randint(0, c, (n,), generator=gen).to(DEVICE)
+    centroids = random_centroids(c, d, gen).to(DEVICE)
+    ref_rows, _, _, ref_h = reference_cmi(features, labels, c, centroids, temperature=temperature, reduction="none")
+    ref_rows.sum().backward()
+    grad_out = torch.full((n + 1, d), float("nan"), device=DEVICE)
+    cmi_backward_kernel[(n,)](
+        features_ptr=features, stride_feat_row=features.stride(0), stride_feat_col=features.stride(1),
+        labels_ptr=labels, stride_label=labels.stride(0),
+        centroids_ptr=centroids, stride_cent_row=centroids.stride(0), stride_cent_col=centroids.stride(1),
+        stats_ptr=None, stride_stats_row=0,
+        lse_ptr=torch.logsumexp(features / temperature, dim=1), row_kl_ptr=ref_rows.detach().float(),
+        grad_loss_ptr=torch.ones(n, device=DEVICE), stride_grad=1, grad_scale=1.0, grad_features_ptr=grad_out,
+        dim=d, num_classes=c, inv_temperature=1.0 / temperature, eps=1e-12,
+        HAS_CENTROIDS=True, LOG_CENTROIDS=False, **launch_meta(d),
+    )  # fmt: skip
+    assert torch.isnan(grad_out[n]).all(), "the backward stored past the last row"
+    assert_rel_close(grad_out[:n], ref_h.grad, 1e-5, "gradient rows")
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, "triton_table"])
+@pytest.mark.parametrize("centroid_mode", ["fixed", "batch"])
+def test_eps_other_than_the_default_is_the_floor(backend: str, centroid_mode: str, request):
+    """eps = 0.01 floors G where it bites (zero centroid entries; per-batch means of a peaked softmax): rows and
+    gradient against the float64 reference with the same eps, on every path that takes log G."""
+    if backend == "triton_table":
+        request.getfixturevalue("log_table_forced")
+        backend = "triton"
+    gen = generator_for(request)
+    n, d, c, eps = 12, 40, 3, 1e-2
+    features = make_features(n, d, torch.float32, "contiguous", gen).requires_grad_(True)
+    labels = random_labels(n, c, gen, per_batch=True).to(DEVICE)
+    centroids = random_centroids(c, d, gen, zero_entries=True).to(DEVICE) if centroid_mode == "fixed" else None
+    result = cmi_loss(features, labels, c, centroids, eps=eps, reduction="none", backend=backend)
+    ref_rows, ref_sums, ref_counts, ref_h = reference_cmi(features, labels, c, centroids, eps=eps, reduction="none")
+    floored = centroids if centroids is not None else ref_sums / ref_counts.clamp_min(1.0)[:, None]
+    assert (floored < eps).any(), "the inputs must reach the floor for this test to mean anything"
+    grad_rows = torch.randn(n, generator=gen).to(DEVICE)
+    result.loss.backward(grad_rows)
+    ref_rows.backward(grad_rows.double())
+    assert_rel_close(result.loss, ref_rows, 1e-5, "rows")
+    assert_rel_close(features.grad, ref_h.grad, 1e-5, "gradient")
+
+
+def rows_past_2_31_elements(layout: str, device: str, gen: torch.Generator) -> torch.Tensor:
+    """bf16 features whose last rows start past element 2**31: rows 2**23 elements apart in a 4 GiB buffer (the
+    reads' row offsets), or a contiguous (2**21 + 64, 1024) tensor, whose gradient rows lie past 2**31 too (4 GiB
+    each way). Only the rows are filled."""
+    if layout == "row_stride":
+        storage = torch.empty(2**31 + 2**20, dtype=torch.bfloat16, device=device)
+        features = storage.as_strided((257, 16), (2**23, 1))
+        features.copy_(torch.randn(257, 16, generator=gen).to(device))
+    else:
+        features = torch.randn(2**21 + 64, 1024, device=device, dtype=torch.bfloat16)
+    return features.requires_grad_(True)
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="needs CUDA and 4-9 GiB: the interpreter addresses in int64 whatever the code")
+@pytest.mark.parametrize("layout", ["row_stride", "contiguous"])
+def test_rows_past_2_31_elements_are_addressed_in_int64(layout: str, request):
+    """The kernels' row offsets (row * stride in the forward and backward reads, row * d for dh) are int64: the
+    last rows, past element 2**31, give the KL and gradient of the same rows computed alone (rows are independent
+    with fixed centroids). With int32 offsets they would wrap to other memory."""
+    gen = generator_for(request)
+    features = rows_past_2_31_elements(layout, DEVICE, gen)
+    n, d, c = *features.shape, 3
+    labels = (torch.arange(n) % c).to(DEVICE)
+    centroids = torch.softmax(torch.randn(c, d, generator=gen), -1).to(DEVICE)
+    result = cmi_loss(features, labels, c, centroids, reduction="none", backend="triton")
+    (grad,) = torch.autograd.grad(result.loss, features, torch.ones(n, device=DEVICE))
+    tail = slice(n - 2, n)
+    ref_rows, _, _, ref_h = reference_cmi(features[tail].detach(), labels[tail], c, centroids, reduction="none")
+    ref_rows.sum().backward()
+    assert_rel_close(result.loss[tail], ref_rows, 1e-5, "KL of the rows past 2**31")
+    assert_rel_close(grad[tail], ref_h.grad, 1e-2, "gradient of the rows past 2**31")
+
+
 def envelope_problem(request, dtype: torch.dtype):
     gen = generator_for(request)
     n, d, c = 30, 67, 4
@@ -962,6 +1049,10 @@ BAD_INPUTS = [
     ("unknown_reduction", dict(reduction="avg"), ValueError, "reduction"),
     ("unknown_backend", dict(backend="cuda"), ValueError, "backend"),
     ("num_classes_zero", dict(num_classes=0), ValueError, "num_classes"),
+    # all labels 0, so that a bool taken for 1 would pass the label check too (whose message names num_classes)
+    ("num_classes_bool", dict(num_classes=True, labels=[0, 0, 0, 0, 0, 0]), ValueError, "num_classes"),
+    ("deterministic_not_bool", dict(deterministic="yes"), ValueError, "deterministic"),
+    ("check_labels_not_bool", dict(check_labels="yes"), ValueError, "check_labels"),
 ]
 
 
@@ -1067,12 +1158,13 @@ def test_class_statistics_may_change_in_place_unless_the_gradient_reads_them(bac
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("centroid_mode", ["fixed", "batch", "batch, log table"])
-def test_unchecked_out_of_range_labels_give_nan_rows(backend: str, centroid_mode: str, request):
+@pytest.mark.parametrize("d", [30, 4500])  # one chunk per row, and two (the chunked forward, d > 4096)
+def test_unchecked_out_of_range_labels_give_nan_rows(backend: str, centroid_mode: str, d: int, request):
     """check_labels=False: rows labelled -1 or C never index memory; their KL is NaN, every other row and the
     class sums/counts equal those of the valid rows alone. Those rows pass no gradient back, whatever their
     grad_output (zero, not NaN: dropping them from the loss, as for an ignore label, leaves a clean step)."""
     gen = generator_for(request)
-    n, d, c = 12, 30, 3
+    n, c = 12, 3
     features = make_features(n, d, torch.float32, "contiguous", gen).requires_grad_(True)
     labels = random_labels(n, c, gen, per_batch=True)
     bad_rows = [3, 7, 11]

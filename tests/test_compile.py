@@ -41,6 +41,30 @@ def test_fullgraph_compile_matches_eager(backend, fixed_centroids, request):
     torch.testing.assert_close(layer.weight.grad, eager_grad, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("log_table", [False, True])
+@pytest.mark.parametrize("fixed_centroids", [True, False])
+def test_fake_kernels_agree_with_the_real_ones(log_table, fixed_centroids, request):
+    """torch.library.opcheck's fake-tensor check: the compiled graph plans with the fake kernels' shapes (the
+    log table's rows decide the backward's path), so they must be the real kernels' shapes, table or none."""
+    from kernels.cmi import cmi_backward_op, cmi_forward_op
+
+    if log_table:
+        request.getfixturevalue("log_table_forced")
+    torch.manual_seed(7)
+    features = torch.randn(10, 12, device=DEVICE)
+    labels = torch.randint(0, 3, (10,), device=DEVICE)
+    centroids = torch.softmax(torch.randn(3, 12, device=DEVICE), -1) if fixed_centroids else None
+    forward_args = (features, labels, centroids, 3, 0.5, 1e-12, "auto")
+    torch.library.opcheck(cmi_forward_op, forward_args, test_utils=("test_faketensor",))
+    row_kl, lse, stats, table = cmi_forward_op(*forward_args)
+    log_centroids = table.shape[0] > 0
+    assert log_centroids == log_table
+    source = table if log_centroids else centroids
+    backward_args = (torch.ones((), device=DEVICE), features, labels, source, None if log_centroids or fixed_centroids
+                     else stats, lse, row_kl, 3, 0.5, 1e-12, 0.1, log_centroids)  # fmt: skip
+    torch.library.opcheck(cmi_backward_op, backward_args, test_utils=("test_faketensor",))
+
+
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("dynamic", [None, True])
 def test_fullgraph_compile_with_a_changing_temperature_and_eps(backend, dynamic):

@@ -46,6 +46,28 @@ def test_batch_mode_is_per_batch_cmi_with_exact_gradient():
     assert torch.allclose(h.grad.double(), h_ref.grad, atol=1e-6)
 
 
+def test_eps_is_passed_on_as_the_floor_of_the_centroids():
+    """eps = 0.05 lies above some class-mean entries of these peaked softmaxes: the loss is the KL to the floored
+    means, so a regulariser that dropped its eps (the op's default 1e-12) would give another value."""
+    eps = 0.05
+    h, y = make_batches(1)[0]
+    means = class_means(softmax(h), y)
+    assert (means < eps).any(), "the floor must bite for this test to mean anything"
+    loss = CMIRegularizer(C, D, "batch", temperature=T, eps=eps)(h, y)
+    assert torch.allclose(loss.double(), hand_cmi(h, y, means.clamp_min(eps)), atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["batch", "epoch", "ema"])
+def test_end_epoch_counts_epochs_in_every_mode(mode):
+    """The ``epoch`` buffer counts finished epochs whatever the centroid mode (a resumed run reads it back)."""
+    reg = CMIRegularizer(C, D, mode, temperature=T)
+    for epoch in range(1, 3):
+        for h, y in make_batches(2, seed=epoch):
+            reg(h, y)
+        reg.end_epoch()
+        assert int(reg.epoch) == epoch
+
+
 def test_epoch_mode_uses_previous_epoch_means():
     reg = CMIRegularizer(C, D, "epoch", temperature=T)
     batches = make_batches(3)
