@@ -1,6 +1,7 @@
 """Distillation: student building (layer choice, name map, token-type folding), the KD trainer with a
 frozen teacher, teacher selection and end-to-end ``cmi-glue distill`` / ``distill-sweep`` on a tiny BERT."""
 
+import dataclasses
 import json
 import os
 import re
@@ -23,10 +24,11 @@ from transformers import (  # noqa: E402
     GPT2Model,
 )
 
-from cmi_fused import KDLoss, cmi_loss  # noqa: E402
+from cmi_fused import CMIRegularizer, KDLoss, cmi_loss  # noqa: E402
 from cmi_fused.distill import (  # noqa: E402
     DistillationTrainer,
     build_student,
+    check_layers,
     default_student_layers,
     parse_layers,
     select_teacher,
@@ -37,8 +39,15 @@ from cmi_fused.distill import (  # noqa: E402
 from cmi_fused.glue import distill_cli  # noqa: E402
 from cmi_fused.glue.cli import build_parser, main  # noqa: E402
 from cmi_fused.glue.data import load_task, tokenize_split  # noqa: E402
-from cmi_fused.glue.distill_cli import DistillConfig, distill_history, load_student, sweep_grid  # noqa: E402
-from cmi_fused.glue.train import TrainConfig, build_training_arguments, train  # noqa: E402
+from cmi_fused.glue.distill_cli import (  # noqa: E402
+    DistillConfig,
+    distill_history,
+    load_student,
+    sweep_grid,
+    teacher_candidates,
+)
+from cmi_fused.glue.sweep import reuse_or_run  # noqa: E402
+from cmi_fused.glue.train import REGULARIZER_FILE, RESULTS_FILE, TrainConfig, build_training_arguments, train  # noqa: E402
 from glue_fixtures import save_tiny_bert  # noqa: E402
 
 NUM_TEACHER_LAYERS = 4
@@ -80,6 +89,7 @@ def test_default_layers():
     assert default_student_layers(6, 2) == [0, 5]
     assert default_student_layers(4, 4) == [0, 1, 2, 3]
     assert default_student_layers(5, 1) == [0]
+    assert default_student_layers(5) == [0, 2, 4] and default_student_layers(3) == [0, 2]  # odd depths: half, up
     assert parse_layers("0,2,4") == [0, 2, 4]
     with pytest.raises(ValueError, match="num_student_layers"):
         default_student_layers(6, 7)
@@ -180,6 +190,10 @@ def test_build_errors():
         build_student(teacher, [2, 1])
     with pytest.raises(ValueError, match="layers must be strictly increasing"):
         build_student(teacher, [0, NUM_TEACHER_LAYERS])
+    with pytest.raises(ValueError, match="strictly increasing"):  # a layer twice
+        build_student(teacher, [1, 1])
+    with pytest.raises(ValueError, match="strictly increasing"):
+        check_layers([1, 1], NUM_TEACHER_LAYERS)
     with pytest.raises(TypeError, match="teacher must be a Hugging Face BERT model"):
         build_student(GPT2Model(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=10)))
     with pytest.raises(ValueError, match="absolute position embeddings"):
@@ -196,6 +210,56 @@ def test_seed_fixes_the_built_students_fresh_head():
         student, _ = load_student(config, teacher, None, 3)
         heads.append(student.classifier.weight.detach().clone())
     assert torch.equal(heads[0], heads[1]) and not torch.equal(heads[0], heads[2])
+
+
+def test_student_layers_option_is_used():
+    """--student-layers 1,3: a 2-layer student whose layer k is teacher layer [1, 3][k]."""
+    config = DistillConfig(task="mrpc", model="t", output_dir="o", teacher="t", student_layers=[1, 3])
+    teacher = tiny_teacher()
+    student, layers = load_student(config, teacher, None, 3)
+    assert layers == [1, 3] and student.config.n_layers == 2
+    for student_layer, teacher_layer in enumerate(layers):
+        torch.testing.assert_close(
+            student.distilbert.transformer.layer[student_layer].ffn.lin2.weight,
+            teacher.bert.encoder.layer[teacher_layer].output.dense.weight,
+            rtol=0,
+            atol=0,
+        )
+
+
+def test_distillation_settings_block_reuse(tmp_path):
+    """A finished distillation run is reused only if teacher, student and KD settings are the same; caching the
+    teacher's logits changes only how it runs."""
+    base = DistillConfig("mrpc", "t", str(tmp_path / "run"), teacher="t")
+    os.makedirs(base.output_dir)
+    finished = {"config": dataclasses.asdict(base), "best": {"f1": 0.5}, "best_epoch": 1, "history": []}
+    (tmp_path / "run" / RESULTS_FILE).write_text(json.dumps(finished))
+
+    def never():
+        raise AssertionError("a finished run was retrained")
+
+    changed = {"teacher": "u", "student": "s", "student_layers": [0, 2], "alpha": 0.9, "kd_temperature": 4.0}
+    for name, value in changed.items():
+        with pytest.raises(ValueError, match=rf"\b{name}: "):
+            reuse_or_run(dataclasses.replace(base, **{name: value}), never)
+    assert reuse_or_run(dataclasses.replace(base, cache_teacher_logits=True), never) == finished
+
+
+def test_distill_sweep_defaults_start_with_the_ce_baseline():
+    args = build_parser().parse_args(["distill-sweep", "--task", "mrpc", "--teacher", "t", "--output-dir", "o"])
+    assert args.alphas == [0.0, 0.5] and args.kd_temperatures == [2.0] and args.seeds == [0, 1, 2]
+
+
+def test_a_directory_of_runs_keeps_min_and_max_cmi_runs(tmp_path):
+    """Only --cmi none runs are CE baselines: Min-CMI runs are candidates too."""
+    for cmi in ("none", "min", "max"):
+        run = tmp_path / "sweep" / cmi
+        run.mkdir(parents=True)
+        (run / RESULTS_FILE).write_text(json.dumps({"config": {"cmi": cmi}}))
+        (run / REGULARIZER_FILE).write_bytes(b"")
+    run_dirs, left_out = teacher_candidates([str(tmp_path / "sweep")])
+    assert run_dirs == [str(tmp_path / "sweep" / "max"), str(tmp_path / "sweep" / "min")]
+    assert left_out == [str(tmp_path / "sweep" / "none")]
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -368,6 +432,42 @@ def test_select_teacher_uses_metric_over_training_set_cmi(teachers, glue_dir):
     assert selection["selected"] in selection["reason"] and "ratio" in selection["reason"]
     with pytest.raises(FileNotFoundError, match="--runs"):
         select_teacher([glue_dir])
+
+
+@pytest.fixture(scope="module")
+def normalised_teacher(tmp_path_factory, glue_dir):
+    """A Max-CMI teacher with epoch centroids, center_l2 features and the first 20 training rows."""
+    base = tmp_path_factory.mktemp("normalised-teacher")
+    model_dir = save_tiny_bert(base / "init")
+    train(
+        TrainConfig(
+            "mrpc", model_dir, str(base / "run"), data_dir=glue_dir, cmi="max", cmi_lambda=0.5, centroids="epoch",
+            normalization="center_l2", temperature=0.5, epochs=1, batch_size=8, lr=1e-3, max_train_samples=20,
+            disable_tqdm=True,
+        )
+    )  # fmt: skip
+    return str(base / "run")
+
+
+def test_training_set_cmi_uses_the_runs_centroids_normalisation_and_rows(normalised_teacher, glue_dir):
+    """The saved centroids, the run's center_l2 normalisation (its saved feature mean) and its first 20 rows, each
+    recomputed by hand; the selection ratio is metric / that CMI."""
+    run = training_set_cmi(normalised_teacher)
+    assert run["centroids_source"] == "saved epoch centroids"
+    saved = CMIRegularizer(2, 32, "epoch", temperature=0.5, normalization="center_l2")
+    saved.load_state_dict(torch.load(os.path.join(normalised_teacher, REGULARIZER_FILE)))
+    rows = load_task("mrpc", glue_dir).train.select(range(20))
+    tokenizer = AutoTokenizer.from_pretrained(normalised_teacher)
+    model = AutoModelForSequenceClassification.from_pretrained(normalised_teacher).eval()
+    encoded = tokenizer(list(rows["text_a"]), list(rows["text_b"]), padding=True, return_tensors="pt")
+    with torch.no_grad():
+        centred = model.bert(**encoded).pooler_output - saved.feature_mean
+    features = centred / centred.norm(dim=-1, keepdim=True)
+    labels = torch.tensor(list(rows["label"]))
+    expected = cmi_loss(features, labels, 2, saved.centroids, temperature=0.5, backend="torch").loss
+    assert run["train_set_cmi"] == pytest.approx(float(expected), rel=1e-4)
+    (row,) = select_teacher([normalised_teacher])["runs"]
+    assert row["ratio"] == pytest.approx(row["best_metric"] / row["train_set_cmi"])
 
 
 def test_distill_takes_seed_and_distill_sweep_seeds():

@@ -6,7 +6,10 @@ import operator
 import os
 import subprocess
 import sys
+import threading
+import time
 
+import filelock
 import numpy as np
 import pytest
 import torch
@@ -20,13 +23,15 @@ from transformers import (
     BertForSequenceClassification,
     DistilBertConfig,
     DistilBertForSequenceClassification,
+    RobertaConfig,
+    RobertaForSequenceClassification,
 )
 
 from cmi_fused import CMIRegularizer, cmi_loss
-from cmi_fused.glue.cli import build_parser, main
+from cmi_fused.glue.cli import build_parser, config_from_args, main, parse_list
 from cmi_fused.glue.data import load_task, tokenize_split
 from cmi_fused.glue.metrics import glue_metrics
-from cmi_fused.glue.sweep import reuse_or_run, run_dir, run_lock, run_sweep, summarize_arms
+from cmi_fused.glue.sweep import reuse_or_run, reuse_or_run_each, run_dir, run_lock, run_sweep, summarize_arms
 from cmi_fused.glue.train import (
     REGULARIZER_FILE,
     RESULTS_FILE,
@@ -35,6 +40,7 @@ from cmi_fused.glue.train import (
     TrainConfig,
     best_epoch_of,
     build_training_arguments,
+    classifier_input_module,
     load_model_and_tokenizer,
     train,
 )
@@ -135,6 +141,45 @@ def test_trainer_keeps_the_epoch_with_the_highest_metric(tmp_path):
         if better(row["eval"]["f1"], kept["eval"]["f1"]):
             kept = row
     assert kept["epoch"] == best_epoch_of(history, "f1")["epoch"] == 2
+
+
+def test_best_epoch_tie_goes_to_the_first_epoch():
+    """As the Trainer keeps it: a later epoch must beat the best so far, not equal it."""
+    history = [{"epoch": epoch, "eval": {"f1": f1}} for epoch, f1 in ((1, 0.5), (2, 0.8), (3, 0.8))]
+    assert best_epoch_of(history, "f1")["epoch"] == 2
+
+
+def test_training_settings_reach_the_trainer(tmp_path):
+    """--warmup-ratio is a fraction of the steps; --resume needs --keep-checkpoints; the train parser's defaults are
+    TrainConfig's."""
+    args = build_training_arguments(TrainConfig("mrpc", "m", str(tmp_path), warmup_ratio=0.25), "f1")
+    assert args.get_warmup_steps(100) == 25
+    with pytest.raises(ValueError, match="resume needs keep_checkpoints"):
+        TrainConfig("mrpc", "m", str(tmp_path), resume=True)
+    TrainConfig("mrpc", "m", str(tmp_path), resume=True, keep_checkpoints=True)
+    parsed = build_parser().parse_args(["train", "--task", "mrpc", "--model", "m", "--output-dir", "o"])
+    assert config_from_args(parsed) == TrainConfig("mrpc", "m", "o")
+    assert parse_list(float)("0,0.5,") == [0.0, 0.5]
+
+
+def test_saved_regularizer_state_is_the_best_epochs(tiny_bert, glue_dir, tmp_path):
+    """Epoch 1 is the best (metrics made to fall): the regulariser state saved beside the model is epoch 1's, also
+    with --keep-checkpoints, which keeps the last checkpoint (epoch 2) too (without it only the best is left)."""
+    scores = iter([0.9, 0.1])
+
+    def falling_metrics(eval_prediction):
+        value = next(scores)
+        return {"f1": value, "accuracy": value}
+
+    data = dataclasses.replace(load_task("mrpc", glue_dir), compute_metrics=falling_metrics)
+    config = TrainConfig(
+        "mrpc", tiny_bert, str(tmp_path / "run"), data_dir=glue_dir, cmi="min", centroids="epoch", epochs=2,
+        batch_size=8, lr=1e-3, disable_tqdm=True, keep_checkpoints=True,
+    )  # fmt: skip
+    assert train(config, data)["best_epoch"] == 1
+    saved = CMIRegularizer(2, HIDDEN, "epoch")
+    saved.load_state_dict(torch.load(tmp_path / "run" / REGULARIZER_FILE))
+    assert int(saved.epoch) == 1
 
 
 def test_frozen_centroid_pass_leaves_the_training_run_unchanged(tiny_bert, glue_dir, tmp_path):
@@ -259,6 +304,40 @@ def test_sweeps_side_by_side_share_their_runs(glue_dir, tmp_path, monkeypatch):
     assert trained[3:] == [(0.0, 0), (0.5, 0)]
 
 
+def test_a_run_is_trained_under_its_lock_and_a_locked_one_waited_for(tmp_path, monkeypatch):
+    """While this process trains a run, another cannot take its lock; a run another process holds is waited for
+    and read back once that process has finished it, not trained again."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    config = TrainConfig("mrpc", "m", str(tmp_path / "mine"))
+
+    def run():
+        with pytest.raises(filelock.Timeout):
+            run_lock(config.output_dir).acquire(blocking=False)
+        return {"best": {"f1": 0.5}}
+
+    assert reuse_or_run_each([(config, run)]) == [{"best": {"f1": 0.5}}]
+
+    theirs = TrainConfig("mrpc", "m", str(tmp_path / "theirs"))
+    held = threading.Event()
+
+    def other_sweep():
+        with run_lock(theirs.output_dir):
+            held.set()
+            time.sleep(1.0)
+            os.makedirs(theirs.output_dir)
+            finished = {"config": dataclasses.asdict(theirs), "best": {"f1": 0.25}, "best_epoch": 1, "history": []}
+            (tmp_path / "theirs" / RESULTS_FILE).write_text(json.dumps(finished))
+
+    thread = threading.Thread(target=other_sweep)
+    thread.start()
+    held.wait()
+    try:
+        (results,) = reuse_or_run_each([(theirs, lambda: pytest.fail("a run another sweep finished was retrained"))])
+    finally:
+        thread.join()
+    assert results["best"] == {"f1": 0.25}
+
+
 def test_only_rank_0_writes_the_sweep_files(glue_dir, tmp_path, monkeypatch):
     """Under torchrun every rank runs the sweep; sweep.json and sweep.md come from rank 0 alone."""
 
@@ -319,6 +398,10 @@ def test_summarize_arms_hand_values():
     assert tied["paired_diffs"] == pytest.approx([0.0, 0.1]) and tied["wins"] == 1  # a tie is not a win
     with pytest.raises(ValueError, match="baseline"):
         summarize_arms({0.1: {0: 0.5}}, 0.0)
+    skewed = summarize_arms({0.0: {0: 0.5, 1: 0.6, 2: 0.9}, 0.1: {0: 0.5, 1: 0.7, 2: 1.3}}, 0.0)  # median != mean
+    assert skewed[0]["median"] == pytest.approx(0.6) and skewed[0]["mean"] == pytest.approx(2 / 3)
+    assert skewed[1]["paired_diffs"] == pytest.approx([0.0, 0.1, 0.4])
+    assert skewed[1]["diff_median"] == pytest.approx(0.1)
 
 
 @pytest.mark.parametrize(
@@ -418,6 +501,41 @@ def test_logged_epoch_means_cover_their_own_epoch(tiny_bert, glue_dir, tmp_path)
         pytest.approx({"train_ce": (ce0 + ce1) / 2, "train_cmi": (cmi0 + cmi1) / 2}, rel=1e-5),
         pytest.approx({"train_ce": ce2, "train_cmi": cmi2}, rel=1e-5),
     ]
+
+
+def test_evaluation_batches_are_ce_alone_and_leave_the_epoch_state(tiny_bert, glue_dir, tmp_path):
+    """In eval mode compute_loss is the CE alone, and neither the logged epoch means nor the regulariser's epoch
+    sums see the batch."""
+    trainer, model = cmi_trainer(tiny_bert, tmp_path, "min", cmi_lambda=5.0)
+    trainer.regularizer = CMIRegularizer(2, HIDDEN, "epoch", temperature=0.2)
+    logged = []
+    trainer.log = lambda values, *args, **kwargs: logged.append(values)
+    (inputs,) = training_batches(trainer, tiny_bert, glue_dir, [8])
+    model.eval()
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, dict(inputs))
+        ce, _ = ce_and_cmi(model, inputs)
+    assert loss.item() == pytest.approx(ce.item(), rel=1e-6)
+    assert float(trainer.regularizer.epoch_class_counts.sum()) == 0
+    trainer.end_epoch()
+    assert logged == [{"train_ce": 0.0, "train_cmi": 0.0}]
+
+
+def test_roberta_style_head_feature_is_the_out_proj_input():
+    """RoBERTa's head is dense -> tanh -> out_proj: the classifier's input is out_proj's, not the CLS state."""
+    torch.manual_seed(0)
+    config = RobertaConfig(
+        vocab_size=30, hidden_size=HIDDEN, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=40,
+    )  # fmt: skip
+    model = RobertaForSequenceClassification(config).eval()
+    assert classifier_input_module(model) is model.classifier.out_proj
+    input_ids = torch.randint(3, 30, (2, 6))
+    with torch.no_grad():
+        capture = FeatureCapture(model, "pooled")
+        model(input_ids=input_ids)
+        cls = model.roberta(input_ids=input_ids).last_hidden_state[:, 0]
+        torch.testing.assert_close(capture.pop(), torch.tanh(model.classifier.dense(cls)))
 
 
 def test_one_process_with_several_gpus_is_refused(tiny_bert, tmp_path, monkeypatch):

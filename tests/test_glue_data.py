@@ -329,4 +329,17 @@ def test_compute_metrics_takes_the_argmax():
         predictions = np.array([[0.1, 0.7, 0.2], [2.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
         label_ids = np.array([1, 0, 0])
 
+    class NotSquare:  # an argmax over rows instead of classes could not even give 4 predictions here
+        predictions = np.array([[0.0, 1.0], [2.0, 0.0], [0.0, 3.0], [1.0, 0.0]])
+        label_ids = np.array([1, 0, 1, 1])
+
     assert build_compute_metrics("mnli")(Prediction()) == pytest.approx({"accuracy": 2 / 3})
+    assert build_compute_metrics("rte")(NotSquare()) == pytest.approx({"accuracy": 0.75})
+
+
+def test_label_names_are_read_without_surrounding_whitespace(tmp_path):
+    """RTE/QNLI/MNLI name their labels; a trailing space (seen in hand-edited TSVs) still reads as the name."""
+    (tmp_path / "RTE").mkdir()
+    for name in ("train.tsv", "dev.tsv"):
+        (tmp_path / "RTE" / name).write_text("index\tsentence1\tsentence2\tlabel\n0\ta\tb\tnot_entailment \n")
+    assert list(load_task("rte", str(tmp_path)).train["label"]) == [1]
