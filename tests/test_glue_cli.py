@@ -558,7 +558,8 @@ def test_torchrun_without_cuda_shards_the_data_over_processes(tiny_bert, glue_di
     args += ["--eval-batch-size", "8"]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     command += ["-m", "cmi_fused.glue", "train", *common_args(tiny_bert, glue_dir, output_dir), *args]
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    # TMPDIR: torchrun's per-run torchelastic_* folders go to pytest's tmp_path instead of piling up in /tmp
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", TMPDIR=str(tmp_path))
     finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert sorted(path.name for path in output_dir.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
