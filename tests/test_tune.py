@@ -5,11 +5,13 @@ import json
 import os
 
 import pytest
+import torch
 
 pytest.importorskip("triton")
 
 import kernels.cmi
 import kernels.cmi_forward
+from bench import cmi_op, tune
 from bench.report import slug
 from bench.tune import VARIANTS, VARIANTS_BY_NAME, Variant, launch_grid, main, summary_markdown
 
@@ -82,3 +84,42 @@ def test_quick_run_writes_a_row_per_variant_round_and_pass(tmp_path):
     assert all(f"| {name} |" in markdown for name in variants)
     # named after the device it ran on (the CPU in CI, the GPU where there is one)
     assert os.path.basename(json_path).startswith("tune-" + slug(results["device"]) + "-")
+
+
+def test_tune_summary_uses_the_median_over_rounds():
+    grid = {"programs": 4, "slots": 4, "atomics": False, "log_table": False, "num_warps": 4}
+    row = {"N": 64, "d": 40, "C": 3, "dtype": "fp32", "mode": "fixed", "pass": "fwd", "timing": "wall", **grid}
+    times = {"main": (1.0, 1.0, 4.0), "atomics": (2.0, 2.0, 8.0)}  # mean 2.0 and 4.0, median 1.0 and 2.0
+    rows = [dict(row, variant=v, round=i, ms=ms) for v in times for i, ms in enumerate(times[v])]
+    results = {"device": "GPU", "date": "2026-01-01", "torch": "x", "triton": "y", "timing": "device", "rounds": 3}
+    lines = summary_markdown(dict(results, rows=rows)).splitlines()
+    assert any(line.endswith("| 1.0000 | spread 1.0000..4.0000 |") for line in lines)
+    assert any(line.endswith("| 2.0000 | 2.00x |") for line in lines)
+
+
+def test_tune_always_measures_main_and_rotates_the_order(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(tune, "measure", lambda variant, *args: seen.append(variant.name) or 1.0)
+    assert (
+        tune.main(
+            ["--quick", "--variants", "atomics", "--rounds", "2", "--passes", "fwd", "--output-dir", str(tmp_path)]
+        )
+        == 0
+    )
+    assert seen == ["main", "atomics", "atomics", "main"]  # main added, and the order rotates per round
+
+
+def test_tune_measures_the_fused_op_with_the_variants_deterministic(monkeypatch):
+    kwargs = []
+    real = tune.cmi_loss
+
+    def recording_cmi_loss(*args, **kw):
+        kwargs.append(kw)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(tune, "cmi_loss", recording_cmi_loss)
+    shape, device = cmi_op.Shape(8, 40, 3, "fp32"), torch.device("cpu")
+    inputs = cmi_op.make_inputs(shape, "fixed", 1, device, torch.Generator().manual_seed(0))
+    budget = cmi_op.Budget.quick()
+    assert tune.measure(tune.VARIANTS_BY_NAME["atomics"], shape, "fwd", "wall", inputs, device, budget) > 0
+    assert kwargs and all(kw["deterministic"] is False and kw["backend"] == "triton" for kw in kwargs)
