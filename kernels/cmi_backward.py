@@ -65,8 +65,8 @@ def cmi_backward_kernel(
     class_idx, label_ok = load_class(labels_ptr, row, stride_label, num_classes)
 
     lse = tl.load(lse_ptr + row)
-    # A bad label's row: scale 0 and a finite row_kl (its log_g is log 1 = 0), so grad = 0 * f * log_f = 0, and the
-    # per-element loop needs no extra select.
+    # A bad label's row: scale 0 and row_kl 0 (its log_g is finite too: the masked centroid loads give 1), so
+    # grad = 0 for finite features, and the per-element loop needs no extra select.
     row_kl = tl.where(label_ok, tl.load(row_kl_ptr + row), 0.0)
     grad_row = tl.load(grad_loss_ptr + row * stride_grad).to(tl.float32)
     scale = tl.where(label_ok, grad_row * (grad_scale * inv_temperature), 0.0)
