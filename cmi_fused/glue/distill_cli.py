@@ -360,12 +360,13 @@ def teacher_candidates(paths: Sequence[str]) -> tuple[list, list]:
             )
         run_dirs += [run for run in found if run not in ce_runs]
         left_out += ce_runs
-    # A run named twice (on its own and inside a directory named too) is one candidate; a CE run named on its own
-    # is not left out by its directory.
-    kept = {os.path.realpath(run): run for run in reversed(run_dirs)}
-    run_dirs = list(dict.fromkeys(kept[os.path.realpath(run)] for run in run_dirs))
-    left_out = list(dict.fromkeys(run for run in left_out if os.path.realpath(run) not in kept))
-    return run_dirs, left_out
+    # A run named twice (on its own and inside a directory named too) is one candidate, under its first name; a CE
+    # run named on its own is not left out by its directory.
+    kept = {}
+    for run in run_dirs:
+        kept.setdefault(os.path.realpath(run), run)
+    left_out = [run for run in dict.fromkeys(left_out) if os.path.realpath(run) not in kept]
+    return list(kept.values()), left_out
 
 
 def run_select_teacher_command(args: argparse.Namespace) -> None:
