@@ -290,6 +290,11 @@ def synthetic_results(device, rows, cuda="12"):
     }
 
 
+def verdicts(device, rows):
+    """``report.target_checks`` of ``rows`` on ``device``, by ``(criterion, shape)``."""
+    return {(c["criterion"], c["shape"]): c for c in report.target_checks(synthetic_results(device, rows))}
+
+
 def test_comparison_table_speedups():
     shape = (4096, 768, 2, "bf16")
     rows = [
@@ -316,10 +321,7 @@ def test_target_checks_flag_misses():
         # budget 1.1 x (16384*768*2 + 2*30522*768*4) bytes = 223 MB; the C x d term dominates at this C
         make_row(vocab, "fixed", "fused", "fwd_bwd", "wall", 1.0, peak_mb=150.0),
     ]
-    checks = {
-        (c["criterion"], c["shape"]): c["verdict"]
-        for c in report.target_checks(synthetic_results("NVIDIA H100 80GB HBM3", rows))
-    }
+    checks = {key: check["verdict"] for key, check in verdicts("NVIDIA H100 80GB HBM3", rows).items()}
     assert checks[("fused device ms <= H100 target", "4096x768 C=2 bf16")] == "MISSED by 50%"
     assert checks[("fused device ms <= H100 target", "32768x4096 C=3 bf16")] == "met"
     assert checks[("fused wall ms <= eager wall ms", "4096x768 C=2 bf16")] == "met"
@@ -328,9 +330,7 @@ def test_target_checks_flag_misses():
     assert checks[("fused peak MB (fixed) <= 1.1 x (N*d*elem + 2*C*d*4)", "16384x768 C=30522 bf16")] == "met"
     assert checks[("fused wall ms <= 2x no-op step", "32x768 C=2 bf16")] == "met"  # 0.015 ms <= 2 x 0.010 ms
     # On another GPU (the lent H200) the H100 device targets are listed for reference, with no met/missed verdict.
-    other_gpu = {
-        (c["criterion"], c["shape"]): c["verdict"] for c in report.target_checks(synthetic_results("NVIDIA H200", rows))
-    }
+    other_gpu = {key: check["verdict"] for key, check in verdicts("NVIDIA H200", rows).items()}
     assert not any(criterion.endswith("H100 target") for criterion, _ in other_gpu)
     assert other_gpu[("fused device ms vs H100 target (reference only)", "4096x768 C=2 bf16")] == "over by 50%"
     assert other_gpu[("fused device ms vs H100 target (reference only)", "32768x4096 C=3 bf16")] == "under"
@@ -630,10 +630,6 @@ SHAPES_TARGETS = {
     (65536, 768, 10): 0.130,
     (32768, 4096, 3): 0.320,
 }
-
-
-def verdicts(device, rows):
-    return {(c["criterion"], c["shape"]): c for c in report.target_checks(synthetic_results(device, rows))}
 
 
 @pytest.mark.parametrize("key, target", sorted(SHAPES_TARGETS.items()))
