@@ -533,10 +533,12 @@ def test_per_batch_centroid_column_of_zeros_takes_the_eps_floor(backend: str, di
     assert_rel_close(features.grad, h64.grad, 1e-5, "gradient")
 
 
-def test_each_forward_program_accumulates_into_its_own_slot():
+@pytest.mark.parametrize("single_chunk", [True, False], ids=["single-chunk", "chunked"])
+def test_each_forward_program_accumulates_into_its_own_slot(single_chunk):
     """White-box: with slots (no atomics), program k adds exactly its rows k, k + P, ... into slot k. The CPU
     interpreter runs programs one after the other, so only this check can tell a slot race (every program adding
-    into one slot without atomics) from correct code; the summed statistics would be right either way."""
+    into one slot without atomics) from correct code; the summed statistics would be right either way. Chunked:
+    BLOCK_D 16 gives the 40 columns three chunks, the path of rows wider than 4096 columns."""
     pytest.importorskip("triton")
     from kernels.cmi import stats_row_len
     from kernels.cmi_forward import cmi_forward_kernel, launch_meta
@@ -548,6 +550,7 @@ def test_each_forward_program_accumulates_into_its_own_slot():
     row_len = stats_row_len(d)
     accum = torch.zeros(programs, c, row_len, device=DEVICE)
     lse = torch.full((n,), float("nan"), device=DEVICE)
+    chunked_meta = {"BLOCK_D": 16, "num_warps": 4}
     cmi_forward_kernel[(programs,)](
         features_ptr=features, stride_feat_row=features.stride(0), stride_feat_col=features.stride(1),
         labels_ptr=labels, stride_label=labels.stride(0),
@@ -555,7 +558,7 @@ def test_each_forward_program_accumulates_into_its_own_slot():
         accum_ptr=accum, stride_accum_row=row_len, lse_in_ptr=None, lse_out_ptr=lse, row_kl_ptr=None,
         n_rows=n, dim=d, num_classes=c, inv_temperature=1.0, eps=1e-12,
         USE_ATOMICS=False, HAS_LSE=False, HAS_CENTROIDS=False, LOG_CENTROIDS=False, COMPUTE_KL=False,
-        ACCUMULATE=True, SINGLE_CHUNK=True, **launch_meta(d),
+        ACCUMULATE=True, SINGLE_CHUNK=single_chunk, **(launch_meta(d) if single_chunk else chunked_meta),
     )  # fmt: skip
     f = torch.softmax(features.double(), dim=1)
     for k in range(programs):
@@ -867,18 +870,32 @@ def test_nan_centroid_entry_gives_nan_rows(backend: str, request):
     assert_rel_close(rows[~of_class_1], ref_rows[~of_class_1], 1e-5, "rows of the other classes")
 
 
-@pytest.mark.parametrize("deterministic", [True])
-def test_triton_deterministic_runs_are_bit_identical(deterministic, request):
-    """Several programs add into the same class: the fixed-order reduction must not depend on scheduling."""
+@pytest.mark.parametrize("d", [300, 4500], ids=["single-chunk", "two-chunk"])
+def test_triton_deterministic_runs_are_bit_identical(d, request):
+    """Several programs add into the same class, each into its own slot (no atomics): the fixed-order reduction
+    must not depend on scheduling. The interpreter runs programs one after the other, so on the CPU the two runs
+    agree whatever the kernels do: there the launch check is what can fail."""
+    import kernels.cmi
+
     gen = generator_for(request)
-    n, d, c = 40, 300, 3
+    n, c = 40, 3
     features = make_features(n, d, torch.float32, "contiguous", gen)
     labels = random_labels(n, c, gen, per_batch=True).to(DEVICE)
+    kernel = kernels.cmi.cmi_forward_kernel
+    launches, launch = [], kernel.run
+
+    def recording_run(*args, **kwargs):
+        launches.append((kwargs["grid"][0], kwargs["USE_ATOMICS"]))
+        return launch(*args, **kwargs)
+
     runs = []
     for _ in range(2):
-        result = cmi_loss(features, labels, c, backend="triton", deterministic=deterministic)
+        with mock.patch.object(kernel, "run", recording_run):
+            result = cmi_loss(features, labels, c, reduction="sum", backend="triton", deterministic=True)
         (grad,) = torch.autograd.grad(result.loss, features)
         runs.append((result.loss, result.class_sums, grad))
+    assert launches and all(programs > 1 and not atomics for programs, atomics in launches), launches
+    assert_sum_matches_reference(result, features, labels, c)
     for name, first, second in zip(("loss", "class_sums", "grad"), runs[0], runs[1], strict=True):
         assert torch.equal(first, second), f"{name} differs between two deterministic runs"
 
@@ -913,7 +930,13 @@ def test_default_reduction_policy(shape, num_classes, slots_by_default):
         budget = min(features.numel() * 2 // PARTIALS_BUDGET_FRACTION, PARTIALS_MAX_BYTES)
         assert slots * num_classes * stats_row_len(shape[1]) * 4 <= budget
     assert accumulator_slots(features, num_classes, programs, "atomics") == 1
-    assert accumulator_slots(features, num_classes, programs, "partials") >= 1
+    # deterministic=True: as many slots as fit in the budget (one program per slot), at least one
+    partials = accumulator_slots(features, num_classes, programs, "partials")
+    slot_bytes = num_classes * stats_row_len(shape[1]) * 4
+    budget = min(features.numel() * 2 // PARTIALS_BUDGET_FRACTION, PARTIALS_MAX_BYTES)
+    assert 1 <= partials <= programs
+    assert partials == 1 or partials * slot_bytes <= budget
+    assert partials == programs or (partials + 1) * slot_bytes > budget, "partials leaves slots that fit unused"
 
 
 @pytest.mark.parametrize("centroid_mode", ["fixed", "batch"])
@@ -1048,7 +1071,8 @@ BAD_INPUTS = [
     ("uint32_labels", dict(labels=torch.tensor([0, 1, 2, 0, 1, 2], dtype=torch.uint32)), TypeError, "labels"),
     ("unknown_reduction", dict(reduction="avg"), ValueError, "reduction"),
     ("unknown_backend", dict(backend="cuda"), ValueError, "backend"),
-    ("num_classes_zero", dict(num_classes=0), ValueError, "num_classes"),
+    # check_labels off: with it on, the label check would raise first, and its message names num_classes too
+    ("num_classes_zero", dict(num_classes=0, check_labels=False), ValueError, "num_classes must be a positive int"),
     # all labels 0, so that a bool taken for 1 would pass the label check too (whose message names num_classes)
     ("num_classes_bool", dict(num_classes=True, labels=[0, 0, 0, 0, 0, 0]), ValueError, "num_classes"),
     ("deterministic_not_bool", dict(deterministic="yes"), ValueError, "deterministic"),

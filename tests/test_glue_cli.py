@@ -603,6 +603,7 @@ def test_bad_arguments_say_what_to_pass(tiny_bert, glue_dir, tmp_path, capsys):
         main(["train", *common_args(tiny_bert, glue_dir, tmp_path / "x"), "--cmi", "min", "--cmi-lambda", "-1"])
     with pytest.raises(SystemExit):
         build_parser().parse_args(["sweep", *common_args(tiny_bert, glue_dir, tmp_path / "x"), "--lambdas", "0,a"])
+    assert "argument --lambdas: expected a comma-separated list of float: '0,a'" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # a usage error, before anything loads
         main(["train", *common_args(tiny_bert, glue_dir, tmp_path / "x"), "--epochs", "2.5"])
     assert "expected a positive whole number of epochs, got '2.5'" in capsys.readouterr().err
