@@ -343,7 +343,8 @@ class CMIFunction(torch.autograd.Function):
         # so a second derivative (e.g. a gradient penalty) would silently miss this term: refuse it instead.
         if torch.is_grad_enabled():
             raise RuntimeError(
-                "cmi_loss(backend='triton') has no second derivative (create_graph=True); use backend='torch'"
+                "cmi_loss(backend='triton') has no second derivative (create_graph=True); backend='torch' with "
+                "given centroids has one"
             )
         features, labels, centroids, stats, lse, row_kl = ctx.saved_tensors
         backward = cmi_backward_op if torch.compiler.is_compiling() else cmi_backward

@@ -461,9 +461,9 @@ def test_gradcheck_torch_float64(centroid_mode: str, reduction: str, request):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_second_derivative_is_exact_or_refused(backend: str, request):
-    """A gradient penalty differentiates the gradient again. The torch backend's double backward matches finite
-    differences (gradgradcheck); the triton backend's gradient has no graph of its own, so create_graph=True raises
-    instead of returning a gradient that silently misses the op's second-order term."""
+    """A gradient penalty differentiates the gradient again. With given centroids the torch backend's double
+    backward matches finite differences (gradgradcheck); the triton backend's gradient has no graph of its own, so
+    create_graph=True raises instead of returning a gradient that silently misses the op's second-order term."""
     gen = generator_for(request)
     n, d, c = 6, 5, 3
     labels = torch.tensor([0, 1, 0, 1, 2, 2], device=DEVICE)
@@ -481,6 +481,39 @@ def test_second_derivative_is_exact_or_refused(backend: str, request):
         torch.autograd.grad(loss, features, create_graph=True)
     (gradient,) = torch.autograd.grad(loss, features)  # the first derivative alone still works
     assert torch.isfinite(gradient).all()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_per_batch_centroids_refuse_a_second_derivative(reduction: str, request):
+    """Per-batch centroids are held constant for the gradient: exact to first order (sum_j G_cj = 1), but the
+    Hessian has a term through dG/dh that the detached graph lacks, so the torch backend refuses create_graph=True
+    there as the triton backend does everywhere. The first derivative still matches the float64 reference, and no
+    grad mode (evaluation) is untouched."""
+    gen = generator_for(request)
+    n, d, c = 6, 5, 3
+    labels = torch.tensor([0, 1, 0, 1, 2, 2], device=DEVICE)
+    features = torch.randn(n, d, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_(True)
+    loss = cmi_loss(features, labels, c, temperature=0.7, reduction=reduction, backend="torch").loss.sum()
+    with pytest.raises(RuntimeError, match="per-batch centroids .* no second derivative"):
+        torch.autograd.grad(loss, features, create_graph=True, retain_graph=True)
+    (gradient,) = torch.autograd.grad(loss, features)
+    ref_rows, _, _, h64 = reference_cmi(features, labels, c, None, temperature=0.7, reduction=reduction)
+    ref_rows.sum().backward()
+    assert_rel_close(gradient, h64.grad, 1e-12, "gradient")
+    with torch.no_grad():
+        rows = cmi_loss(features, labels, c, temperature=0.7, reduction="none", backend="torch").loss
+    assert rows.grad_fn is None
+
+
+def test_compiled_per_batch_centroids_refuse_a_second_derivative():
+    """The torch backend leaves out its refusing hook under torch.compile: aot_autograd (inductor's, here without
+    inductor's code generation) refuses double backward itself."""
+    labels = torch.tensor([0, 1, 0, 1, 2, 2])
+    features = torch.randn(6, 5, requires_grad=True)
+    loss_of = torch.compile(lambda h: cmi_loss(h, labels, 3, backend="torch").loss, fullgraph=True, backend="aot_eager")
+    (gradient,) = torch.autograd.grad(loss_of(features), features, create_graph=True)
+    with pytest.raises(RuntimeError, match="does not currently support double backward"):
+        gradient.square().sum().backward()
 
 
 # What callers do with reduction="none" rows. sum/mean hand the backward an expanded gradient (row stride 0), which
