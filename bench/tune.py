@@ -220,11 +220,17 @@ def summary_markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+class TuneHelpFormatter(DefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Option defaults as in cmi-glue; the epilog's variant list keeps its lines."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench.tune",
         description="A/B the fused op's launch choices on one GPU, in one process.",
-        formatter_class=DefaultsHelpFormatter,
+        epilog="variants (--variants), each the question it answers:\n"
+        + "\n".join(f"  {variant.name}: {variant.question}" for variant in VARIANTS),
+        formatter_class=TuneHelpFormatter,
     )
     parser.add_argument("--quick", action="store_true", help="CPU smoke run: one tiny shape, wall time")
     parser.add_argument("--output-dir", default=os.environ.get("OUT") or "bench/results")

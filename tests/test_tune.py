@@ -123,3 +123,12 @@ def test_tune_measures_the_fused_op_with_the_variants_deterministic(monkeypatch)
     budget = cmi_op.Budget.quick()
     assert tune.measure(tune.VARIANTS_BY_NAME["atomics"], shape, "fwd", "wall", inputs, device, budget) > 0
     assert kwargs and all(kw["deterministic"] is False and kw["backend"] == "triton" for kw in kwargs)
+
+
+def test_help_lists_each_variant_with_its_question(capsys):
+    """bench/README.md sends readers to --help for what each variant asks: one unwrapped line per variant."""
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    lines = capsys.readouterr().out.splitlines()
+    for variant in VARIANTS:
+        assert f"  {variant.name}: {variant.question}" in lines, variant.name

@@ -57,7 +57,11 @@ def add_common_args(parser: argparse.ArgumentParser, with_model: bool = True) ->
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of the steps with linear warmup")
     parser.add_argument("--max-seq-length", type=int, default=128)
-    parser.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision")
+    parser.add_argument(
+        "--bf16",
+        action="store_true",
+        help="bfloat16 mixed precision (on a GPU: transformers refuses it on a CPU-only run)",
+    )
     parser.add_argument("--max-train-samples", type=int, help="keep the first N training rows")
     parser.add_argument("--max-eval-samples", type=int, help="keep the first N rows of each evaluation split")
     parser.add_argument(
