@@ -2,7 +2,7 @@
 
 Forward (see ``cmi_forward.py`` for the math):
 
-* fixed centroids: one kernel launch computes lse_i, KL_i and the class statistics;
+* fixed centroids: one kernel launch computes lse_i = (m_i, l_i), KL_i and the class statistics;
 * per-batch centroids: phase 1 (lse_i, class statistics), a fixed-order sum of the per-program slots, phase 2
   (KL_i against S_c / n_c read on the fly).
 
@@ -174,7 +174,9 @@ def cmi_forward(
     eps: float,
     accumulate: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns ``(row_kl (N,), lse (N,), stats (C, R), log_table)``, all fp32.
+    """Returns ``(row_kl (N,), lse (N, 2), stats (C, R), log_table)``, all fp32.
+
+    lse holds each row's log-sum-exp in two parts, the row max and log sum exp(z - max) (``cmi_forward.py``).
 
     stats = [class_sums | class_counts | padding]; ``log_table`` is the (C, R) log-centroid table, or an empty
     (0, R) tensor when the per-element log is used (see ``use_log_table``).
@@ -187,7 +189,7 @@ def cmi_forward(
     # buffer would make the autograd Function's output a view, which costs host time per call.
     accum_shape = (slots, num_classes, row_len) if slots > 1 else (num_classes, row_len)
     accum = torch.zeros(accum_shape, dtype=torch.float32, device=features.device)
-    lse = torch.empty(n_rows, dtype=torch.float32, device=features.device)
+    lse = torch.empty(n_rows, 2, dtype=torch.float32, device=features.device)
     row_kl = torch.empty(n_rows, dtype=torch.float32, device=features.device)
     meta = launch_meta(dim)
     with_table = use_log_table(n_rows, num_classes)
@@ -239,7 +241,7 @@ def _(features, labels, centroids, num_classes, temperature, eps, accumulate):
     n_rows, dim = features.shape
     row_len = stats_row_len(dim)
     row_kl = features.new_empty(n_rows, dtype=torch.float32)
-    lse = features.new_empty(n_rows, dtype=torch.float32)
+    lse = features.new_empty(n_rows, 2, dtype=torch.float32)
     stats = features.new_empty(num_classes, row_len, dtype=torch.float32)
     table_rows = num_classes if use_log_table(n_rows, num_classes) else 0
     log_table = features.new_empty(table_rows, row_len, dtype=torch.float32)

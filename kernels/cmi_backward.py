@@ -1,4 +1,5 @@
-"""Backward kernel of the CMI loss: one streaming pass that recomputes f from the saved row log-sum-exp.
+"""Backward kernel of the CMI loss: one streaming pass that recomputes f from the saved row log-sum-exp parts
+(m_i, l_i): log f_ij = (z_ij - m_i) - l_i, never z_ij - (m_i + l_i), whose rounding grows with |z| (cmi_forward.py).
 
 Gradient of KL_i = sum_j f_ij (log f_ij - a_j) with a_j = log max(G_{y_i j}, eps) held constant and
 f_i = softmax(z_i), z_i = h_i / T. Since d f_j / d z_k = f_j (delta_jk - f_k):
@@ -31,7 +32,7 @@ outside the centroid matrix.
 import triton
 import triton.language as tl
 
-from .cmi_forward import load_class, log_centroid
+from .cmi_forward import load_class, load_lse, log_centroid
 
 
 @triton.jit
@@ -46,7 +47,7 @@ def cmi_backward_kernel(
     stride_cent_col,
     stats_ptr,  # (C, R) class sums and counts (used when centroids_ptr is None)
     stride_stats_row,
-    lse_ptr,  # (N,) fp32
+    lse_ptr,  # (N, 2) fp32: m_i, l_i
     row_kl_ptr,  # (N,) fp32
     grad_loss_ptr,  # (N,) gradient w.r.t. each KL_i, or the scalar gradient of the reduced loss (stride 0)
     stride_grad,
@@ -64,7 +65,7 @@ def cmi_backward_kernel(
     cols = tl.arange(0, BLOCK_D)
     class_idx, label_ok = load_class(labels_ptr, row, stride_label, num_classes)
 
-    lse = tl.load(lse_ptr + row)
+    row_max, log_sum = load_lse(lse_ptr, row)
     # A bad label's row: scale 0 and row_kl 0 (its log_g is finite too: the masked centroid loads give 1), so
     # grad = 0 for finite features, and the per-element loop needs no extra select.
     row_kl = tl.where(label_ok, tl.load(row_kl_ptr + row), 0.0)
@@ -79,7 +80,7 @@ def cmi_backward_kernel(
         # A scalar-and-vector `&` gives int32 under TRITON_INTERPRET (rejected as a mask): use tl.where.
         class_mask = tl.where(label_ok, in_row, False)
         z = tl.load(row_ptr + offs * stride_feat_col, mask=in_row, other=0.0).to(tl.float32)
-        log_f = z * inv_temperature - lse
+        log_f = (z * inv_temperature - row_max) - log_sum
         f = tl.exp(log_f)
         log_g = log_centroid(
             centroids_ptr, stride_cent_row, stride_cent_col, stats_ptr, stride_stats_row,

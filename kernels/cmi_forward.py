@@ -2,18 +2,21 @@
 
 Math (per row i, z_i = h_i / T, all in fp32):
 
-    lse_i  = log sum_j exp(z_ij)                       (online over chunks of BLOCK_D columns)
-    log f_ij = z_ij - lse_i,     f_ij = exp(log f_ij)
+    m_i    = max_j z_ij,   l_i = log sum_j exp(z_ij - m_i)       (online over chunks of BLOCK_D columns)
+    log f_ij = (z_ij - m_i) - l_i,     f_ij = exp(log f_ij)
     KL_i   = sum_j f_ij (log f_ij - log max(G_{y_i j}, eps))
     S_c    = sum_{i: y_i = c} f_i,   n_c = |{i: y_i = c}|
 
-Nothing of size N x d is written: softmax, log-softmax and the gathered centroid rows live in registers.
+Nothing of size N x d is written: softmax, log-softmax and the gathered centroid rows live in registers. The
+log-sum-exp is kept in its two parts ``lse = (m_i, l_i)``, (N, 2), and never added up: m_i + l_i rounds to the ulp
+of m_i, which for |z| of 1e4 (h / T with a small T) is 1e-3, and z - (m + l) would carry that error into every log f
+(ties of 1e30 would lose l = log 2 entirely). z - m is exact near the maximum, where f is large.
 
 One kernel, three uses, selected by which pointers the launcher passes (``None`` for the others) and the matching
 constexpr flags (HAS_LSE, HAS_CENTROIDS, COMPUTE_KL, ACCUMULATE), which the launcher sets from the same pointers:
 
-* fixed centroids (one launch): lse, KL (``centroids_ptr`` given) and the class statistics;
-* per-batch centroids, phase 1: lse and the class statistics;
+* fixed centroids (one launch): lse = (m, l), KL (``centroids_ptr`` given) and the class statistics;
+* per-batch centroids, phase 1: lse = (m, l) and the class statistics;
 * per-batch centroids, phase 2 (``lse_in_ptr`` given): KL against ``G_c = S_c / n_c`` read on the fly from the
   reduced statistics of phase 1 (``stats_ptr``), so the centroid matrix is never materialised.
 
@@ -116,25 +119,34 @@ def load_scaled(row_ptr, offs, in_row, stride_feat_col, inv_temperature):
 
 
 @triton.jit
+def load_lse(lse_ptr, row):
+    """The row's log-sum-exp parts (m, l) from an (N, 2) fp32 tensor."""
+    return tl.load(lse_ptr + 2 * row), tl.load(lse_ptr + 2 * row + 1)
+
+
+@triton.jit
 def softmax_in_registers(z, row, lse_in_ptr, HAS_LSE: tl.constexpr):
-    """(lse, f) of a row held in registers: lse read from phase 1 (HAS_LSE) or computed; f = exp(z - lse), 0
-    outside the row. Computing f from the log-sum-exp's own exp(z - max) saves a second exp per element."""
+    """(m, l, log f, f) of a row held in registers: m and l read from phase 1 (HAS_LSE) or computed; f = 0 and
+    log f = -inf outside the row. Computing f from the log-sum-exp's own exp(z - m) saves a second exp per
+    element."""
     if HAS_LSE:
-        lse = tl.load(lse_in_ptr + row)
-        f = tl.exp(z - lse)
+        row_max, log_sum = load_lse(lse_in_ptr, row)
+        log_f = (z - row_max) - log_sum
+        f = tl.exp(log_f)
     else:
         row_max = tl.max(z, axis=0)
-        shifted_exp = tl.exp(z - row_max)  # 0 outside the row (z = -inf there)
+        shifted = z - row_max
+        shifted_exp = tl.exp(shifted)  # 0 outside the row (z = -inf there)
         sum_exp = tl.sum(shifted_exp, axis=0)
-        lse = row_max + tl.log(sum_exp)
+        log_sum = tl.log(sum_exp)
+        log_f = shifted - log_sum
         f = shifted_exp * (1.0 / sum_exp)
-    return lse, f
+    return row_max, log_sum, log_f, f
 
 
 @triton.jit
 def chunk_kl(
-    z,
-    lse,
+    log_f,
     f,
     offs,
     in_row,
@@ -158,7 +170,7 @@ def chunk_kl(
         centroids_ptr, stride_cent_row, stride_cent_col, stats_ptr, stride_stats_row,
         class_idx, label_ok, offs, class_mask, dim, eps, HAS_CENTROIDS, LOG_CENTROIDS,
     )  # fmt: skip
-    return tl.sum(tl.where(in_row, f * (z - lse - log_g), 0.0), axis=0)
+    return tl.sum(tl.where(in_row, f * (log_f - log_g), 0.0), axis=0)
 
 
 @triton.jit
@@ -191,8 +203,8 @@ def cmi_forward_kernel(
     stride_stats_row,
     accum_ptr,  # (slots, C, R) fp32 accumulator, zero-initialised, or None
     stride_accum_row,  # R, a multiple of 16
-    lse_in_ptr,  # (N,) lse from phase 1, or None
-    lse_out_ptr,  # (N,) or None
+    lse_in_ptr,  # (N, 2) lse parts (m, l) from phase 1, or None
+    lse_out_ptr,  # (N, 2) or None
     row_kl_ptr,  # (N,) or None
     n_rows,
     dim,
@@ -225,12 +237,13 @@ def cmi_forward_kernel(
             # the KL and the class sums. (Two rows per iteration did not overlap their loads in SASS: NOTES item 9.)
             in_row = cols < dim
             z = load_scaled(row_ptr, cols, in_row, stride_feat_col, inv_temperature)
-            lse, f = softmax_in_registers(z, row, lse_in_ptr, HAS_LSE)
+            row_max, log_sum, log_f, f = softmax_in_registers(z, row, lse_in_ptr, HAS_LSE)
             if not HAS_LSE:
-                tl.store(lse_out_ptr + row, lse)
+                tl.store(lse_out_ptr + 2 * row, row_max)
+                tl.store(lse_out_ptr + 2 * row + 1, log_sum)
             if COMPUTE_KL:
                 row_kl = chunk_kl(
-                    z, lse, f, cols, in_row, class_idx, label_ok,
+                    log_f, f, cols, in_row, class_idx, label_ok,
                     centroids_ptr, stride_cent_row, stride_cent_col, stats_ptr, stride_stats_row, dim, eps,
                     HAS_CENTROIDS, LOG_CENTROIDS,
                 )  # fmt: skip
@@ -241,7 +254,7 @@ def cmi_forward_kernel(
             # Longer rows: an online log-sum-exp over the chunks, then a second sweep (the row was just read, so
             # its loads hit L1/L2) for the KL and the class sums.
             if HAS_LSE:
-                lse = tl.load(lse_in_ptr + row)
+                row_max, log_sum = load_lse(lse_in_ptr, row)
             else:
                 run_max = -float("inf")
                 run_sum = 0.0
@@ -254,17 +267,20 @@ def cmi_forward_kernel(
                     shift = tl.where(new_max == -float("inf"), 0.0, new_max)
                     run_sum = run_sum * tl.exp(run_max - shift) + tl.sum(tl.exp(z - shift), axis=0)
                     run_max = new_max
-                lse = run_max + tl.log(run_sum)
-                tl.store(lse_out_ptr + row, lse)
+                row_max = run_max
+                log_sum = tl.log(run_sum)
+                tl.store(lse_out_ptr + 2 * row, row_max)
+                tl.store(lse_out_ptr + 2 * row + 1, log_sum)
             if COMPUTE_KL or ACCUMULATE:
                 for start in tl.range(0, dim, BLOCK_D):
                     offs = start + cols
                     in_row = offs < dim
                     z = load_scaled(row_ptr, offs, in_row, stride_feat_col, inv_temperature)
-                    f = tl.exp(z - lse)
+                    log_f = (z - row_max) - log_sum
+                    f = tl.exp(log_f)
                     if COMPUTE_KL:
                         row_kl += chunk_kl(
-                            z, lse, f, offs, in_row, class_idx, label_ok,
+                            log_f, f, offs, in_row, class_idx, label_ok,
                             centroids_ptr, stride_cent_row, stride_cent_col, stats_ptr, stride_stats_row, dim, eps,
                             HAS_CENTROIDS, LOG_CENTROIDS,
                         )  # fmt: skip

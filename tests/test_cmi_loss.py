@@ -164,6 +164,12 @@ def random_labels(n: int, num_classes: int, gen: torch.Generator, per_batch: boo
     return pairs[:n][torch.randperm(n, generator=gen)]
 
 
+def lse_parts(z: torch.Tensor) -> torch.Tensor:
+    """(N, 2) fp32: each row's max and log sum exp(z - max), the kernels' two-part log-sum-exp."""
+    row_max = z.amax(dim=1)
+    return torch.stack([row_max, torch.logsumexp(z - row_max[:, None], dim=1)], dim=1).float()
+
+
 def random_centroids(num_classes: int, dim: int, gen: torch.Generator, zero_entries: bool = False) -> torch.Tensor:
     """Random class distributions (rows sum to 1); ``zero_entries`` zeroes a quarter of them (the eps floor)."""
     centroids = torch.softmax(torch.randn(num_classes, dim, generator=gen), dim=1)
@@ -582,7 +588,7 @@ def test_each_forward_program_accumulates_into_its_own_slot(single_chunk):
     labels = torch.randint(0, c, (n,), generator=gen).to(DEVICE)
     row_len = stats_row_len(d)
     accum = torch.zeros(programs, c, row_len, device=DEVICE)
-    lse = torch.full((n,), float("nan"), device=DEVICE)
+    lse = torch.full((n, 2), float("nan"), device=DEVICE)
     chunked_meta = {"BLOCK_D": 16, "num_warps": 4}
     cmi_forward_kernel[(programs,)](
         features_ptr=features, stride_feat_row=features.stride(0), stride_feat_col=features.stride(1),
@@ -599,7 +605,9 @@ def test_each_forward_program_accumulates_into_its_own_slot(single_chunk):
         sums = torch.zeros(c, d, dtype=torch.float64, device=DEVICE).index_add_(0, labels[rows], f[rows])
         assert_rel_close(accum[k, :, :d], sums, 1e-5, f"slot {k} class sums")
         assert torch.equal(accum[k, :, d].double(), torch.bincount(labels[rows], minlength=c).double()), k
-    torch.testing.assert_close(lse.double(), torch.logsumexp(features.double(), dim=1))
+    row_max = features.double().amax(dim=1)
+    torch.testing.assert_close(lse[:, 0].double(), row_max)  # the log-sum-exp in two parts, never added up
+    torch.testing.assert_close(lse[:, 1].double(), torch.logsumexp(features.double() - row_max[:, None], dim=1))
 
 
 def test_backward_kernel_writes_its_rows_and_nothing_past_them():
@@ -623,7 +631,7 @@ def test_backward_kernel_writes_its_rows_and_nothing_past_them():
         labels_ptr=labels, stride_label=labels.stride(0),
         centroids_ptr=centroids, stride_cent_row=centroids.stride(0), stride_cent_col=centroids.stride(1),
         stats_ptr=None, stride_stats_row=0,
-        lse_ptr=torch.logsumexp(features / temperature, dim=1), row_kl_ptr=ref_rows.detach().float(),
+        lse_ptr=lse_parts(features / temperature), row_kl_ptr=ref_rows.detach().float(),
         grad_loss_ptr=torch.ones(n, device=DEVICE), stride_grad=1, grad_scale=1.0, grad_features_ptr=grad_out,
         dim=d, num_classes=c, inv_temperature=1.0 / temperature, eps=1e-12,
         HAS_CENTROIDS=True, LOG_CENTROIDS=False, **launch_meta(d),
@@ -886,6 +894,19 @@ def test_masked_first_chunk_leaves_the_class_sums_finite(backend: str, centroid_
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in the triton interpreter
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_quotient_past_float32_is_an_inf(backend: str):
+    """h / T is taken in float32: 1e30 / 1e-9 overflows to inf, and the row and its class turn NaN (README)."""
+    features = torch.zeros(2, 8, device=DEVICE)
+    features[0, 0] = 1e30
+    labels = torch.tensor([0, 1], device=DEVICE)
+    centroids = torch.full((2, 8), 1 / 8, device=DEVICE)
+    result = cmi_loss(features, labels, 2, centroids, temperature=1e-9, reduction="none", backend=backend)
+    assert torch.isnan(result.loss[0]) and torch.isnan(result.class_sums[0]).any()
+    assert result.loss[1] == 0 and torch.isfinite(result.class_sums[1]).all()
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in the triton interpreter
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_nan_centroid_entry_gives_nan_rows(backend: str, request):
     """A NaN in a centroid row propagates to the rows of that class, as torch's clamp_min(eps).log() does: the
     kernels' max(G, eps) must not return eps for NaN, which a plain maximum does on the GPU."""
@@ -1015,6 +1036,67 @@ def test_forward_returns_the_log_table_it_used(centroid_mode, log_table_forced, 
     if centroids is None:
         centroids = stats[:, :d] / stats[:, d : d + 1]
     assert_rel_close(table[:, :d], centroids.double().clamp_min(1e-12).log(), 1e-6, "log table")
+
+
+# Logits h / T whose row max is large: the log-sum-exp m + l rounds to the ulp of m (1e-3 at 1e4), so log f must be
+# taken as (z - m) - l. Offset: a shift that changes nothing mathematically, single-chunk and chunked (d 4097, the
+# online log-sum-exp); small_t: ordinary features at T 1e-3, whose nearly one-hot rows leave the gradient to
+# cancellation (about 1e-1 off in float32 on either backend), so only the rows and sums are compared there. Ties of
+# 1e30, where m + log 2 == m: test_tied_maxima_of_1e30.
+LARGE_LOGIT_CASES = {
+    "offset": dict(shift=1e4, temperature=1.0, d=64, compare_grad=True),
+    "chunked_offset": dict(shift=1e4, temperature=1.0, d=4097, compare_grad=True),
+    "small_t": dict(shift=0.0, temperature=1e-3, d=384, compare_grad=False),
+}
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, "triton_table"])
+@pytest.mark.parametrize("centroid_mode", ["fixed", "batch"])
+@pytest.mark.parametrize("case", LARGE_LOGIT_CASES)
+def test_large_logits_keep_fp32_accuracy(case, centroid_mode, backend, request):
+    if backend == "triton_table":
+        request.getfixturevalue("log_table_forced")
+        backend = "triton"
+    setting = LARGE_LOGIT_CASES[case]
+    gen = generator_for(request)
+    n, c, d = 8, 3, setting["d"]
+    features = setting["shift"] + torch.randn(n, d, generator=gen)
+    features = features.to(DEVICE).requires_grad_(True)
+    labels = random_labels(n, c, gen, per_batch=True).to(DEVICE)
+    centroids = random_centroids(c, d, gen).to(DEVICE) if centroid_mode == "fixed" else None
+    temperature = setting["temperature"]
+    grad_output = torch.randn(n, generator=gen).to(DEVICE)
+    result = cmi_loss(features, labels, c, centroids, temperature=temperature, reduction="none", backend=backend)
+    result.loss.backward(grad_output)
+    ref_rows, ref_sums, _, h64 = reference_cmi(
+        features, labels, c, centroids, temperature=temperature, reduction="none"
+    )
+    ref_rows.backward(grad_output.double())
+    tol = TOLERANCES[torch.float32]
+    assert_rel_close(result.loss, ref_rows, tol.loss, "rows")
+    assert_rel_close(result.class_sums, ref_sums, tol.class_sums, "class_sums")
+    if setting["compare_grad"]:
+        assert_rel_close(features.grad, h64.grad, tol.grad, "gradient")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("d", [4, 4097], ids=["single-chunk", "chunked"])
+def test_tied_maxima_of_1e30(d, backend):
+    """bf16 rows [1e30, 1e30, -1e30, ...]: f = [1/2, 1/2, 0, ...] exactly, KL = sum_j f_j log(f_j / G_j)."""
+    features = torch.full((1, d), -1e30)
+    features[0, :2] = 1e30
+    features = features.to(DEVICE, torch.bfloat16).requires_grad_(True)
+    centroids = torch.full((1, d), 1e-6)
+    centroids[0, :2] = torch.tensor([0.25, 0.75])
+    centroids = centroids.to(DEVICE)
+    result = cmi_loss(features, torch.zeros(1, dtype=torch.long, device=DEVICE), 1, centroids, backend=backend)
+    result.loss.backward()
+    expected_kl = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    assert result.loss.item() == pytest.approx(expected_kl, rel=1e-6)
+    assert result.class_sums[0, :2].tolist() == [0.5, 0.5] and result.class_sums[0, 2:].abs().max() == 0
+    # dKL/dh_k = f_k (log f_k - log G_k - KL): +-0.2747, in bf16
+    expected_grad = 0.5 * (math.log(0.5 / 0.25) - expected_kl)
+    assert features.grad[0, :2].float().tolist() == pytest.approx([expected_grad, -expected_grad], rel=1e-2)
 
 
 @pytest.mark.parametrize("deterministic", [True, False, None])
