@@ -27,10 +27,15 @@ for ``f`` to be far from uniform.
 
 Under ``torch.distributed`` the class sums and counts (and the feature sums of ``center_l2``) are
 all-reduced before every state update, so every rank holds the centroids that one process would compute
-on the union of the data. ``batch`` mode centroids are those of each rank's own batch.
+on the union of the data. ``batch`` mode centroids are those of each rank's own batch. The ``epoch`` mode's sums of
+the epoch in progress are each rank's own until :meth:`end_epoch` reduces them (one all-reduce per epoch, not per
+step): a checkpoint taken mid-epoch under torch.distributed needs every rank's state, or take it at an epoch end
+(``cmi-glue`` saves at epoch ends).
 
-All state lives in buffers, so ``state_dict`` / checkpoints carry it. The float buffers stay float32 when the
-module (or a model holding it) is cast to another dtype.
+All state lives in buffers, so ``state_dict`` / checkpoints carry it; the settings that give it its meaning
+(centroid mode, temperature, normalisation, momenta) travel with it as extra state, and loading a state saved under
+other settings raises instead of mixing the two. The float buffers stay float32 when the module (or a model holding
+it) is cast to another dtype, or loaded with ``assign=True`` from a state in another dtype.
 """
 
 from __future__ import annotations
@@ -144,8 +149,39 @@ class CMIRegularizer(nn.Module):
             f"temperature={self.temperature}, normalization={self.normalization!r}"
         )
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def _settings(self) -> dict:
+        return {
+            "centroids": self.mode,
+            "temperature": self.temperature,
+            "normalization": self.normalization,
+            "momentum": self.momentum,
+            "feature_momentum": self.feature_momentum,
+        }
+
+    def get_extra_state(self) -> dict:
+        return self._settings()
+
+    def set_extra_state(self, state: dict) -> None:
+        settings = self._settings()
+        differing = {name: value for name, value in state.items() if name in settings and settings[name] != value}
+        if differing:
+            listed = ", ".join(f"{name}: {value!r} there, {settings[name]!r} here" for name, value in differing.items())
+            raise ValueError(f"CMIRegularizer state saved under other settings ({listed})")
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        extra_state_key = prefix + "_extra_state"  # nn.Module's key for get_extra_state()
+        if extra_state_key in state_dict:
+            self.set_extra_state(state_dict[extra_state_key])  # raises before any buffer is overwritten
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if extra_state_key in missing_keys:  # saved before the settings were stored: nothing to check
+            missing_keys.remove(extra_state_key)
+        for name, buffer in self._buffers.items():  # load_state_dict(assign=True) takes the saved tensors' dtype
+            if buffer is not None and buffer.is_floating_point() and buffer.dtype != torch.float32:
+                self._buffers[name] = buffer.float()
         self._all_classes_valid = bool(self.centroid_valid.all())
         self._feature_mean_ready = bool(self.feature_mean_valid)
 

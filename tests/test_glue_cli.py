@@ -120,7 +120,7 @@ def test_train_writes_results_and_the_best_checkpoint(tiny_bert, glue_dir, tmp_p
     # the saved model is the best epoch's: it reproduces the best metrics on the dev set
     dev = load_task("mrpc", glue_dir).eval["validation"]
     assert predict(str(out), dev, "mrpc") == pytest.approx(results["best"])
-    reg = CMIRegularizer(2, HIDDEN, "epoch")
+    reg = CMIRegularizer(2, HIDDEN, "epoch", temperature=0.2)
     reg.load_state_dict(torch.load(out / "cmi_regularizer.pt"))
     assert int(reg.epoch) == results["best_epoch"] and bool(reg.centroid_valid.all())
     assert not [name for name in os.listdir(out) if name.startswith("checkpoint-")]
@@ -217,7 +217,7 @@ def test_mnli_cls_frozen_reports_matched_and_mismatched(tiny_bert, glue_dir, tmp
     results = json.loads((out / "results.json").read_text())
     assert results["metric"] == "matched_accuracy"
     assert set(results["best"]) == {"matched_accuracy", "mismatched_accuracy"}
-    reg = CMIRegularizer(3, HIDDEN, "frozen", normalization="center_l2")
+    reg = CMIRegularizer(3, HIDDEN, "frozen", normalization="center_l2", temperature=0.1)
     reg.load_state_dict(torch.load(out / "cmi_regularizer.pt"))
     assert bool(reg.centroid_valid.all()) and bool(reg.feature_mean_valid)
 
@@ -656,6 +656,31 @@ def test_seed_fixes_a_fresh_classification_head(glue_dir, tmp_path, monkeypatch)
         with pytest.raises(HeadBuilt):
             train(TrainConfig("mrpc", str(encoder_dir), str(tmp_path / "run"), data_dir=glue_dir, seed=seed))
     assert torch.equal(heads[0], heads[1]) and not torch.equal(heads[0], heads[2])
+
+
+def test_checkpoints_hold_the_regularizer_state_before_the_trainer_state(tiny_bert, glue_dir, tmp_path, monkeypatch):
+    """The regulariser state goes into a checkpoint with the weights, before trainer_state.json and before the
+    Trainer rotates older checkpoints away: a run cut short in between must not leave a last checkpoint without it.
+    --resume from a checkpoint without it refuses instead of restarting the centroids."""
+    from transformers.trainer_callback import TrainerState
+
+    present_at_state_save, save_to_json = [], TrainerState.save_to_json
+
+    def recording_save_to_json(self, json_path):
+        present_at_state_save.append(os.path.isfile(os.path.join(os.path.dirname(json_path), REGULARIZER_FILE)))
+        return save_to_json(self, json_path)
+
+    monkeypatch.setattr(TrainerState, "save_to_json", recording_save_to_json)
+    out = tmp_path / "run"
+    base = [*common_args(tiny_bert, glue_dir, out), "--cmi", "min", "--keep-checkpoints"]
+    args = [*base, "--centroids", "ema"]
+    main(["train", *args, "--epochs", "2"])
+    assert present_at_state_save == [True, True]
+    with pytest.raises(ValueError, match="centroids: 'ema' there, 'epoch' here"):
+        main(["train", *base, "--centroids", "epoch", "--epochs", "3", "--resume"])
+    os.remove(out / "checkpoint-8" / REGULARIZER_FILE)
+    with pytest.raises(FileNotFoundError, match=f"checkpoint-8 has no {REGULARIZER_FILE}"):
+        main(["train", *args, "--epochs", "3", "--resume"])
 
 
 def test_resume_continues_from_the_last_checkpoint(tiny_bert, glue_dir, tmp_path):

@@ -221,6 +221,61 @@ def test_frozen_state_dict_round_trip(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "other, named",
+    [
+        (dict(centroids="ema"), "centroids: 'epoch' there, 'ema' here"),
+        (dict(temperature=0.5), "temperature: 0.7 there, 0.5 here"),
+        (dict(normalization="none"), "normalization: 'center_l2' there, 'none' here"),
+        (dict(momentum=0.5), "momentum: 0.9 there, 0.5 here"),
+        (dict(feature_momentum=0.5), "feature_momentum: 0.99 there, 0.5 here"),
+    ],
+)
+def test_state_of_other_settings_is_refused(other, named):
+    """Centroids mean something only under the settings they were made with: loading them into a regulariser of
+    other settings raises, naming each one, and overwrites nothing."""
+    reg = CMIRegularizer(C, D, "epoch", temperature=T, normalization="center_l2")
+    for h, y in make_batches(2):
+        reg(h, y)
+    reg.end_epoch()
+    settings = dict(centroids="epoch", temperature=T, normalization="center_l2") | other
+    target = CMIRegularizer(C, D, settings.pop("centroids"), **settings)
+    before = {name: buffer.clone() for name, buffer in target.named_buffers()}
+    with pytest.raises(ValueError, match=f"state saved under other settings \\({named}\\)"):
+        target.load_state_dict(reg.state_dict())
+    for name, buffer in target.named_buffers():
+        assert torch.equal(buffer, before[name]), name
+
+
+def test_state_saved_without_settings_still_loads():
+    """A state dict from before the settings were saved (no _extra_state) loads, strict."""
+    reg = CMIRegularizer(C, D, "epoch", temperature=T)
+    for h, y in make_batches(2):
+        reg(h, y)
+    reg.end_epoch()
+    state = {name: value for name, value in reg.state_dict().items() if not name.endswith("_extra_state")}
+    restored = CMIRegularizer(C, D, "epoch", temperature=T)
+    restored.load_state_dict(state)
+    assert torch.equal(restored.centroids, reg.centroids) and int(restored.epoch) == 1
+
+
+def test_state_loaded_with_assign_stays_float32():
+    """load_state_dict(assign=True) takes the saved tensors themselves: a state converted to bfloat16 must not
+    make the counts bfloat16, where they stop growing at 256."""
+    reg = CMIRegularizer(2, D, "epoch", temperature=T)
+    state = {
+        name: value.bfloat16() if torch.is_tensor(value) and value.is_floating_point() else value
+        for name, value in reg.state_dict().items()
+    }
+    reg.load_state_dict(state, assign=True)
+    assert all(buffer.dtype == torch.float32 for buffer in reg.buffers() if buffer.is_floating_point())
+    h = torch.randn(300, D)
+    reg(h, torch.arange(300) % 2)
+    assert reg.epoch_class_counts.tolist() == [150.0, 150.0]
+    reg(h, torch.arange(300) % 2)
+    assert reg.epoch_class_counts.tolist() == [300.0, 300.0]
+
+
+@pytest.mark.parametrize(
     "kwargs, message",
     [
         (dict(centroids="mean"), "centroids must be one of"),

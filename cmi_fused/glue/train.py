@@ -202,6 +202,14 @@ class CMITrainer(Trainer):
             self._epoch_steps += 1
         return (loss, outputs) if return_outputs else loss
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        """Also writes the regulariser state into a checkpoint (``_internal_call``), next to the weights: before the
+        Trainer writes ``trainer_state.json`` and rotates the older checkpoints away, so that a run cut short while
+        saving never leaves a last checkpoint without it (``on_save`` comes only after the rotation)."""
+        super().save_model(output_dir, _internal_call)
+        if _internal_call and self.is_world_process_zero():
+            torch.save(self.regularizer.state_dict(), os.path.join(output_dir, REGULARIZER_FILE))
+
     def end_epoch(self):
         """Log the epoch means of CE and CMI (averaged over ranks) and advance the regulariser's epoch."""
         steps = torch.tensor(float(self._epoch_steps), device=self._epoch_ce.device)
@@ -248,11 +256,6 @@ class _CMIEpochCallback(TrainerCallback):
 
     def on_epoch_end(self, args, state, control, **kwargs):
         self.trainer.end_epoch()
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-            torch.save(self.trainer.regularizer.state_dict(), os.path.join(checkpoint, REGULARIZER_FILE))
 
 
 def build_training_arguments(config: TrainConfig, metric_for_best_model: str, **overrides) -> TrainingArguments:
@@ -379,8 +382,14 @@ def train(config: TrainConfig, data: GlueData | None = None) -> dict:
         cmi_weight=config.cmi_weight,
     )
     checkpoint = get_last_checkpoint(config.output_dir) if config.resume else None
-    if checkpoint is not None and os.path.isfile(os.path.join(checkpoint, REGULARIZER_FILE)):
-        trainer.regularizer.load_state_dict(torch.load(os.path.join(checkpoint, REGULARIZER_FILE)))
+    if checkpoint is not None:
+        state_file = os.path.join(checkpoint, REGULARIZER_FILE)
+        if not os.path.isfile(state_file):
+            raise FileNotFoundError(
+                f"--resume: {checkpoint} has no {REGULARIZER_FILE} (a save cut short?): remove that checkpoint to "
+                "resume from the one before, or start over without --resume"
+            )
+        trainer.regularizer.load_state_dict(torch.load(state_file))
     elif config.centroids == "frozen":
         trainer.freeze_centroids(train_dataset)
     trainer.train(resume_from_checkpoint=checkpoint)
