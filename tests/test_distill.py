@@ -207,7 +207,7 @@ def test_seed_fixes_the_built_students_fresh_head():
     for rng_state, seed in ((1, 7), (2, 7), (1, 8)):
         torch.manual_seed(rng_state)  # whatever ran before in this process
         config = DistillConfig(task="mrpc", model="teacher", output_dir="out", teacher="teacher", seed=seed)
-        student, _ = load_student(config, teacher, None, 3)
+        student, _ = load_student(config, teacher, None, ("a", "b", "c"))
         heads.append(student.classifier.weight.detach().clone())
     assert torch.equal(heads[0], heads[1]) and not torch.equal(heads[0], heads[2])
 
@@ -216,8 +216,9 @@ def test_student_layers_option_is_used():
     """--student-layers 1,3: a 2-layer student whose layer k is teacher layer [1, 3][k]."""
     config = DistillConfig(task="mrpc", model="t", output_dir="o", teacher="t", student_layers=[1, 3])
     teacher = tiny_teacher()
-    student, layers = load_student(config, teacher, None, 3)
+    student, layers = load_student(config, teacher, None, ("a", "b", "c"))
     assert layers == [1, 3] and student.config.n_layers == 2
+    assert student.config.id2label == {0: "a", 1: "b", 2: "c"}  # the task's names, whatever the teacher's
     for student_layer, teacher_layer in enumerate(layers):
         torch.testing.assert_close(
             student.distilbert.transformer.layer[student_layer].ffn.lin2.weight,

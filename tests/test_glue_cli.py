@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 
 import filelock
 import numpy as np
@@ -109,6 +110,8 @@ def test_train_writes_results_and_the_best_checkpoint(tiny_bert, glue_dir, tmp_p
     assert set(results) == {"task", "config", "metric", "best_epoch", "best", "history"}
     assert results["task"] == "mrpc" and results["metric"] == "f1"
     assert results["config"]["cmi"] == "min" and results["config"]["cmi_lambda"] == 0.5
+    saved_config = json.loads((out / "config.json").read_text())  # the task's label names, as run_glue.py sets them
+    assert saved_config["id2label"] == {"0": "not_equivalent", "1": "equivalent"}
     assert [row["epoch"] for row in results["history"]] == [1, 2, 3]
     for row in results["history"]:
         assert set(row) == {"epoch", "train_ce", "train_cmi", "eval"}
@@ -645,8 +648,8 @@ def test_seed_fixes_a_fresh_classification_head(glue_dir, tmp_path, monkeypatch)
     class HeadBuilt(Exception):
         pass
 
-    def load_then_stop(name, num_labels):  # the run's model as train() builds it; no training needed
-        model, _ = load_model_and_tokenizer(name, num_labels)
+    def load_then_stop(name, label_names):  # the run's model as train() builds it; no training needed
+        model, _ = load_model_and_tokenizer(name, label_names)
         heads.append(model.classifier.weight.detach().clone())
         raise HeadBuilt
 
@@ -656,6 +659,49 @@ def test_seed_fixes_a_fresh_classification_head(glue_dir, tmp_path, monkeypatch)
         with pytest.raises(HeadBuilt):
             train(TrainConfig("mrpc", str(encoder_dir), str(tmp_path / "run"), data_dir=glue_dir, seed=seed))
     assert torch.equal(heads[0], heads[1]) and not torch.equal(heads[0], heads[2])
+
+
+@pytest.mark.parametrize(
+    "head_labels, outcome",
+    [
+        (None, "kept"),  # LABEL_0, LABEL_1: nothing to check
+        (("not_equivalent", "equivalent"), "kept"),
+        (("NOT_EQUIVALENT", "EQUIVALENT"), "kept"),  # names compare lowercased, as in run_glue.py
+        (("equivalent", "not_equivalent"), "refused"),
+        (("negative", "positive"), "warned"),
+        (("a", "b", "c"), "reinitialised"),  # another size: a new head, nothing to check
+    ],
+)
+def test_a_kept_head_must_order_the_labels_as_the_task(head_labels, outcome, tmp_path):
+    """A checkpoint's classification head of the task's size is kept: its labels, where named, must be the task's
+    in the task's order (MNLI checkpoints differ: entailment first or contradiction first)."""
+    model_dir = tmp_path / "model"
+    save_tiny_bert(model_dir, hidden_size=HIDDEN)
+    if head_labels is not None:
+        checkpoint = AutoModelForSequenceClassification.from_pretrained(
+            model_dir,
+            id2label=dict(enumerate(head_labels)),
+            label2id={name: index for index, name in enumerate(head_labels)},
+            ignore_mismatched_sizes=True,
+        )
+        checkpoint.save_pretrained(model_dir)
+    task_labels = ("not_equivalent", "equivalent")
+    if outcome == "refused":
+        with pytest.raises(
+            ValueError, match=r"--model .* its head orders the labels \['equivalent', 'not_equivalent'\]"
+        ):
+            load_model_and_tokenizer(str(model_dir), task_labels)
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, _ = load_model_and_tokenizer(str(model_dir), task_labels)
+    assert len([w for w in caught if "are not the task's" in str(w.message)]) == (outcome == "warned")
+    assert model.config.id2label == {0: "not_equivalent", 1: "equivalent"}
+    saved = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    kept = saved.classifier.weight.shape == model.classifier.weight.shape and torch.equal(
+        model.classifier.weight, saved.classifier.weight
+    )
+    assert kept == (outcome != "reinitialised")
 
 
 def test_checkpoints_hold_the_regularizer_state_before_the_trainer_state(tiny_bert, glue_dir, tmp_path, monkeypatch):

@@ -187,6 +187,24 @@ def test_tsv_loader_reads_official_format(task, tmp_path):
     assert [len(split) for split in data.eval.values()] == [len(lines) - header_rows for lines in dev_files]
 
 
+def test_label_names_are_hugging_faces_in_id_order():
+    """id2label of every model cmi-glue trains; a TSV label map must give each name its id."""
+    expected = {
+        "cola": ("unacceptable", "acceptable"),
+        "sst2": ("negative", "positive"),
+        "mrpc": ("not_equivalent", "equivalent"),
+        "qqp": ("not_duplicate", "duplicate"),
+        "qnli": ("entailment", "not_entailment"),
+        "rte": ("entailment", "not_entailment"),
+        "wnli": ("not_entailment", "entailment"),
+        "mnli": ("entailment", "neutral", "contradiction"),
+    }
+    assert {name: task.label_names for name, task in glue_data.TASKS.items()} == expected
+    for task in glue_data.TASKS.values():
+        if task.label_map is not None:
+            assert task.label_map == {name: index for index, name in enumerate(task.label_names)}, task.name
+
+
 def test_mnli_dev_labels(tmp_path):
     data = load_task("mnli", str(write_task(tmp_path, "mnli")))
     assert list(data.eval["mismatched"]["label"]) == [2, 0]

@@ -30,11 +30,12 @@ class GlueTask:
     ``eval_files``: evaluation split name -> TSV file name; the split names are also the Hugging Face splits.
     ``skip_short_rows``: rows with too few columns are skipped with a warning instead of an error (QQP, whose
     official files have a few such rows; Hugging Face's ``QqpProcessor`` skipped them too).
+    ``label_names``: the label of each id, as Hugging Face's GLUE datasets name them (the models' ``id2label``).
     """
 
     name: str
     dir_name: str
-    num_labels: int
+    label_names: tuple
     metric: str
     tsv_text_columns: tuple
     tsv_label_column: object
@@ -45,29 +46,44 @@ class GlueTask:
     skip_short_rows: bool = False
 
     @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+    @property
     def eval_split_names(self) -> tuple:
         return tuple(name for name, _ in self.eval_files)
 
 
 TASKS = {
-    "cola": GlueTask("cola", "CoLA", 2, "matthews_correlation", (3,), 1, ("sentence",), has_header=False),
-    "sst2": GlueTask("sst2", "SST-2", 2, "accuracy", ("sentence",), "label", ("sentence",)),
-    "mrpc": GlueTask("mrpc", "MRPC", 2, "f1", ("#1 String", "#2 String"), "Quality", ("sentence1", "sentence2")),
+    "cola": GlueTask(
+        "cola", "CoLA", ("unacceptable", "acceptable"), "matthews_correlation", (3,), 1, ("sentence",),
+        has_header=False,
+    ),
+    "sst2": GlueTask("sst2", "SST-2", ("negative", "positive"), "accuracy", ("sentence",), "label", ("sentence",)),
+    "mrpc": GlueTask(
+        "mrpc", "MRPC", ("not_equivalent", "equivalent"), "f1", ("#1 String", "#2 String"), "Quality",
+        ("sentence1", "sentence2"),
+    ),
     "qqp": GlueTask(
-        "qqp", "QQP", 2, "f1", ("question1", "question2"), "is_duplicate", ("question1", "question2"),
-        skip_short_rows=True,
+        "qqp", "QQP", ("not_duplicate", "duplicate"), "f1", ("question1", "question2"), "is_duplicate",
+        ("question1", "question2"), skip_short_rows=True,
     ),
     "qnli": GlueTask(
-        "qnli", "QNLI", 2, "accuracy", ("question", "sentence"), "label", ("question", "sentence"), NLI_LABELS
+        "qnli", "QNLI", tuple(NLI_LABELS), "accuracy", ("question", "sentence"), "label", ("question", "sentence"),
+        NLI_LABELS,
     ),
     "rte": GlueTask(
-        "rte", "RTE", 2, "accuracy", ("sentence1", "sentence2"), "label", ("sentence1", "sentence2"), NLI_LABELS
+        "rte", "RTE", tuple(NLI_LABELS), "accuracy", ("sentence1", "sentence2"), "label", ("sentence1", "sentence2"),
+        NLI_LABELS,
     ),
-    "wnli": GlueTask("wnli", "WNLI", 2, "accuracy", ("sentence1", "sentence2"), "label", ("sentence1", "sentence2")),
+    "wnli": GlueTask(
+        "wnli", "WNLI", ("not_entailment", "entailment"), "accuracy", ("sentence1", "sentence2"), "label",
+        ("sentence1", "sentence2"),
+    ),
     "mnli": GlueTask(
         "mnli",
         "MNLI",
-        3,
+        ("entailment", "neutral", "contradiction"),
         "matched_accuracy",
         ("sentence1", "sentence2"),
         "gold_label",

@@ -47,6 +47,7 @@ from .train import (
     TrainConfig,
     build_results,
     build_training_arguments,
+    check_head_labels,
     eval_metric_names,
     history_from_log,
     load_model_and_tokenizer,
@@ -83,7 +84,7 @@ class DistillConfig(TrainConfig):
         KDLoss(self.alpha, self.kd_temperature)  # raises ValueError naming alpha / temperature
 
 
-def load_teacher(teacher_dir: str, num_labels: int):
+def load_teacher(teacher_dir: str, label_names: tuple):
     """The teacher classifier (frozen later by the trainer) and its tokenizer."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
@@ -92,19 +93,25 @@ def load_teacher(teacher_dir: str, num_labels: int):
         raise OSError(
             f"could not load --teacher {teacher_dir!r} ({error}); pass a directory written by cmi-glue train"
         ) from error
-    if teacher.config.num_labels != num_labels:
-        raise ValueError(f"--teacher {teacher_dir!r} has {teacher.config.num_labels} labels, the task has {num_labels}")
+    if teacher.config.num_labels != len(label_names):
+        raise ValueError(
+            f"--teacher {teacher_dir!r} has {teacher.config.num_labels} labels, the task has {len(label_names)}"
+        )
+    check_head_labels(teacher.config, label_names, f"--teacher {teacher_dir!r}")
     return teacher, tokenizer
 
 
-def load_student(config: DistillConfig, teacher, tokenizer, num_labels: int) -> tuple:
+def load_student(config: DistillConfig, teacher, tokenizer, label_names: tuple) -> tuple:
     """``(student, teacher layers it was built from)``: ``config.student`` (same vocabulary as the teacher,
-    layers ``None``), or a DistilBERT built from the teacher's layers."""
+    layers ``None``), or a DistilBERT built from the teacher's layers; either way with the task's label names."""
     set_seed(config.seed)  # the fresh classification head
     if config.student is None:
         layers = config.student_layers or default_student_layers(teacher.config.num_hidden_layers)
-        return build_student(teacher, layers), layers
-    student, student_tokenizer = load_model_and_tokenizer(config.student, num_labels)
+        student = build_student(teacher, layers)
+        student.config.id2label = dict(enumerate(label_names))
+        student.config.label2id = {name: index for index, name in enumerate(label_names)}
+        return student, layers
+    student, student_tokenizer = load_model_and_tokenizer(config.student, label_names)
     if student_tokenizer.get_vocab() != tokenizer.get_vocab():
         raise ValueError(f"--student {config.student!r} has another vocabulary than --teacher {config.teacher!r}")
     return student, None
@@ -141,8 +148,8 @@ def distill(
     """
     if data is None:
         data = load_task(config.task, config.data_dir, config.max_train_samples, config.max_eval_samples)
-    teacher, tokenizer = teacher or load_teacher(config.teacher, data.num_labels)
-    student, layers = load_student(config, teacher, tokenizer, data.num_labels)
+    teacher, tokenizer = teacher or load_teacher(config.teacher, data.task.label_names)
+    student, layers = load_student(config, teacher, tokenizer, data.task.label_names)
     train_dataset, eval_datasets = tokenize_task(data, tokenizer, config.max_seq_length)
     eval_dataset = next(iter(eval_datasets.values())) if len(eval_datasets) == 1 else eval_datasets
     kd = KDLoss(config.alpha, config.kd_temperature)
@@ -210,7 +217,7 @@ def run_distill_sweep(
     values, runs, arm_order = {}, [], []
     for index, teacher_dir in enumerate(teachers):
         label = teacher_dir if len(teachers) > 1 else ""
-        teacher = load_teacher(teacher_dir, data.num_labels)
+        teacher = load_teacher(teacher_dir, data.task.label_names)
         cached = None
 
         def run_distill(config, teacher=teacher):

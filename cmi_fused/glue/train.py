@@ -15,6 +15,7 @@ import glob
 import json
 import os
 import shutil
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import (
+    AutoConfig,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
@@ -331,15 +333,41 @@ def build_results(config: TrainConfig, metric: str, history: list) -> dict:
     }
 
 
-def load_model_and_tokenizer(model_name: str, num_labels: int):
+def check_head_labels(config, label_names: tuple, argument: str) -> None:
+    """A classification head kept from a checkpoint must order its labels as the task does.
+
+    ``config``: the checkpoint's. Heads of another size are re-initialised, and default names (``LABEL_0``...) say
+    nothing, so only a head of the task's size with named labels is checked: the task's names in another order
+    raise (cmi-glue does not reorder heads; run_glue.py would remap the data instead); other names warn.
+    """
+    names = [str(config.id2label[i]).lower() for i in sorted(config.id2label)]
+    if len(names) != len(label_names) or names == [f"label_{i}" for i in range(len(names))]:
+        return
+    if names != list(label_names):
+        if sorted(names) == sorted(label_names):
+            raise ValueError(
+                f"{argument}: its head orders the labels {names}, the task {list(label_names)}: reorder the head's "
+                "rows to the task's order, or start from a checkpoint without this head"
+            )
+        warnings.warn(f"{argument}: its head's labels {names} are not the task's {list(label_names)}", stacklevel=2)
+
+
+def load_model_and_tokenizer(model_name: str, label_names: tuple):
     """``AutoModelForSequenceClassification`` + ``AutoTokenizer`` from a hub name or a local directory.
 
-    A classification head of another size (a checkpoint fine-tuned on another task) is re-initialised.
+    A classification head of another size (a checkpoint fine-tuned on another task) is re-initialised; a head of the
+    task's size is kept if its labels are the task's, in the task's order (:func:`check_head_labels`). The config
+    takes the task's label names (``id2label`` / ``label2id``), as run_glue.py sets them.
     """
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_name)
+        check_head_labels(AutoConfig.from_pretrained(model_name), label_names, f"--model {model_name!r}")
         model = AutoModelForSequenceClassification.from_pretrained(
-            model_name, num_labels=num_labels, ignore_mismatched_sizes=True
+            model_name,
+            num_labels=len(label_names),
+            id2label=dict(enumerate(label_names)),
+            label2id={name: index for index, name in enumerate(label_names)},
+            ignore_mismatched_sizes=True,
         )
     except OSError as error:
         raise OSError(
@@ -356,7 +384,7 @@ def train(config: TrainConfig, data: GlueData | None = None) -> dict:
     metric_names = eval_metric_names(data)
     metric = data.task.metric
     set_seed(config.seed)  # before the model: a freshly initialised classification head depends on it
-    model, tokenizer = load_model_and_tokenizer(config.model, data.num_labels)
+    model, tokenizer = load_model_and_tokenizer(config.model, data.task.label_names)
     train_dataset, eval_datasets = tokenize_task(data, tokenizer, config.max_seq_length)
     eval_dataset = next(iter(eval_datasets.values())) if len(eval_datasets) == 1 else eval_datasets
 
