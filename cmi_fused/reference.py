@@ -10,9 +10,10 @@ It runs everywhere, is the eager baseline of the benchmarks and the readable sta
 
 Autograd differentiates it; with detached per-batch centroids that is also the exact gradient of the
 un-detached expression, because sum_j G_cj = 1 makes the centroid's own contribution vanish. Only to first
-order: the Hessian has a term through dG/dh that the detached graph lacks (keeping G in the graph would make it
-exact, at 2-3x the fwd+bwd time: 4096x768 and 16384x768 on the dev CPU), so a second derivative with per-batch
-centroids is refused.
+order: a second derivative holds the per-batch centroids constant too, so it lacks the Hessian's term through
+dG/dh (keeping G in the graph would make it exact, at 2-3x the fwd+bwd time: 4096x768 and 16384x768 on the dev
+CPU). A refusal would need grad mode in the backward to mean create_graph=True, which torch.func's first
+derivatives break, so the README says it instead.
 Rows whose label is outside [0, C) (possible on CUDA without ``check_labels``) are never used as an
 index: they get a NaN KL and add nothing to the class sums and counts.
 """
@@ -24,15 +25,6 @@ from typing import Optional
 import torch
 
 from .options import CMIOptions, CMIOutput
-
-
-def refuse_second_derivative(grad_rows: torch.Tensor) -> None:
-    """Tensor hook: grad mode is on in a backward only under ``create_graph=True``."""
-    if torch.is_grad_enabled():
-        raise RuntimeError(
-            "cmi_loss with per-batch centroids (centroids=None) has no second derivative (create_graph=True): "
-            "they are held constant for the gradient, exact to first order only; pass the centroids"
-        )
 
 
 def reduce_rows(row_losses: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -60,15 +52,9 @@ def cmi_loss_torch(
     class_counts = torch.zeros(num_classes, dtype=compute_dtype, device=f.device)
     class_counts.index_add_(0, safe_labels, weights)
 
-    per_batch = centroids is None
-    if per_batch:
+    if centroids is None:
         centroids = class_sums / class_counts.clamp_min(1.0)[:, None]
     log_g = torch.log(centroids.detach().to(compute_dtype).clamp_min(options.eps))
     row_kl = (f * (log_f - log_g[safe_labels])).sum(dim=-1)
-    # A hook rather than an autograd.Function: +22 us of host time per 32x768 fwd+bwd step on the 2-core dev host
-    # (7% of the eager step) against +38 us. Compiled graphs need none: aot_autograd (under inductor, the default
-    # backend, and aot_eager) refuses double backward itself.
-    if per_batch and row_kl.requires_grad and not torch.compiler.is_compiling():
-        row_kl.register_hook(refuse_second_derivative)
     row_kl = torch.where(valid, row_kl, torch.full_like(row_kl, float("nan")))
     return CMIOutput(reduce_rows(row_kl, options.reduction), class_sums.float(), class_counts.float())

@@ -33,9 +33,10 @@ step): a checkpoint taken mid-epoch under torch.distributed needs every rank's s
 (``cmi-glue`` saves at epoch ends).
 
 All state lives in buffers, so ``state_dict`` / checkpoints carry it; the settings that give it its meaning
-(centroid mode, temperature, normalisation, momenta) travel with it as extra state, and loading a state saved under
-other settings raises instead of mixing the two. The float buffers stay float32 when the module (or a model holding
-it) is cast to another dtype, or loaded with ``assign=True`` from a state in another dtype.
+(centroid mode, temperature, normalisation, and the momenta where the mode uses them) travel with it as extra
+state, and loading a state saved under other settings raises, leaving the regulariser as it was. The float buffers
+stay float32 when the module (or a model holding it) is cast to another dtype, or loaded with ``assign=True`` from a
+state in another dtype.
 """
 
 from __future__ import annotations
@@ -150,19 +151,20 @@ class CMIRegularizer(nn.Module):
         )
 
     def _settings(self) -> dict:
-        return {
-            "centroids": self.mode,
-            "temperature": self.temperature,
-            "normalization": self.normalization,
-            "momentum": self.momentum,
-            "feature_momentum": self.feature_momentum,
-        }
+        """The settings the state depends on: momentum only in ema mode, feature_momentum only with center_l2."""
+        settings = {"centroids": self.mode, "temperature": self.temperature, "normalization": self.normalization}
+        if self.mode == "ema":
+            settings["momentum"] = self.momentum
+        if self.normalization == "center_l2":
+            settings["feature_momentum"] = self.feature_momentum
+        return settings
 
     def get_extra_state(self) -> dict:
         return self._settings()
 
     def set_extra_state(self, state: dict) -> None:
         settings = self._settings()
+        # Compared where both sides use a setting: centroids and normalization always differ when only one does.
         differing = {name: value for name, value in state.items() if name in settings and settings[name] != value}
         if differing:
             listed = ", ".join(f"{name}: {value!r} there, {settings[name]!r} here" for name, value in differing.items())

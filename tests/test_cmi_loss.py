@@ -489,37 +489,42 @@ def test_second_derivative_is_exact_or_refused(backend: str, request):
     assert torch.isfinite(gradient).all()
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_per_batch_centroids_refuse_a_second_derivative(reduction: str, request):
-    """Per-batch centroids are held constant for the gradient: exact to first order (sum_j G_cj = 1), but the
-    Hessian has a term through dG/dh that the detached graph lacks, so the torch backend refuses create_graph=True
-    there as the triton backend does everywhere. The first derivative still matches the float64 reference, and no
-    grad mode (evaluation) is untouched."""
+def test_per_batch_second_derivative_holds_the_centroids_constant(request):
+    """The documented limit (README "One derivative"): with per-batch centroids the torch backend's first
+    derivative is exact, its second holds the centroids constant. It equals the Hessian with G fixed at its
+    value and differs from the un-detached expression's, which has a term through dG/dh."""
     gen = generator_for(request)
-    n, d, c = 6, 5, 3
     labels = torch.tensor([0, 1, 0, 1, 2, 2], device=DEVICE)
-    features = torch.randn(n, d, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_(True)
-    loss = cmi_loss(features, labels, c, temperature=0.7, reduction=reduction, backend="torch").loss.sum()
-    with pytest.raises(RuntimeError, match="per-batch centroids .* no second derivative"):
-        torch.autograd.grad(loss, features, create_graph=True, retain_graph=True)
-    (gradient,) = torch.autograd.grad(loss, features)
-    ref_rows, _, _, h64 = reference_cmi(features, labels, c, None, temperature=0.7, reduction=reduction)
-    ref_rows.sum().backward()
-    assert_rel_close(gradient, h64.grad, 1e-12, "gradient")
-    with torch.no_grad():
-        rows = cmi_loss(features, labels, c, temperature=0.7, reduction="none", backend="torch").loss
-    assert rows.grad_fn is None
+    features = torch.randn(6, 5, generator=gen, dtype=torch.float64).to(DEVICE)
+
+    def op_loss(h):
+        return cmi_loss(h, labels, 3, temperature=0.7, backend="torch").loss
+
+    def reference_loss(h, detach_centroids):  # float64, differentiable in h (reference_cmi makes its own leaf)
+        log_f = torch.log_softmax(h / 0.7, dim=1)
+        membership = torch.nn.functional.one_hot(labels, 3).double()
+        centroids = (membership.T @ log_f.exp()) / membership.sum(0)[:, None]
+        if detach_centroids:
+            centroids = centroids.detach()
+        return (log_f.exp() * (log_f - centroids.log()[labels])).sum(dim=1).mean()
+
+    ones = torch.ones_like(features)
+    hvp = torch.autograd.functional.hvp(op_loss, features, ones)[1]
+    held = torch.autograd.functional.hvp(lambda h: reference_loss(h, True), features, ones)[1]
+    exact = torch.autograd.functional.hvp(lambda h: reference_loss(h, False), features, ones)[1]
+    assert_rel_close(hvp, held, 1e-12, "second derivative, centroids held constant")
+    assert (hvp - exact).norm() > 0.1 * exact.norm()
 
 
-def test_compiled_per_batch_centroids_refuse_a_second_derivative():
-    """The torch backend leaves out its refusing hook under torch.compile: aot_autograd (inductor's, here without
-    inductor's code generation) refuses double backward itself."""
-    labels = torch.tensor([0, 1, 0, 1, 2, 2])
-    features = torch.randn(6, 5, requires_grad=True)
-    loss_of = torch.compile(lambda h: cmi_loss(h, labels, 3, backend="torch").loss, fullgraph=True, backend="aot_eager")
-    (gradient,) = torch.autograd.grad(loss_of(features), features, create_graph=True)
-    with pytest.raises(RuntimeError, match="does not currently support double backward"):
-        gradient.square().sum().backward()
+def test_torch_func_differentiates_the_torch_backend(request):
+    """torch.func.grad (per-sample gradients, meta-learning) of the torch backend, per-batch centroids: the exact
+    first derivative, as autograd gives it."""
+    gen = generator_for(request)
+    labels = torch.tensor([0, 1, 0, 1, 2, 2], device=DEVICE)
+    features = torch.randn(6, 5, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_(True)
+    by_func = torch.func.grad(lambda h: cmi_loss(h, labels, 3, backend="torch").loss)(features)
+    (by_autograd,) = torch.autograd.grad(cmi_loss(features, labels, 3, backend="torch").loss, features)
+    torch.testing.assert_close(by_func, by_autograd, rtol=1e-12, atol=0)
 
 
 # What callers do with reduction="none" rows. sum/mean hand the backward an expanded gradient (row stride 0), which

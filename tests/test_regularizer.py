@@ -223,7 +223,7 @@ def test_frozen_state_dict_round_trip(tmp_path):
 @pytest.mark.parametrize(
     "other, named",
     [
-        (dict(centroids="ema"), "centroids: 'epoch' there, 'ema' here"),
+        (dict(centroids="epoch"), "centroids: 'ema' there, 'epoch' here"),
         (dict(temperature=0.5), "temperature: 0.7 there, 0.5 here"),
         (dict(normalization="none"), "normalization: 'center_l2' there, 'none' here"),
         (dict(momentum=0.5), "momentum: 0.9 there, 0.5 here"),
@@ -233,17 +233,28 @@ def test_frozen_state_dict_round_trip(tmp_path):
 def test_state_of_other_settings_is_refused(other, named):
     """Centroids mean something only under the settings they were made with: loading them into a regulariser of
     other settings raises, naming each one, and overwrites nothing."""
-    reg = CMIRegularizer(C, D, "epoch", temperature=T, normalization="center_l2")
+    reg = CMIRegularizer(C, D, "ema", temperature=T, normalization="center_l2")
     for h, y in make_batches(2):
         reg(h, y)
-    reg.end_epoch()
-    settings = dict(centroids="epoch", temperature=T, normalization="center_l2") | other
+    settings = dict(centroids="ema", temperature=T, normalization="center_l2") | other
     target = CMIRegularizer(C, D, settings.pop("centroids"), **settings)
     before = {name: buffer.clone() for name, buffer in target.named_buffers()}
     with pytest.raises(ValueError, match=f"state saved under other settings \\({named}\\)"):
         target.load_state_dict(reg.state_dict())
     for name, buffer in target.named_buffers():
         assert torch.equal(buffer, before[name]), name
+
+
+def test_settings_the_state_does_not_use_do_not_block_loading():
+    """momentum only shapes ema centroids and feature_momentum only the center_l2 mean: an epoch-mode state without
+    normalisation loads into a regulariser with other values of both."""
+    reg = CMIRegularizer(C, D, "epoch", temperature=T)
+    for h, y in make_batches(2):
+        reg(h, y)
+    reg.end_epoch()
+    restored = CMIRegularizer(C, D, "epoch", temperature=T, momentum=0.5, feature_momentum=0.5)
+    restored.load_state_dict(reg.state_dict())
+    assert torch.equal(restored.centroids, reg.centroids)
 
 
 def test_state_saved_without_settings_still_loads():

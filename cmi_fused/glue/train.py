@@ -205,11 +205,12 @@ class CMITrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
-        """Also writes the regulariser state into a checkpoint (``_internal_call``), next to the weights: before the
-        Trainer writes ``trainer_state.json`` and rotates the older checkpoints away, so that a run cut short while
-        saving never leaves a last checkpoint without it (``on_save`` comes only after the rotation)."""
+        """Also writes the regulariser state into a checkpoint, next to the weights: before the Trainer writes
+        ``trainer_state.json`` and rotates the older checkpoints away, so that a run cut short while saving never
+        leaves a last checkpoint without it (``on_save`` comes only after the rotation). A checkpoint is an
+        ``_internal_call`` with a folder; the Trainer's other internal calls (``push_to_hub``) pass none."""
         super().save_model(output_dir, _internal_call)
-        if _internal_call and self.is_world_process_zero():
+        if _internal_call and output_dir is not None and self.is_world_process_zero():
             torch.save(self.regularizer.state_dict(), os.path.join(output_dir, REGULARIZER_FILE))
 
     def end_epoch(self):
@@ -417,7 +418,8 @@ def train(config: TrainConfig, data: GlueData | None = None) -> dict:
                 f"--resume: {checkpoint} has no {REGULARIZER_FILE} (a save cut short?): remove that checkpoint to "
                 "resume from the one before, or start over without --resume"
             )
-        trainer.regularizer.load_state_dict(torch.load(state_file))
+        # map_location: rank 0 saved it from its device; load_state_dict copies it into this rank's buffers
+        trainer.regularizer.load_state_dict(torch.load(state_file, map_location="cpu"))
     elif config.centroids == "frozen":
         trainer.freeze_centroids(train_dataset)
     trainer.train(resume_from_checkpoint=checkpoint)
