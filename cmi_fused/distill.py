@@ -91,8 +91,9 @@ def default_student_layers(num_teacher_layers: int, num_student_layers: Optional
         raise ValueError(f"num_student_layers must be an int in [1, {num_teacher_layers}], got {num_student_layers!r}")
     if num_student_layers == 1:
         return [0]
-    step = (num_teacher_layers - 1) / (num_student_layers - 1)
-    return [int(k * step + 0.5) for k in range(num_student_layers)]
+    # round_half_up(k * (L - 1) / (n - 1)) in integers: a float step rounds some exact halves down (L = 186).
+    span, steps = num_teacher_layers - 1, num_student_layers - 1
+    return [(2 * k * span + steps) // (2 * steps) for k in range(num_student_layers)]
 
 
 def parse_layers(text: str) -> list[int]:
@@ -400,6 +401,6 @@ def select_teacher(run_dirs: Sequence[str], data_dir: Optional[str] = None, batc
     best = max(rows, key=lambda row: row["ratio"])
     reason = (
         f"{best['run']} has the highest {metric} / training-set CMI ratio, {best['ratio']:.4f} "
-        f"({metric} {best['best_metric']:.4f} / CMI {best['train_set_cmi']:.4f}) among {len(rows)} runs"
+        f"({metric} {best['best_metric']:.4f} / CMI {best['train_set_cmi']:.4g}) among {len(rows)} runs"
     )
     return {"metric": metric, "selected": best["run"], "reason": reason, "runs": rows}

@@ -89,6 +89,9 @@ def test_default_layers():
     assert default_student_layers(6, 2) == [0, 5]
     assert default_student_layers(4, 4) == [0, 1, 2, 3]
     assert default_student_layers(5, 1) == [0]
+    # round_half_up of exact halves: 20 * 34 / 28 = 24.29, 21 * 34 / 28 = 25.5 -> 26; 46 * 185 / 92 = 92.5 -> 93
+    assert default_student_layers(35, 29)[20:22] == [24, 26]
+    assert default_student_layers(186)[46] == 93
     assert default_student_layers(5) == [0, 2, 4] and default_student_layers(3) == [0, 2]  # odd depths: half, up
     assert parse_layers("0,2,4") == [0, 2, 4]
     with pytest.raises(ValueError, match="num_student_layers"):
@@ -500,6 +503,9 @@ def test_select_teacher_command(teachers, tmp_path, capsys):
     selection = json.loads(out.read_text())
     assert f"selected: {selection['selected']}" in printed and "why:" in printed
     assert [row["cmi"] for row in selection["runs"]] == ["none", "max"]
+    for row in selection["runs"]:  # a CE run's lambda is unused; the CMI with 4 significant digits, however small
+        cmi_lambda = "-" if row["cmi"] == "none" else f"{row['cmi_lambda']:g}"
+        assert f"| {row['cmi']} | {cmi_lambda} | {row['best_metric']:.4f} | {row['train_set_cmi']:.4g} |" in printed
     assert selection["left_out"] == [] and "left out" not in printed
     # A parent directory stands for the runs inside it trained with a CMI term: its CE run (--cmi none, a sweep's
     # lambda 0 baseline, the lowest CMI) is left out and reported, and named on its own it is kept (above). A

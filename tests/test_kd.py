@@ -122,6 +122,9 @@ def test_identical_logits_have_zero_kl():
         (dict(temperature="2"), ValueError, "temperature"),
         (dict(temperature=float("nan")), ValueError, "temperature"),
         (dict(temperature=float("inf")), ValueError, "temperature"),
+        # cmi_loss's rule: 1/T a normal float32 (else NaN, or temperature**2 overflowing as an OverflowError)
+        (dict(temperature=1e-40), ValueError, "temperature must lie in"),
+        (dict(temperature=1e155), ValueError, "temperature must lie in"),
         (dict(reduction="batchmean"), ValueError, "reduction"),
         (dict(check_labels="yes"), ValueError, "check_labels"),
     ],
@@ -152,3 +155,29 @@ def test_bad_tensors():
         kd_loss(student, teacher, None, alpha=0.5)
     with pytest.raises(ValueError, match="alpha"):
         KDLoss(alpha=-0.1)
+    with pytest.raises(ValueError, match="temperature must lie in"):
+        KDLoss(temperature=1e-40)
+
+
+@pytest.mark.parametrize("student_inf", [False, True], ids=["finite-student", "student-inf-too"])
+def test_a_class_the_teacher_rules_out_adds_nothing(student_inf):
+    """Teacher logit -inf: p_t = 0 there, and 0 log 0 counts as 0 (F.kl_div's convention), not NaN; also where the
+    student rules the class out too. The gradient stays finite."""
+    student = torch.tensor([[1.0, 0.0, -1.0], [0.5, 0.2, 0.1]], requires_grad=True)
+    teacher = torch.tensor([[2.0, float("-inf"), 0.0], [1.0, 0.0, -1.0]])
+    if student_inf:
+        with torch.no_grad():
+            student[0, 1] = float("-inf")
+    labels = torch.tensor([0, 1])
+    out = kd_loss(student, teacher, labels, alpha=0.5, temperature=2.0, reduction="none")
+    kept = [0, 2]  # the classes the teacher allows in row 0
+    p_t = torch.softmax(teacher[0].double() / 2.0, 0)
+    log_p_s = torch.log_softmax(student[0].detach().double() / 2.0, 0)
+    expected_row0 = float((p_t[kept] * (p_t[kept].log() - log_p_s[kept])).sum())
+    assert out.kl[0].item() == pytest.approx(expected_row0, rel=1e-6)
+    assert out.kl[1].item() == pytest.approx(
+        reference_rows(student[1:], teacher[1:], labels[1:], 0.5, 2.0)[0, 2].item()
+    )
+    assert torch.isfinite(out.loss).all()
+    out.loss.sum().backward()
+    assert torch.isfinite(student.grad[:, [0, 2]]).all() and torch.isfinite(student.grad[1]).all()

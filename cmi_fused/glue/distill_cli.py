@@ -383,9 +383,10 @@ def run_select_teacher_command(args: argparse.Namespace) -> None:
     print(f"| run | cmi | lambda | best {metric} | training-set CMI | ratio | centroids |")
     print("|---|---|---|---|---|---|---|")
     for row in selection["runs"]:
+        cmi_lambda = "-" if row["cmi"] == "none" else f"{row['cmi_lambda']:g}"  # a CE run's lambda is unused
         print(
-            f"| {row['run']} | {row['cmi']} | {row['cmi_lambda']:g} | {row['best_metric']:.4f} | "
-            f"{row['train_set_cmi']:.4f} | {row['ratio']:.4f} | {row['centroids_source']} |"
+            f"| {row['run']} | {row['cmi']} | {cmi_lambda} | {row['best_metric']:.4f} | "
+            f"{row['train_set_cmi']:.4g} | {row['ratio']:.4f} | {row['centroids_source']} |"
         )
     if left_out:
         print(f"left out (CE baselines of the directories given; name a run to include it): {', '.join(left_out)}")
