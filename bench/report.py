@@ -218,20 +218,31 @@ def _verdict(measured: float | None, limit: float, reference_only: bool = False)
 
 
 def target_checks(results: dict) -> list[dict]:
-    """One entry per issue-3 criterion and shape: ``{criterion, shape, measured, limit, verdict}``."""
+    """One entry per issue-3 criterion and shape: ``{criterion, shape, measured, limit, verdict}``.
+
+    A criterion on a fused mode whose float64 check failed gets no verdict from its timing: "INVALID".
+    """
     rows = [r for r in results["rows"] if r.get("ms") is not None or r.get("peak_mb") is not None]
     index = index_rows(rows)
     shapes = shapes_in(results["rows"])
+    inaccurate = {
+        (r["N"], r["d"], r["C"], r["dtype"], r["mode"])
+        for r in results["rows"]
+        if r["provider"] == "fused" and within_tolerance(r) is False
+    }
     checks = []
 
-    def add(criterion, shape, measured, limit, reference_only=False):
+    def add(criterion, shape, measured, limit, reference_only=False, modes=("fixed",)):
+        verdict = _verdict(measured, limit, reference_only)
+        if any((*shape, mode) in inaccurate for mode in modes):
+            verdict = "INVALID: fused outside the float64 bounds (Accuracy)"
         checks.append(
             {
                 "criterion": criterion,
                 "shape": shape_label(shape),
                 "measured": measured,
                 "limit": limit,
-                "verdict": _verdict(measured, limit, reference_only),
+                "verdict": verdict,
             }
         )
 
@@ -259,6 +270,7 @@ def target_checks(results: dict) -> list[dict]:
                 shape,
                 batch_device,
                 BATCH_VS_FIXED_FACTOR * fused_device,
+                modes=("fixed", "batch"),
             )
         for mode in ("fixed", "batch"):
             row = index.get((*shape, mode, "fused", "fwd_bwd", "wall")) or index.get(
@@ -270,6 +282,7 @@ def target_checks(results: dict) -> list[dict]:
                     shape,
                     row["peak_mb"],
                     memory_budget_mb(shape),
+                    modes=(mode,),
                 )
     return checks
 

@@ -295,6 +295,31 @@ def verdicts(device, rows):
     return {(c["criterion"], c["shape"]): c for c in report.target_checks(synthetic_results(device, rows))}
 
 
+@pytest.mark.parametrize("failing_mode", ["fixed", "batch"])
+def test_no_verdict_from_the_timing_of_a_wrong_result(failing_mode):
+    """A fused mode outside its float64 bounds gets "INVALID" on every criterion it enters, never "met"."""
+    shape = (32768, 4096, 3, "bf16")
+    accurate, wrong = dict(rel_err_loss=1e-7, rel_err_grad=1e-3), dict(rel_err_loss=0.5, rel_err_grad=0.9)
+    rows = [
+        dict(make_row(shape, mode, "fused", "fwd_bwd", timing, ms, peak_mb=100.0), **accurate)
+        for mode, ms in (("fixed", 0.300), ("batch", 0.400))
+        for timing in ("device", "wall")
+    ]
+    for row in rows:
+        if row["mode"] == failing_mode:
+            row.update(wrong)
+    checks = {key[0]: check["verdict"] for key, check in verdicts("NVIDIA H100 80GB HBM3", rows).items()}
+    invalid = {criterion for criterion, verdict in checks.items() if verdict.startswith("INVALID")}
+    expected = {
+        "batch-centroid device ms <= 1.5x fixed",
+        f"fused peak MB ({failing_mode}) <= 1.1 x (N*d*elem + 2*C*d*4)",
+    }
+    if failing_mode == "fixed":
+        expected.add("fused device ms <= H100 target")
+    assert invalid == expected
+    assert all(verdict == "met" for criterion, verdict in checks.items() if criterion not in invalid)
+
+
 def test_comparison_table_speedups():
     shape = (4096, 768, 2, "bf16")
     rows = [
@@ -609,6 +634,7 @@ def test_gpu_session_script_dry_run(tmp_path):
     for stage in ("=== facts", "=== issue 2", "=== issue 3", "=== host path", "=== done"):
         assert stage in log, log[-3000:]
     assert "1 passed" in log and "run_gpu_tests.sh exit status 0" in log and "run_gpu.sh exit status 0" in log
+    assert "accuracy vs float64 outside the bounds: 0 of the (shape, mode, provider) checks" in log
     files = sorted(path.name for path in out_dir.iterdir())
     stem = report.results_stem(device_name(torch.device("cpu")), read_results(out_dir, "cpu-*.json")["date"])
     expected = {"session.log", "pytest-gpu.log", "pytest-gpu.xml", "host-overhead.json", f"{stem}.json", f"{stem}.md"}
