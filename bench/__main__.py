@@ -209,6 +209,13 @@ def main(argv=None) -> int:
             results["rows"] += [dict(row, run=0) for row in rows]
             pending.pop(0)
             save()
+        if device.type == "cuda" and not pending:  # after every timing: the profiler may slow what follows it
+            deadline = None if args.time_limit is None else started + args.time_limit
+            cmi_op.add_launch_counts(
+                results["rows"], device, seed=args.seed,
+                time_left=lambda: 1.0 if deadline is None else deadline - time.monotonic(),
+            )  # fmt: skip
+            save()
     except KeyboardInterrupt:  # run_gpu.sh's hard limit (SIGINT): keep what finished, say what did not, then stop
         log("interrupted: saving what finished")
         if e2e_pending:

@@ -22,7 +22,9 @@ input sets, so that the sets together are about twice the L2 cache (at most ``Bu
 
 Peak memory (CUDA): ``max_memory_allocated`` during one eager step minus the allocation before it,
 measured once per (provider, mode, pass) and reported in both its device and wall rows. ``gpu_launches``
-(fwd_bwd rows, CUDA): the kernels, memsets and copies the profiler saw in one eager step.
+(fwd_bwd rows, CUDA): the kernels, memsets and copies the profiler saw in one eager step, counted by
+:func:`add_launch_counts` after every timing of the run (a profiler session can leave CUPTI attached and slow the
+launches timed after it, pytorch#144455).
 
 Accuracy (every provider but ``noop``, once per shape and mode, on input set 0): the loss and the gradient of one
 forward + backward against a float64 evaluation of the same inputs (the torch backend on the upcast features),
@@ -408,6 +410,39 @@ def count_gpu_activities(prepare, run) -> int | None:
     return count or None  # a CUDA step launches something: 0 means the profiler could not see the GPU
 
 
+def add_launch_counts(rows: list[dict], device: torch.device, seed: int = 0, time_left: Callable = lambda: 1.0):
+    """``gpu_launches`` of every fwd_bwd case in ``rows`` that has a timing and no count yet, set on its rows.
+
+    Called once every timing is done (the profiler must not run before a timed row); each case is built again from
+    the same seed, warmed up (compiles, autotuning) and traced for one step. Stops when ``time_left()`` is <= 0;
+    a case that cannot be traced gets ``None``.
+    """
+    cases = {}
+    for row in rows:
+        if row["pass"] == "fwd_bwd" and "gpu_launches" not in row:
+            key = (Shape(row["N"], row["d"], row["C"], row["dtype"]), row["mode"], row["provider"])
+            cases.setdefault(key, []).append(row)
+    timed = {key: case_rows for key, case_rows in cases.items() if any(r.get("ms") is not None for r in case_rows)}
+    for (shape, mode, provider), case_rows in timed.items():
+        if time_left() <= 0:
+            break
+        if provider in COMPILED_PROVIDERS:
+            torch._dynamo.reset()
+        generator = torch.Generator(device=device).manual_seed(seed)
+        inputs = make_inputs(shape, mode, 1, device, generator)
+        try:
+            prepare, run = build_step(make_loss_fn(provider, shape.num_classes), inputs, "fwd_bwd", for_graph=False)
+            for _ in range(2):  # compile and autotune outside the trace
+                prepare(0)
+                run(0)
+            launches = count_gpu_activities(prepare, run)
+        except Exception:  # a count is extra information: never lose the run for it
+            launches = None
+        for row in case_rows:
+            row["gpu_launches"] = launches
+        del inputs
+
+
 def measure_copy_tbps(device: torch.device) -> float:
     """Device-to-device (or host memory) copy rate in TB/s, counting bytes read + written."""
     numel = 2**28 if device.type == "cuda" else 2**24  # 1 GiB / 64 MiB of float32
@@ -484,8 +519,6 @@ def bench_case(
         prepare, run = build_step(loss_fn, inputs, pass_name, for_graph=False)
         estimate_ms = estimate_step_ms(prepare, run, len(inputs), timer, budget.warmup_steps)
         peak_mb = peak_extra_mb(prepare, run) if device.type == "cuda" else None
-        if device.type == "cuda" and pass_name == "fwd_bwd":
-            base["gpu_launches"] = count_gpu_activities(prepare, run)
     except Exception as error:  # the provider cannot run this case at all
         return [dict(base, timing=t, ms=None, peak_mb=None, error=f"{type(error).__name__}: {error}") for t in timings]
 

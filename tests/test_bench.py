@@ -56,6 +56,35 @@ def test_quick_run_top_level(quick_run):
         assert os.path.getsize(output_dir / f"{stem}.png") > 0
 
 
+def test_launch_counts_come_after_every_timing(monkeypatch):
+    """add_launch_counts (run by python -m bench on CUDA once every unit is timed) traces one warmed-up step per
+    timed fwd_bwd case and sets the count on all of that case's rows; untimed cases and other passes get none, and
+    it stops when the time is up. The profiler itself needs CUDA: a stand-in counts the steps it is handed."""
+    shape = (8, 40, 3, "fp32")
+    traced = []
+
+    def fake_count(prepare, run):
+        prepare(0)
+        run(0)
+        traced.append(run)
+        return 11
+
+    monkeypatch.setattr(cmi_op, "count_gpu_activities", fake_count)
+    rows = [
+        make_row(shape, "fixed", "eager", "fwd_bwd", "wall", 1.0),
+        make_row(shape, "fixed", "eager", "fwd_bwd", "device", 0.5),
+        make_row(shape, "fixed", "eager", "fwd", "wall", 0.4),
+        make_row(shape, "batch", "eager", "fwd_bwd", "wall", None),  # an error row: nothing to count
+        make_row(shape, "batch", "noop", "fwd_bwd", "wall", 0.1),
+    ]
+    cmi_op.add_launch_counts(rows, torch.device("cpu"))
+    assert [row.get("gpu_launches") for row in rows] == [11, 11, None, None, 11] and len(traced) == 2
+    assert "gpu_launches" not in rows[2] and "gpu_launches" not in rows[3]
+    late = [make_row(shape, "fixed", "noop", "fwd_bwd", "wall", 0.1)]
+    cmi_op.add_launch_counts(late, torch.device("cpu"), time_left=lambda: 0.0)
+    assert "gpu_launches" not in late[0] and len(traced) == 2
+
+
 def test_quick_run_rows_cover_the_grid(quick_run):
     results, _, _ = quick_run
     rows = results["rows"]

@@ -93,6 +93,7 @@ def test_device_and_wall_rows_without_errors():
     for row in rows:
         if row["provider"] == "fused" and row["pass"] == "fwd_bwd":
             assert row["peak_mb"] <= budget, row
+    cmi_op.add_launch_counts(rows, device)
     launches = {(r["provider"], r["mode"]): r["gpu_launches"] for r in rows if r["pass"] == "fwd_bwd"}
     for mode in cmi_op.MODES:
         if launches[("fused", mode)] is not None:  # None: the profiler cannot trace on this host
