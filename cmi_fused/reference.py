@@ -40,21 +40,33 @@ def cmi_loss_torch(
 ) -> CMIOutput:
     compute_dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
     num_classes = options.num_classes
-    log_f = torch.log_softmax(features.to(compute_dtype) / options.temperature, dim=-1)
+    n_rows, dim = features.shape
+    scaled = features.to(compute_dtype)
+    if options.temperature != 1.0:  # a Python float: the division's full pass is skipped at T = 1, no device sync
+        scaled = scaled / options.temperature
+    log_f = torch.log_softmax(scaled, dim=-1)
     f = log_f.exp()
 
+    labels = labels.long()  # int8/uint8 labels could not hold the overflow bin C
     valid = (labels >= 0) & (labels < num_classes)
-    safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).long()
-    weights = valid.to(compute_dtype)
-    f_detached = f.detach()
-    class_sums = torch.zeros(num_classes, f.shape[1], dtype=compute_dtype, device=f.device)
-    class_sums.index_add_(0, safe_labels, f_detached * weights[:, None])
-    class_counts = torch.zeros(num_classes, dtype=compute_dtype, device=f.device)
-    class_counts.index_add_(0, safe_labels, weights)
+    # Rows with a bad label add into an overflow bin (row C), cut off after: no masking pass over (N, d).
+    bins = torch.where(valid, labels, num_classes)
+    sums_and_overflow = torch.zeros(num_classes + 1, dim, dtype=compute_dtype, device=f.device)
+    sums_and_overflow.index_add_(0, bins, f.detach())
+    counts_and_overflow = torch.zeros(num_classes + 1, dtype=compute_dtype, device=f.device)
+    counts_and_overflow.index_add_(0, bins, torch.ones(n_rows, dtype=compute_dtype, device=f.device))
+    class_sums, class_counts = sums_and_overflow[:num_classes], counts_and_overflow[:num_classes]
 
     if centroids is None:
         centroids = class_sums / class_counts.clamp_min(1.0)[:, None]
-    log_g = torch.log(centroids.detach().to(compute_dtype).clamp_min(options.eps))
-    row_kl = (f * (log_f - log_g[safe_labels])).sum(dim=-1)
+    centroids = centroids.detach().to(compute_dtype)
+    safe_labels = torch.where(valid, labels, 0)
+    # log max(G, eps) of the rows' centroids: over the (C, d) table then gathered, or over the N gathered rows when
+    # the classes outnumber them (vocabulary-sized C); the same values either way.
+    if num_classes <= n_rows:
+        log_g = centroids.clamp_min(options.eps).log()[safe_labels]
+    else:
+        log_g = centroids[safe_labels].clamp_min(options.eps).log()
+    row_kl = (f * (log_f - log_g)).sum(dim=-1)
     row_kl = torch.where(valid, row_kl, torch.full_like(row_kl, float("nan")))
     return CMIOutput(reduce_rows(row_kl, options.reduction), class_sums.float(), class_counts.float())
