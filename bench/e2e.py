@@ -6,7 +6,8 @@ A step is zero_grad + forward under bf16 autocast + backward + AdamW. Each round
 ``steps_per_round`` back-to-back steps per config (the order rotating between rounds), so configs are
 interleaved and slow drifts of the machine hit all of them alike. The overhead of a config is paired per
 round, ``step_ms / plain_step_ms - 1``; it is reported as significant only when every round agrees on its
-sign, i.e. when the difference is larger than the run-to-run spread.
+sign, i.e. when the difference is larger than the run-to-run spread, and only from ``MIN_ROUNDS_FOR_VERDICT``
+rounds on (all of 6 rounds agreeing by chance: p = 2 / 2**6 = 0.03); with fewer, ``significant`` is ``None``.
 """
 
 from __future__ import annotations
@@ -100,6 +101,9 @@ def time_block_ms(step: Callable, batches: list, count: int, device: torch.devic
     return elapsed_ms(block, device) / count
 
 
+MIN_ROUNDS_FOR_VERDICT = 6
+
+
 def summarise(round_ms: dict[str, list[float]]) -> list[dict]:
     """Median step ms per config and the paired per-round overhead vs ``plain`` (see module docstring)."""
     summary = []
@@ -112,7 +116,9 @@ def summarise(round_ms: dict[str, list[float]]) -> list[dict]:
                 overhead_pct=statistics.median(overheads),
                 overhead_pct_min=min(overheads),
                 overhead_pct_max=max(overheads),
-                significant=min(overheads) > 0 or max(overheads) < 0,
+                significant=(min(overheads) > 0 or max(overheads) < 0)
+                if len(overheads) >= MIN_ROUNDS_FOR_VERDICT
+                else None,
             )
         summary.append(entry)
     return summary

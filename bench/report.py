@@ -305,7 +305,11 @@ def e2e_table(section: dict) -> list[str]:
             overhead = (
                 f"{entry['overhead_pct']:+.1f}% ({entry['overhead_pct_min']:+.1f}..{entry['overhead_pct_max']:+.1f}%)"
             )
-            verdict = "above the run-to-run spread" if entry["significant"] else "within the run-to-run spread"
+            verdict = {
+                True: "above the run-to-run spread",
+                False: "within the run-to-run spread",
+                None: "too few rounds for a verdict",
+            }[entry["significant"]]
         fastest, slowest = min(entry["round_ms"]), max(entry["round_ms"])
         lines.append(
             f"| {entry['config']} | {entry['step_ms']:.3f} | {fastest:.3f}..{slowest:.3f} | {overhead} | {verdict} |"

@@ -33,7 +33,10 @@ status=0
 timeout --signal=INT --kill-after=15 "${BENCH_HARD_LIMIT:-540}" \
     python3 -m bench $resume --time-limit "${BENCH_TIME_LIMIT:-420}" --output-dir "$output_dir" "$@" || status=$?
 
-if [ -n "${OUT:-}" ]; then
+# Copied to $OUT unless the output folder is already in it (e.g. $OUT/before and $OUT/after of an A/B: copies
+# would come back twice, under one name, and count against the tool's 8 files).
+out_real=$(realpath -m "${OUT:-}")
+if [ -n "${OUT:-}" ] && [[ "$(realpath -m "$output_dir")/" != "$out_real"/* ]]; then
     find "$output_dir" -maxdepth 1 -type f ! -name '*.partial' -newer "$started_marker" -exec cp {} "$OUT"/ \;
 fi
 rm -f "$started_marker"

@@ -75,15 +75,31 @@ def test_quick_run_writes_a_row_per_variant_round_and_pass(tmp_path):
     assert main(["--quick", "--rounds", "2", "--passes", "fwd", "fwd_bwd", "--output-dir", str(tmp_path)]) == 0
     (json_path,) = tmp_path.glob("tune-*.json")
     results = json.loads(json_path.read_text())
-    rows = results["rows"]
+    rows = [row for row in results["rows"] if not row.get("skipped")]
     variants = {row["variant"] for row in rows}
-    assert "main" in variants and len(variants) >= 2
+    assert variants == {"main", "budget_1/16", "atomics", "warps_2"}  # each launches differently at 64x40 C=3
     assert len(rows) == len(variants) * 2 * 2  # rounds x passes, one shape and mode
     assert all(row.get("error") is None and row["ms"] > 0 for row in rows), rows
     markdown = json_path.with_suffix(".md").read_text()
     assert all(f"| {name} |" in markdown for name in variants)
     # named after the device it ran on (the CPU in CI, the GPU where there is one)
     assert os.path.basename(json_path).startswith("tune-" + slug(results["device"]) + "-")
+
+
+def test_a_variant_with_mains_launch_is_not_measured(tmp_path, monkeypatch):
+    """At 8x40 C=3 only warps_2 launches differently from main on the interpreter: the others get one skipped row
+    per pass, listed in the markdown, and no device time."""
+    seen = []
+    monkeypatch.setattr(tune, "measure", lambda variant, *args: seen.append(variant.name) or 1.0)
+    args = ["--quick", "--shapes", "8x40:3:fp32", "--variants", "atomics", "warps_2", "--rounds", "1"]
+    assert tune.main([*args, "--passes", "fwd", "--output-dir", str(tmp_path)]) == 0
+    assert sorted(seen) == ["main", "warps_2"]
+    (json_path,) = tmp_path.glob("tune-*.json")
+    skipped = [row for row in json.loads(json_path.read_text())["rows"] if row.get("skipped")]
+    assert [(row["variant"], row["skipped"], row["ms"]) for row in skipped] == [
+        ("atomics", "same launch as main", None)
+    ]
+    assert "- 8x40 C=3 fp32 fixed: atomics" in json_path.with_suffix(".md").read_text()
 
 
 def test_tune_summary_uses_the_median_over_rounds():
