@@ -193,13 +193,19 @@ def run_tune(shapes, variants, modes, passes, rounds, device, budget, log=print)
 
 
 def summary_markdown(results: dict) -> str:
-    """Per (shape, mode, pass): each variant's median over rounds, its ratio to main, and main's spread."""
+    """Per (shape, mode, pass): each variant's median over rounds, its ratio to main, and main's spread.
+
+    The ratio is also paired per round (variant / main of the same round, whose order rotates): its min..max and in
+    how many rounds the variant was faster, so that a 0.97x can be told from noise.
+    """
     groups: dict[tuple, dict[str, list[float]]] = {}
+    by_round: dict[tuple, dict[int, float]] = {}
     grids: dict[tuple, dict] = {}
     for row in results["rows"]:
         key = (row["N"], row["d"], row["C"], row["dtype"], row["mode"], row["pass"])
         if row["ms"] is not None:
             groups.setdefault(key, {}).setdefault(row["variant"], []).append(row["ms"])
+            by_round.setdefault(key + (row["variant"],), {})[row["round"]] = row["ms"]
         grids[key + (row["variant"],)] = row
     lines = [
         f"# Launch-choice A/B: {results['device']}, {results['date']}",
@@ -219,8 +225,15 @@ def summary_markdown(results: dict) -> str:
             ms = statistics.median(times)
             if name == "main":
                 versus = f"spread {min(times):.4f}..{max(times):.4f}"
+            elif main_ms:
+                mains, mine = by_round.get(key + ("main",), {}), by_round[key + (name,)]
+                paired = [mine[r] / mains[r] for r in mine if r in mains]
+                versus = f"{ms / main_ms:.2f}x"
+                if paired:
+                    faster = sum(ratio < 1 for ratio in paired)
+                    versus += f" (rounds {min(paired):.2f}..{max(paired):.2f}x, faster in {faster}/{len(paired)})"
             else:
-                versus = f"{ms / main_ms:.2f}x" if main_ms else "n/a"
+                versus = "n/a"
             lines.append(
                 f"| {n_rows}x{dim} C={num_classes} {dtype} | {mode} | {pass_name} | {name} | {grid['programs']} | "
                 f"{'atomics' if grid['atomics'] else grid['slots']} | {grid['log_table']} | {grid['num_warps']} | "

@@ -68,7 +68,8 @@ def test_summary_vs_main_is_the_variants_time_over_mains():
     (main_line,) = [line for line in lines if "| main |" in line]
     (atomics_line,) = [line for line in lines if "| atomics |" in line]
     assert main_line.endswith("| 1.0000 | spread 0.8000..1.2000 |")
-    assert atomics_line.endswith("| 2.0000 | 2.00x |")
+    # and paired per round: 2.0/1.0, 2.0/1.2, 2.0/0.8
+    assert atomics_line.endswith("| 2.0000 | 2.00x (rounds 1.67..2.50x, faster in 0/3) |")
 
 
 def test_quick_run_writes_a_row_per_variant_round_and_pass(tmp_path):
@@ -105,12 +106,15 @@ def test_a_variant_with_mains_launch_is_not_measured(tmp_path, monkeypatch):
 def test_tune_summary_uses_the_median_over_rounds():
     grid = {"programs": 4, "slots": 4, "atomics": False, "log_table": False, "num_warps": 4}
     row = {"N": 64, "d": 40, "C": 3, "dtype": "fp32", "mode": "fixed", "pass": "fwd", "timing": "wall", **grid}
-    times = {"main": (1.0, 1.0, 4.0), "atomics": (2.0, 2.0, 8.0)}  # mean 2.0 and 4.0, median 1.0 and 2.0
+    # mean 2.0 and 4.0, median 1.0 and 2.0; warps_2 faster than main in rounds 0 and 2, slower in round 1
+    times = {"main": (1.0, 1.0, 4.0), "atomics": (2.0, 2.0, 8.0), "warps_2": (0.5, 1.5, 3.0)}
     rows = [dict(row, variant=v, round=i, ms=ms) for v in times for i, ms in enumerate(times[v])]
     results = {"device": "GPU", "date": "2026-01-01", "torch": "x", "triton": "y", "timing": "device", "rounds": 3}
     lines = summary_markdown(dict(results, rows=rows)).splitlines()
     assert any(line.endswith("| 1.0000 | spread 1.0000..4.0000 |") for line in lines)
-    assert any(line.endswith("| 2.0000 | 2.00x |") for line in lines)
+    # paired per round: 2/1, 2/1, 8/4
+    assert any(line.endswith("| 2.0000 | 2.00x (rounds 2.00..2.00x, faster in 0/3) |") for line in lines)
+    assert any(line.endswith("| 1.5000 | 1.50x (rounds 0.50..1.50x, faster in 2/3) |") for line in lines)
 
 
 def test_tune_always_measures_main_and_rotates_the_order(tmp_path, monkeypatch):
