@@ -198,14 +198,12 @@ def summary_markdown(results: dict) -> str:
     The ratio is also paired per round (variant / main of the same round, whose order rotates): its min..max and in
     how many rounds the variant was faster, so that a 0.97x can be told from noise.
     """
-    groups: dict[tuple, dict[str, list[float]]] = {}
-    by_round: dict[tuple, dict[int, float]] = {}
+    groups: dict[tuple, dict[str, dict[int, float]]] = {}  # (shape, mode, pass) -> variant -> round -> ms
     grids: dict[tuple, dict] = {}
     for row in results["rows"]:
         key = (row["N"], row["d"], row["C"], row["dtype"], row["mode"], row["pass"])
         if row["ms"] is not None:
-            groups.setdefault(key, {}).setdefault(row["variant"], []).append(row["ms"])
-            by_round.setdefault(key + (row["variant"],), {})[row["round"]] = row["ms"]
+            groups.setdefault(key, {}).setdefault(row["variant"], {})[row["round"]] = row["ms"]
         grids[key + (row["variant"],)] = row
     lines = [
         f"# Launch-choice A/B: {results['device']}, {results['date']}",
@@ -217,16 +215,16 @@ def summary_markdown(results: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, by_variant in groups.items():
-        n_rows, dim, num_classes, dtype, mode, pass_name = key
-        main_times = by_variant.get("main")
-        main_ms = statistics.median(main_times) if main_times else None
-        for name, times in by_variant.items():
+        *shape, mode, pass_name = key
+        mains = by_variant.get("main", {})
+        main_ms = statistics.median(mains.values()) if mains else None
+        for name, mine in by_variant.items():
             grid = grids[key + (name,)]
+            times = list(mine.values())
             ms = statistics.median(times)
             if name == "main":
                 versus = f"spread {min(times):.4f}..{max(times):.4f}"
             elif main_ms:
-                mains, mine = by_round.get(key + ("main",), {}), by_round[key + (name,)]
                 paired = [mine[r] / mains[r] for r in mine if r in mains]
                 versus = f"{ms / main_ms:.2f}x"
                 if paired:
@@ -235,16 +233,15 @@ def summary_markdown(results: dict) -> str:
             else:
                 versus = "n/a"
             lines.append(
-                f"| {n_rows}x{dim} C={num_classes} {dtype} | {mode} | {pass_name} | {name} | {grid['programs']} | "
+                f"| {report.shape_label(shape)} | {mode} | {pass_name} | {name} | {grid['programs']} | "
                 f"{'atomics' if grid['atomics'] else grid['slots']} | {grid['log_table']} | {grid['num_warps']} | "
                 f"{ms:.4f} | {versus} |"
             )
     same = {}
     for row in results["rows"]:
         if row.get("skipped"):
-            same.setdefault(f"{row['N']}x{row['d']} C={row['C']} {row['dtype']} {row['mode']}", set()).add(
-                row["variant"]
-            )
+            label = report.shape_label((row["N"], row["d"], row["C"], row["dtype"]))
+            same.setdefault(f"{label} {row['mode']}", set()).add(row["variant"])
     if same:
         lines += ["", "Not measured, the same launch as main (grid, slots, table, warps):", ""]
         lines += [f"- {label}: {', '.join(sorted(names))}" for label, names in same.items()]
