@@ -125,6 +125,13 @@ def load_lse(lse_ptr, row):
 
 
 @triton.jit
+def store_lse(lse_ptr, row, row_max, log_sum):
+    """The row's log-sum-exp parts (m, l) into an (N, 2) fp32 tensor (read back by :func:`load_lse`)."""
+    tl.store(lse_ptr + 2 * row, row_max)
+    tl.store(lse_ptr + 2 * row + 1, log_sum)
+
+
+@triton.jit
 def softmax_in_registers(z, row, lse_in_ptr, HAS_LSE: tl.constexpr):
     """(m, l, log f, f) of a row held in registers: m and l read from phase 1 (HAS_LSE) or computed; f = 0 and
     log f = -inf outside the row. Computing f from the log-sum-exp's own exp(z - m) saves a second exp per
@@ -239,8 +246,7 @@ def cmi_forward_kernel(
             z = load_scaled(row_ptr, cols, in_row, stride_feat_col, inv_temperature)
             row_max, log_sum, log_f, f = softmax_in_registers(z, row, lse_in_ptr, HAS_LSE)
             if not HAS_LSE:
-                tl.store(lse_out_ptr + 2 * row, row_max)
-                tl.store(lse_out_ptr + 2 * row + 1, log_sum)
+                store_lse(lse_out_ptr, row, row_max, log_sum)
             if COMPUTE_KL:
                 row_kl = chunk_kl(
                     log_f, f, cols, in_row, class_idx, label_ok,
@@ -269,8 +275,7 @@ def cmi_forward_kernel(
                     run_max = new_max
                 row_max = run_max
                 log_sum = tl.log(run_sum)
-                tl.store(lse_out_ptr + 2 * row, row_max)
-                tl.store(lse_out_ptr + 2 * row + 1, log_sum)
+                store_lse(lse_out_ptr, row, row_max, log_sum)
             if COMPUTE_KL or ACCUMULATE:
                 for start in tl.range(0, dim, BLOCK_D):
                     offs = start + cols
