@@ -50,6 +50,7 @@ from .train import (
     check_head_labels,
     eval_metric_names,
     history_from_log,
+    label_maps,
     load_model_and_tokenizer,
     save_run,
 )
@@ -107,10 +108,7 @@ def load_student(config: DistillConfig, teacher, tokenizer, label_names: tuple) 
     set_seed(config.seed)  # the fresh classification head
     if config.student is None:
         layers = config.student_layers or default_student_layers(teacher.config.num_hidden_layers)
-        student = build_student(teacher, layers)
-        student.config.id2label = dict(enumerate(label_names))
-        student.config.label2id = {name: index for index, name in enumerate(label_names)}
-        return student, layers
+        return build_student(teacher, layers, **label_maps(label_names)), layers
     student, student_tokenizer = load_model_and_tokenizer(config.student, label_names)
     if student_tokenizer.get_vocab() != tokenizer.get_vocab():
         raise ValueError(f"--student {config.student!r} has another vocabulary than --teacher {config.teacher!r}")

@@ -353,6 +353,14 @@ def check_head_labels(config, label_names: tuple, argument: str) -> None:
         warnings.warn(f"{argument}: its head's labels {names} are not the task's {list(label_names)}", stacklevel=2)
 
 
+def label_maps(label_names: tuple) -> dict:
+    """``id2label`` and ``label2id`` of a model config from a task's label names (id order)."""
+    return {
+        "id2label": dict(enumerate(label_names)),
+        "label2id": {name: index for index, name in enumerate(label_names)},
+    }
+
+
 def load_model_and_tokenizer(model_name: str, label_names: tuple):
     """``AutoModelForSequenceClassification`` + ``AutoTokenizer`` from a hub name or a local directory.
 
@@ -366,9 +374,8 @@ def load_model_and_tokenizer(model_name: str, label_names: tuple):
         model = AutoModelForSequenceClassification.from_pretrained(
             model_name,
             num_labels=len(label_names),
-            id2label=dict(enumerate(label_names)),
-            label2id={name: index for index, name in enumerate(label_names)},
             ignore_mismatched_sizes=True,
+            **label_maps(label_names),
         )
     except OSError as error:
         raise OSError(
