@@ -170,14 +170,21 @@ def run_e2e(
         except Exception as error:  # e.g. the fused backend failing under autocast
             section["errors"][config_name] = f"{type(error).__name__}: {error}"
 
+    # A config that fails while timed (e.g. out of memory) is dropped with its error; the others keep their rounds,
+    # each of them timed in every round so far, so the per-round pairing with plain stays aligned.
     round_ms = {name: [] for name in steps}
-    names = list(steps)
     for round_index in range(settings.rounds):
-        for name in rotated(names, round_index):
-            round_ms[name].append(time_block_ms(steps[name], batches, settings.steps_per_round, device))
+        for name in rotated(list(round_ms), round_index):
+            try:
+                round_ms[name].append(time_block_ms(steps[name], batches, settings.steps_per_round, device))
+            except Exception as error:
+                section["errors"][name] = f"{type(error).__name__} in round {round_index + 1}: {error}"
+                del round_ms[name]
+        if not round_ms:
+            break
         log(
             f"e2e round {round_index + 1}/{settings.rounds}: "
-            + ", ".join(f"{n} {round_ms[n][-1]:.2f} ms" for n in names)
+            + ", ".join(f"{name} {times[-1]:.2f} ms" for name, times in round_ms.items())
         )
-    section["configs"] = summarise(round_ms) if names else []
+    section["configs"] = summarise(round_ms)
     return section

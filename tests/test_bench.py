@@ -1,6 +1,7 @@
 """The benchmark suite: ``python -m bench --quick`` end to end on the CPU, and the report logic on synthetic rows."""
 
 import contextlib
+import dataclasses
 import glob
 import importlib.util
 import json
@@ -447,6 +448,34 @@ def test_e2e_overhead_is_significant_only_when_every_round_agrees():
         rounds=5, steps_per_round=1, configs=few,
     )  # fmt: skip
     assert any(line.endswith("| too few rounds for a verdict |") for line in report.e2e_table(section))
+
+
+def test_e2e_config_failing_while_timed_keeps_the_others(monkeypatch):
+    """cmi_eager runs out of memory in round 2: its error is recorded; plain and cmi_fused keep all their rounds."""
+    real_make_train_step = e2e.make_train_step
+
+    def make_train_step(model, config_name, settings, device):
+        step = real_make_train_step(model, config_name, settings, device)
+        calls = []
+
+        def failing_step(batch):
+            calls.append(None)
+            if len(calls) > settings.warmup_steps + settings.steps_per_round:  # past round 1
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            step(batch)
+
+        return failing_step if config_name == "cmi_eager" else step
+
+    monkeypatch.setattr(e2e, "make_train_step", make_train_step)
+    settings = dataclasses.replace(e2e.E2ESettings.quick(), rounds=3)
+    logged = []
+    section = e2e.run_e2e(settings, torch.device("cpu"), fused_error=None, log=logged.append)
+    assert section["errors"] == {"cmi_eager": "OutOfMemoryError in round 2: CUDA out of memory (simulated)"}
+    configs = {entry["config"]: entry for entry in section["configs"]}
+    assert list(configs) == ["plain", "cmi_fused"]
+    assert [len(entry["round_ms"]) for entry in configs.values()] == [3, 3]
+    assert "overhead_pct" in configs["cmi_fused"]  # still paired with plain round by round
+    assert len(logged) == 3 and "cmi_eager" in logged[0] and "cmi_eager" not in logged[1]
 
 
 @pytest.fixture
