@@ -19,7 +19,7 @@ def save_tiny_bert(directory, *, hidden_size=32, num_layers=2, num_heads=2, inte
     directory.mkdir(parents=True, exist_ok=True)
     vocab = directory / "vocab.txt"
     vocab.write_text("\n".join(SPECIAL_TOKENS + WORDS) + "\n")
-    BertTokenizerFast(str(vocab)).save_pretrained(directory)
+    BertTokenizerFast(str(vocab), do_lower_case=True).save_pretrained(directory)  # uncased, whatever the default
     torch.manual_seed(seed)
     config = BertConfig(
         vocab_size=len(WORDS) + len(SPECIAL_TOKENS),

@@ -309,7 +309,7 @@ def test_tokenize_split_pairs_and_truncation(tmp_path):
 
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "he", "said", "stated", "."]) + "\n")
-    tokenizer = BertTokenizerFast(str(vocab))
+    tokenizer = BertTokenizerFast(str(vocab), do_lower_case=True)  # transformers 5.0 defaults to False
     data = load_task("mrpc", str(write_task(tmp_path, "mrpc")))
     encoded = tokenize_split(data.eval["validation"], tokenizer, max_seq_length=16)
     assert set(encoded.column_names) == {"label", "input_ids", "token_type_ids", "attention_mask"}
