@@ -25,7 +25,16 @@ setup(
     ],
     extras_require={
         # ruff: tests/test_lint.py; its minor version is pinned because new releases add rules to the selected sets.
-        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "matplotlib>=3.7", "ruff~=0.17.0"],
+        # setuptools: tests/test_packaging.py builds the wheel without build isolation, which needs setuptools'
+        # own bdist_wheel (70.1 on); torch 2.13 brings one, torch 2.11 on Python 3.11 does not.
+        "test": [
+            "pytest>=7",
+            "pytest-benchmark>=4",
+            "hypothesis>=6",
+            "matplotlib>=3.7",
+            "ruff~=0.17.0",
+            "setuptools>=70.1",
+        ],
     },
     entry_points={"console_scripts": ["cmi-glue=cmi_fused.glue.cli:main"]},
 )
