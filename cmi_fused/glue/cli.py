@@ -13,6 +13,8 @@ import shlex
 import sys
 from collections.abc import Sequence
 
+import torch
+
 from ..cli_help import DefaultsHelpFormatter
 from ..regularizer import CENTROID_MODES, NORMALIZATIONS
 from .data import TASKS
@@ -170,7 +172,18 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         datasets.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()
+    grouped_before = distributed_group_initialized()
     args.func(args)
+    if not grouped_before and distributed_group_initialized():
+        # Under torchrun the Trainer joined a process group: leave it while the interpreter is whole. Left to exit,
+        # gloo's worker threads can free tensors during interpreter finalisation and abort the process (SIGABRT,
+        # "terminate called without an active exception"; the CPU torchrun test failed so in 3 of 18 whole-suite
+        # runs, see pytorch/pytorch#179291). Only after a command succeeded: a failed rank would wait here for others.
+        torch.distributed.destroy_process_group()
+
+
+def distributed_group_initialized() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 if __name__ == "__main__":
