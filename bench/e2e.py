@@ -179,7 +179,7 @@ def run_e2e(
                 round_ms[name].append(time_block_ms(steps[name], batches, settings.steps_per_round, device))
             except Exception as error:
                 section["errors"][name] = f"{type(error).__name__} in round {round_index + 1}: {error}"
-                del round_ms[name]
+                del round_ms[name], steps[name]  # its model copy and optimizer state freed for the others
         if not round_ms:
             break
         log(
