@@ -30,7 +30,6 @@ import warnings
 from typing import Optional, Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from transformers import (
@@ -45,6 +44,7 @@ from transformers import (
     TrainerCallback,
 )
 
+from .distributed import all_reduce_sum
 from .glue.data import load_task, tokenize_split
 from .glue.train import REGULARIZER_FILE, RESULTS_FILE, FeatureCapture
 from .kd import KDLoss
@@ -292,9 +292,7 @@ class _EpochLogCallback(TrainerCallback):
         self.trainer = trainer
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        sums = self.trainer._epoch_sums.clone()
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(sums)
+        (sums,) = all_reduce_sum(self.trainer._epoch_sums)
         ce, kl, steps = sums.tolist()
         self.trainer.log({"train_ce": ce / max(steps, 1.0), "train_kl": kl / max(steps, 1.0)})
         self.trainer._epoch_sums.zero_()

@@ -44,9 +44,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from .distributed import all_reduce_sum
 from .loss import cmi_loss
 from .options import (
     check_backend,
@@ -59,15 +59,6 @@ from .options import (
 
 CENTROID_MODES = ("batch", "epoch", "ema", "frozen")
 NORMALIZATIONS = ("none", "center_l2")
-
-
-def _all_reduce_sum(*tensors: torch.Tensor) -> tuple:
-    """Sum each tensor over the ranks of the default process group (no-op without one)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return tensors
-    flat = torch.cat([t.reshape(-1).float() for t in tensors])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    return tuple(part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors, strict=True))
 
 
 class CMIRegularizer(nn.Module):
@@ -199,7 +190,7 @@ class CMIRegularizer(nn.Module):
         if update:
             detached = features.detach().float()
             count = detached.new_full((), float(detached.shape[0]))  # a fill, not a host-to-device copy
-            batch_sum, count = _all_reduce_sum(detached.sum(0), count)
+            batch_sum, count = all_reduce_sum(detached.sum(0), count)
             batch_mean = batch_sum / count
             if self._feature_mean_ready:
                 batch_mean = self.feature_momentum * self.feature_mean + (1 - self.feature_momentum) * batch_mean
@@ -277,13 +268,13 @@ class CMIRegularizer(nn.Module):
             self.epoch_class_sums += class_sums
             self.epoch_class_counts += class_counts
         elif self.mode == "ema":
-            self._set_centroids(*_all_reduce_sum(class_sums, class_counts), blend=True)
+            self._set_centroids(*all_reduce_sum(class_sums, class_counts), blend=True)
 
     @torch.no_grad()
     def end_epoch(self) -> None:
         """Close an epoch. ``epoch`` mode: the class means of this epoch become the next epoch's centroids."""
         if self.mode == "epoch":
-            sums, counts = _all_reduce_sum(self.epoch_class_sums.clone(), self.epoch_class_counts.clone())
+            sums, counts = all_reduce_sum(self.epoch_class_sums.clone(), self.epoch_class_counts.clone())
             self._set_centroids(sums, counts, blend=False)
             self.epoch_class_sums.zero_()
             self.epoch_class_counts.zero_()
@@ -308,7 +299,7 @@ class CMIRegularizer(nn.Module):
             for features, _ in batches:
                 feature_sum += features.detach().float().sum(0).to(feature_sum.device)
                 count += features.shape[0]
-            feature_sum, count = _all_reduce_sum(feature_sum, count)
+            feature_sum, count = all_reduce_sum(feature_sum, count)
             if not count > 0:
                 raise ValueError("freeze(batches) got no rows")
             self._set_feature_mean(feature_sum / count)
@@ -326,7 +317,7 @@ class CMIRegularizer(nn.Module):
             )
             class_sums += result.class_sums
             class_counts += result.class_counts
-        class_sums, class_counts = _all_reduce_sum(class_sums, class_counts)
+        class_sums, class_counts = all_reduce_sum(class_sums, class_counts)
         if not bool((class_counts > 0).all()):
             missing = (class_counts == 0).nonzero().flatten().tolist()
             raise ValueError(f"freeze(batches): classes {missing} have no rows; every class needs a centroid")

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from ..cli_help import DefaultsHelpFormatter
+from ..distributed import process_group_initialized
 from ..regularizer import CENTROID_MODES, NORMALIZATIONS
 from .data import TASKS
 from .sweep import run_sweep
@@ -172,18 +173,14 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         datasets.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()
-    grouped_before = distributed_group_initialized()
+    grouped_before = process_group_initialized()
     args.func(args)
-    if not grouped_before and distributed_group_initialized():
+    if not grouped_before and process_group_initialized():
         # Under torchrun the Trainer joined a process group: leave it while the interpreter is whole. Left to exit,
         # gloo's worker threads can free tensors during interpreter finalisation and abort the process (SIGABRT,
         # "terminate called without an active exception"; the CPU torchrun test failed so in 3 of 18 whole-suite
         # runs, see pytorch/pytorch#179291). Only after a command succeeded: a failed rank would wait here for others.
         torch.distributed.destroy_process_group()
-
-
-def distributed_group_initialized() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ import shutil
 import warnings
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
@@ -34,6 +33,7 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint
 
+from ..distributed import all_reduce_sum
 from ..regularizer import CENTROID_MODES, NORMALIZATIONS, CMIRegularizer
 from .data import GlueData, load_task, tokenize_task
 from .metrics import task_metric_names
@@ -217,8 +217,7 @@ class CMITrainer(Trainer):
         """Log the epoch means of CE and CMI (averaged over ranks) and advance the regulariser's epoch."""
         steps = torch.tensor(float(self._epoch_steps), device=self._epoch_ce.device)
         totals = torch.stack([self._epoch_ce, self._epoch_cmi, steps])
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(totals)
+        (totals,) = all_reduce_sum(totals)
         steps = max(float(totals[2]), 1.0)
         self.log({"train_ce": float(totals[0]) / steps, "train_cmi": float(totals[1]) / steps})
         self._reset_epoch_sums()
