@@ -32,7 +32,7 @@ outside the centroid matrix.
 import triton
 import triton.language as tl
 
-from .cmi_forward import load_class, load_lse, log_centroid
+from .cmi_forward import class_columns, load_class, load_lse, log_centroid
 
 
 @triton.jit
@@ -77,8 +77,7 @@ def cmi_backward_kernel(
     for start in tl.range(0, dim, BLOCK_D):
         offs = start + cols
         in_row = offs < dim
-        # A scalar-and-vector `&` gives int32 under TRITON_INTERPRET (rejected as a mask): use tl.where.
-        class_mask = tl.where(label_ok, in_row, False)
+        class_mask = class_columns(offs, dim, label_ok)
         z = tl.load(row_ptr + offs * stride_feat_col, mask=in_row, other=0.0).to(tl.float32)
         log_f = (z * inv_temperature - row_max) - log_sum
         f = tl.exp(log_f)

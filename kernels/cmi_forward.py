@@ -81,6 +81,14 @@ def load_class(labels_ptr, row, stride_label, num_classes):
 
 
 @triton.jit
+def class_columns(offs, dim, label_ok):
+    """Mask of the columns that address the row's class row (centroid, log table, sums): offs < d, or none for a
+    bad label. One comparison against a bound of d or 0: under TRITON_INTERPRET a scalar-and-vector `&` gives int32
+    (rejected as a mask) on triton 3.9, and `tl.where(label_ok, in_row, False)` fails on 3.2 (no int1 constant)."""
+    return offs < tl.where(label_ok, dim, 0)
+
+
+@triton.jit
 def log_centroid(
     centroids_ptr,
     stride_cent_row,
@@ -171,8 +179,7 @@ def chunk_kl(
 ):
     """One chunk's part of KL_i, summed to a scalar (a [BLOCK_D] accumulator carried across chunks cost up to 50
     more registers and an 8-byte spill on triton 3.6)."""
-    # A scalar-and-vector `&` gives int32 under TRITON_INTERPRET (rejected as a mask): use tl.where.
-    class_mask = tl.where(label_ok, in_row, False)
+    class_mask = class_columns(offs, dim, label_ok)
     log_g = log_centroid(
         centroids_ptr, stride_cent_row, stride_cent_col, stats_ptr, stride_stats_row,
         class_idx, label_ok, offs, class_mask, dim, eps, HAS_CENTROIDS, LOG_CENTROIDS,
@@ -254,7 +261,7 @@ def cmi_forward_kernel(
                     HAS_CENTROIDS, LOG_CENTROIDS,
                 )  # fmt: skip
             if ACCUMULATE:
-                add_to_class_row(f, cols, tl.where(label_ok, in_row, False), class_idx, slot, accum_ptr,
+                add_to_class_row(f, cols, class_columns(cols, dim, label_ok), class_idx, slot, accum_ptr,
                                  stride_accum_row, num_classes, USE_ATOMICS)  # fmt: skip
         else:
             # Longer rows: an online log-sum-exp over the chunks, then a second sweep (the row was just read, so
@@ -290,7 +297,7 @@ def cmi_forward_kernel(
                             HAS_CENTROIDS, LOG_CENTROIDS,
                         )  # fmt: skip
                     if ACCUMULATE:
-                        add_to_class_row(f, offs, tl.where(label_ok, in_row, False), class_idx, slot, accum_ptr,
+                        add_to_class_row(f, offs, class_columns(offs, dim, label_ok), class_idx, slot, accum_ptr,
                                          stride_accum_row, num_classes, USE_ATOMICS)  # fmt: skip
         if COMPUTE_KL:
             tl.store(row_kl_ptr + row, tl.where(label_ok, row_kl, float("nan")))
