@@ -12,15 +12,21 @@ setup(
     # Only the library: tests/ and bench/ stay in the checkout, never in site-packages.
     packages=["cmi_fused", "cmi_fused.glue", "kernels"],
     install_requires=[
-        "torch>=2.4",
-        "triton>=3.0; platform_system == 'Linux'",
+        # Floors: the oldest releases the test suite passed with (README, "Version floors").
+        # torch: transformers 5.24 turns PyTorch off below 2.6. triton 3.3 (torch 2.7's): the oldest whose
+        # interpreter honours a false scalar mask (3.2's ignores it) and whose compiler API bench.kernel_resources
+        # uses, so the oldest on which the suite can check the kernels.
+        "torch>=2.7",
+        "triton>=3.3; platform_system == 'Linux'",
         # >=5: TrainingArguments.warmup_steps < 1 is a fraction of the steps (cmi-glue --warmup-ratio).
         # <5.25: 5.25.0 requires Hugging Face's `kernels` distribution, whose import name clashes with ours.
         "transformers>=5,<5.25",
         "datasets>=2.19",
         "scikit-learn>=1.3",
-        "scipy>=1.7",  # scipy.stats.binomtest: the sweeps' paired sign test
-        "accelerate>=0.26",
+        "scipy>=1.9.2",  # scipy.stats.binomtest (1.7 on): the sweeps' paired sign test; 1.9.2: wheels for 3.11
+        # >=1.3: transformers 5.x's Trainer calls Accelerator.unwrap_model(keep_torch_compile=...), new in 1.3.0
+        # (transformers itself asks only for 1.1).
+        "accelerate>=1.3",
         "filelock>=3.10",  # FileLock.acquire(blocking=False): sweeps side by side share their runs
     ],
     extras_require={

@@ -1,5 +1,6 @@
-"""Packaging: the wheel ships exactly the library (``cmi_fused`` and ``kernels``), and our ``kernels`` package is
-not taken for Hugging Face's hub-kernels package of the same import name.
+"""Packaging: the wheel ships exactly the library (``cmi_fused`` and ``kernels``), its version floors admit no
+release that transformers refuses, and our ``kernels`` package is not taken for Hugging Face's hub-kernels package
+of the same import name.
 
 transformers accepts ``kernels`` only in its supported version range; our distribution (``cmi-fused`` 0.1.0, or no
 distribution at all for a bare source checkout) is outside it, so ``is_kernels_available()`` must stay False.
@@ -8,6 +9,7 @@ Each check runs in a fresh interpreter, because transformers caches that answer.
 
 from __future__ import annotations
 
+import email
 import json
 import os
 import shutil
@@ -18,6 +20,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.version import Version
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LIBRARY_PACKAGES = {"cmi_fused", "kernels"}
@@ -146,3 +150,31 @@ def test_installed_wheel_kernels_is_not_hub_kernels(wheel_path: Path, tmp_path: 
     assert Path(report["kernels_file"]).resolve() == (target / "kernels" / "__init__.py").resolve()
     assert report["cmi_fused_version"] == "0.1.0"
     assert report["available"] is False
+
+
+def version_floor(specifier) -> Version | None:
+    """The lowest version a ``SpecifierSet`` admits through ``>=``, ``==`` or ``~=`` (None: no floor)."""
+    floors = [Version(spec.version) for spec in specifier if spec.operator in (">=", "==", "~=")]
+    return max(floors, default=None)
+
+
+def test_floors_are_at_least_those_transformers_needs(wheel_path: Path):
+    """Every runtime requirement of ours that transformers also names admits no release below transformers' own
+    floor: under it the installed transformers refuses to run (it turns PyTorch off below 2.6 and its Trainer needs
+    accelerate 1.1), so a lower floor would promise an install that cannot train. A transformers release that raises
+    a floor fails this until setup.py follows."""
+    from transformers.dependency_versions_table import deps
+
+    with zipfile.ZipFile(wheel_path) as wheel:
+        (metadata,) = [name for name in wheel.namelist() if name.endswith(".dist-info/METADATA")]
+        requires = email.message_from_bytes(wheel.read(metadata)).get_all("Requires-Dist")
+    runtime = [Requirement(line) for line in requires]
+    runtime = [req for req in runtime if req.marker is None or "extra" not in str(req.marker)]
+    compared = {}
+    for ours in runtime:
+        theirs = version_floor(Requirement(deps[ours.name]).specifier) if ours.name in deps else None
+        if theirs is not None:
+            compared[ours.name] = (version_floor(ours.specifier), theirs)
+    assert {"torch", "accelerate"} <= set(compared), compared
+    too_low = {name: floors for name, floors in compared.items() if floors[0] is None or floors[0] < floors[1]}
+    assert not too_low, f"(ours, transformers') floors: {too_low}"
