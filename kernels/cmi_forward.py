@@ -165,6 +165,7 @@ def chunk_kl(
     f,
     offs,
     in_row,
+    class_mask,
     class_idx,
     label_ok,
     centroids_ptr,
@@ -178,8 +179,7 @@ def chunk_kl(
     LOG_CENTROIDS: tl.constexpr,
 ):
     """One chunk's part of KL_i, summed to a scalar (a [BLOCK_D] accumulator carried across chunks cost up to 50
-    more registers and an 8-byte spill on triton 3.6)."""
-    class_mask = class_columns(offs, dim, label_ok)
+    more registers and an 8-byte spill on triton 3.6). ``class_mask``: :func:`class_columns` of the chunk."""
     log_g = log_centroid(
         centroids_ptr, stride_cent_row, stride_cent_col, stats_ptr, stride_stats_row,
         class_idx, label_ok, offs, class_mask, dim, eps, HAS_CENTROIDS, LOG_CENTROIDS,
@@ -254,14 +254,15 @@ def cmi_forward_kernel(
             row_max, log_sum, log_f, f = softmax_in_registers(z, row, lse_in_ptr, HAS_LSE)
             if not HAS_LSE:
                 store_lse(lse_out_ptr, row, row_max, log_sum)
+            class_mask = class_columns(cols, dim, label_ok)
             if COMPUTE_KL:
                 row_kl = chunk_kl(
-                    log_f, f, cols, in_row, class_idx, label_ok,
+                    log_f, f, cols, in_row, class_mask, class_idx, label_ok,
                     centroids_ptr, stride_cent_row, stride_cent_col, stats_ptr, stride_stats_row, dim, eps,
                     HAS_CENTROIDS, LOG_CENTROIDS,
                 )  # fmt: skip
             if ACCUMULATE:
-                add_to_class_row(f, cols, class_columns(cols, dim, label_ok), class_idx, slot, accum_ptr,
+                add_to_class_row(f, cols, class_mask, class_idx, slot, accum_ptr,
                                  stride_accum_row, num_classes, USE_ATOMICS)  # fmt: skip
         else:
             # Longer rows: an online log-sum-exp over the chunks, then a second sweep (the row was just read, so
@@ -290,14 +291,15 @@ def cmi_forward_kernel(
                     z = load_scaled(row_ptr, offs, in_row, stride_feat_col, inv_temperature)
                     log_f = (z - row_max) - log_sum
                     f = tl.exp(log_f)
+                    class_mask = class_columns(offs, dim, label_ok)
                     if COMPUTE_KL:
                         row_kl += chunk_kl(
-                            log_f, f, offs, in_row, class_idx, label_ok,
+                            log_f, f, offs, in_row, class_mask, class_idx, label_ok,
                             centroids_ptr, stride_cent_row, stride_cent_col, stats_ptr, stride_stats_row, dim, eps,
                             HAS_CENTROIDS, LOG_CENTROIDS,
                         )  # fmt: skip
                     if ACCUMULATE:
-                        add_to_class_row(f, offs, class_columns(offs, dim, label_ok), class_idx, slot, accum_ptr,
+                        add_to_class_row(f, offs, class_mask, class_idx, slot, accum_ptr,
                                          stride_accum_row, num_classes, USE_ATOMICS)  # fmt: skip
         if COMPUTE_KL:
             tl.store(row_kl_ptr + row, tl.where(label_ok, row_kl, float("nan")))
