@@ -18,15 +18,13 @@ import datasets
 
 from .metrics import build_compute_metrics
 
-NLI_LABELS = {"entailment": 0, "not_entailment": 1}
-
 
 @dataclasses.dataclass(frozen=True)
 class GlueTask:
     """How one GLUE task is stored (TSV and Hugging Face) and scored.
 
     ``tsv_text_columns`` / ``tsv_label_column``: header names, or column indices for header-less files.
-    ``label_map``: TSV label string -> label id (``None``: the TSV label is already the integer id).
+    ``tsv_labels_are_names``: the TSV holds the label's name (an id of ``label_names``) instead of its integer id.
     ``eval_files``: evaluation split name -> TSV file name; the split names are also the Hugging Face splits.
     ``skip_short_rows``: rows with too few columns are skipped with a warning instead of an error (QQP, whose
     official files have a few such rows; Hugging Face's ``QqpProcessor`` skipped them too).
@@ -40,7 +38,7 @@ class GlueTask:
     tsv_text_columns: tuple
     tsv_label_column: object
     hf_text_columns: tuple
-    label_map: dict | None = None
+    tsv_labels_are_names: bool = False
     has_header: bool = True
     eval_files: tuple = (("validation", "dev.tsv"),)
     skip_short_rows: bool = False
@@ -69,12 +67,12 @@ TASKS = {
         ("question1", "question2"), skip_short_rows=True,
     ),
     "qnli": GlueTask(
-        "qnli", "QNLI", tuple(NLI_LABELS), "accuracy", ("question", "sentence"), "label", ("question", "sentence"),
-        NLI_LABELS,
+        "qnli", "QNLI", ("entailment", "not_entailment"), "accuracy", ("question", "sentence"), "label",
+        ("question", "sentence"), tsv_labels_are_names=True,
     ),
     "rte": GlueTask(
-        "rte", "RTE", tuple(NLI_LABELS), "accuracy", ("sentence1", "sentence2"), "label", ("sentence1", "sentence2"),
-        NLI_LABELS,
+        "rte", "RTE", ("entailment", "not_entailment"), "accuracy", ("sentence1", "sentence2"), "label",
+        ("sentence1", "sentence2"), tsv_labels_are_names=True,
     ),
     "wnli": GlueTask(
         "wnli", "WNLI", ("not_entailment", "entailment"), "accuracy", ("sentence1", "sentence2"), "label",
@@ -88,7 +86,7 @@ TASKS = {
         ("sentence1", "sentence2"),
         "gold_label",
         ("premise", "hypothesis"),
-        {"entailment": 0, "neutral": 1, "contradiction": 2},
+        tsv_labels_are_names=True,
         eval_files=(("matched", "dev_matched.tsv"), ("mismatched", "dev_mismatched.tsv")),
     ),
 }
@@ -175,12 +173,12 @@ def read_glue_tsv(path: str, task: GlueTask) -> datasets.Dataset:
 
 
 def _parse_label(raw_label: str, task: GlueTask, path: str, line_number: int) -> int:
-    if task.label_map is not None:
-        if raw_label not in task.label_map:
+    if task.tsv_labels_are_names:
+        if raw_label not in task.label_names:
             raise GlueDataError(
-                f"{path}:{line_number}: label {raw_label!r} is not one of {sorted(task.label_map)} ({task.name})"
+                f"{path}:{line_number}: label {raw_label!r} is not one of {sorted(task.label_names)} ({task.name})"
             )
-        return task.label_map[raw_label]
+        return task.label_names.index(raw_label)
     try:
         label = int(raw_label)
     except ValueError:
