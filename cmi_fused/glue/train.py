@@ -369,12 +369,11 @@ def load_model_and_tokenizer(model_name: str, label_names: tuple):
     """
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_name)
-        check_head_labels(AutoConfig.from_pretrained(model_name), label_names, f"--model {model_name!r}")
+        model_config = AutoConfig.from_pretrained(model_name)
+        check_head_labels(model_config, label_names, f"--model {model_name!r}")
+        model_config.update(label_maps(label_names))  # num_labels follows id2label
         model = AutoModelForSequenceClassification.from_pretrained(
-            model_name,
-            num_labels=len(label_names),
-            ignore_mismatched_sizes=True,
-            **label_maps(label_names),
+            model_name, config=model_config, ignore_mismatched_sizes=True
         )
     except OSError as error:
         raise OSError(
