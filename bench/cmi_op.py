@@ -81,6 +81,11 @@ class Shape:
     num_classes: int
     dtype: str = "bf16"
 
+    @classmethod
+    def of_row(cls, row: dict) -> Shape:
+        """The shape of a results row (its ``N``, ``d``, ``C``, ``dtype``)."""
+        return cls(row["N"], row["d"], row["C"], row["dtype"])
+
     @property
     def label(self) -> str:
         return f"{self.n_rows}x{self.dim} C={self.num_classes} {self.dtype}"
@@ -420,7 +425,7 @@ def add_launch_counts(rows: list[dict], device: torch.device, seed: int = 0, tim
     cases = {}
     for row in rows:
         if row["pass"] == "fwd_bwd" and "gpu_launches" not in row:
-            key = (Shape(row["N"], row["d"], row["C"], row["dtype"]), row["mode"], row["provider"])
+            key = (Shape.of_row(row), row["mode"], row["provider"])
             cases.setdefault(key, []).append(row)
     timed = {key: case_rows for key, case_rows in cases.items() if any(r.get("ms") is not None for r in case_rows)}
     for (shape, mode, provider), case_rows in timed.items():
@@ -487,7 +492,8 @@ def l2_cache_bytes(device: torch.device) -> int:
     return DEFAULT_L2_BYTES
 
 
-def row_key(shape: Shape, mode: str, provider: str, pass_name: str) -> dict:
+def case_fields(shape: Shape, mode: str, provider: str, pass_name: str) -> dict:
+    """The fields of one case's rows (a row adds its ``timing``): ``report.ROW_KEY``."""
     return {
         "N": shape.n_rows,
         "d": shape.dim,
@@ -512,7 +518,7 @@ def bench_case(
     copy_tbps: float | None,
 ) -> list[dict]:
     """All timing rows of one (shape, mode, provider, pass); a failure becomes an ``error`` row."""
-    base = dict(row_key(shape, mode, provider, pass_name), input_sets=len(inputs))
+    base = dict(case_fields(shape, mode, provider, pass_name), input_sets=len(inputs))
     timer = Timer(device)
     rows = []
     try:
@@ -604,7 +610,7 @@ def run_op_bench(
                 if provider in unavailable:
                     rows += [
                         dict(
-                            row_key(shape, mode, provider, pass_name),
+                            case_fields(shape, mode, provider, pass_name),
                             timing=timing,
                             ms=None,
                             peak_mb=None,

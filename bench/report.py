@@ -20,7 +20,8 @@ import os
 import re
 import warnings
 
-ROW_KEY = ("N", "d", "C", "dtype", "mode", "provider", "pass", "timing")
+SHAPE_KEY = ("N", "d", "C", "dtype")
+ROW_KEY = (*SHAPE_KEY, "mode", "provider", "pass", "timing")
 ELEMENT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 # Issue 3, "Targets on an H100": fused device ms for fwd_bwd, fixed centroids, bf16. Specification, not results.
@@ -53,8 +54,14 @@ def results_stem(device_name: str, date: str) -> str:
     return f"{slug(device_name)}-{date}"
 
 
+def shape_key(row: dict, *fields: str) -> tuple:
+    """``(N, d, C, dtype)`` of a row, followed by its ``fields``."""
+    return tuple(row[name] for name in (*SHAPE_KEY, *fields))
+
+
 def row_key(row: dict) -> tuple:
-    return tuple(row[key] for key in ROW_KEY)
+    """The fields that tell one row of a results file from another: ``ROW_KEY``."""
+    return tuple(row[name] for name in ROW_KEY)
 
 
 def merge_results(old: dict, new: dict) -> dict:
@@ -68,7 +75,7 @@ def merge_results(old: dict, new: dict) -> dict:
     merged = dict(new, runs=old["runs"] + new["runs"], rows=list(rows.values()))
     if new.get("e2e") is None:
         merged["e2e"] = old.get("e2e")
-    measured = {(r["N"], r["d"], r["C"], r["dtype"], r["mode"]) for r in merged["rows"]}
+    measured = {shape_key(r, "mode") for r in merged["rows"]}
     merged["skipped"] = [s for s in old.get("skipped", []) + new.get("skipped", []) if tuple(s) not in measured]
     return merged
 
@@ -85,7 +92,7 @@ def index_rows(rows: list[dict]) -> dict:
 
 def shapes_in(rows: list[dict]) -> list[tuple]:
     """Distinct ``(N, d, C, dtype)`` in first-seen order."""
-    return list(dict.fromkeys((r["N"], r["d"], r["C"], r["dtype"]) for r in rows))
+    return list(dict.fromkeys(shape_key(r) for r in rows))
 
 
 def ms_of(index: dict, shape: tuple, mode: str, provider: str, pass_name: str, timing: str) -> float | None:
@@ -114,7 +121,7 @@ def accuracy_table(rows: list[dict]) -> list[str]:
     checked = {}
     for row in rows:
         if row["pass"] == "fwd_bwd" and within_tolerance(row) is not None:
-            checked.setdefault((row["N"], row["d"], row["C"], row["dtype"], row["mode"], row["provider"]), row)
+            checked.setdefault(shape_key(row, "mode", "provider"), row)
     if not checked:
         return []
     failed = sum(not within_tolerance(row) for row in checked.values())
@@ -189,7 +196,7 @@ def all_rows_table(rows: list[dict]) -> list[str]:
         + " |",
         "|---|---|---|---|" + "---:|" * (2 * len(providers)),
     ]
-    cases = dict.fromkeys((r["N"], r["d"], r["C"], r["dtype"], r["mode"], r["pass"], r["timing"]) for r in rows)
+    cases = dict.fromkeys(shape_key(r, "mode", "pass", "timing") for r in rows)
     for n_rows, dim, num_classes, dtype, mode, pass_name, timing in cases:
         found = [index.get((n_rows, dim, num_classes, dtype, mode, p, pass_name, timing), {}) for p in providers]
         lines.append(
@@ -226,9 +233,7 @@ def target_checks(results: dict) -> list[dict]:
     index = index_rows(rows)
     shapes = shapes_in(results["rows"])
     inaccurate = {
-        (r["N"], r["d"], r["C"], r["dtype"], r["mode"])
-        for r in results["rows"]
-        if r["provider"] == "fused" and within_tolerance(r) is False
+        shape_key(r, "mode") for r in results["rows"] if r["provider"] == "fused" and within_tolerance(r) is False
     }
     checks = []
 

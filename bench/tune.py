@@ -163,8 +163,8 @@ def run_tune(shapes, variants, modes, passes, rounds, device, budget, log=print)
             same = [v.name for v in variants if v.name != "main" and grids[v.name] == grids.get("main")]
             rows += [
                 dict(
-                    cmi_op.row_key(shape, mode, "fused", pass_name), variant=name, round=None, timing=timing, ms=None,
-                    skipped="same launch as main", **grids[name],
+                    cmi_op.case_fields(shape, mode, "fused", pass_name), variant=name, round=None, timing=timing,
+                    ms=None, skipped="same launch as main", **grids[name],
                 )
                 for name in same
                 for pass_name in passes
@@ -176,7 +176,7 @@ def run_tune(shapes, variants, modes, passes, rounds, device, budget, log=print)
                 for variant in rotated(measured, round_index):
                     for pass_name in passes:
                         row = dict(
-                            cmi_op.row_key(shape, mode, "fused", pass_name), variant=variant.name,
+                            cmi_op.case_fields(shape, mode, "fused", pass_name), variant=variant.name,
                             round=round_index, timing=timing, **grids[variant.name],
                         )  # fmt: skip
                         try:
@@ -201,7 +201,7 @@ def summary_markdown(results: dict) -> str:
     groups: dict[tuple, dict[str, dict[int, float]]] = {}  # (shape, mode, pass) -> variant -> round -> ms
     grids: dict[tuple, dict] = {}
     for row in results["rows"]:
-        key = (row["N"], row["d"], row["C"], row["dtype"], row["mode"], row["pass"])
+        key = report.shape_key(row, "mode", "pass")
         if row["ms"] is not None:
             groups.setdefault(key, {}).setdefault(row["variant"], {})[row["round"]] = row["ms"]
         grids[key + (row["variant"],)] = row
@@ -240,7 +240,7 @@ def summary_markdown(results: dict) -> str:
     same = {}
     for row in results["rows"]:
         if row.get("skipped"):
-            label = report.shape_label((row["N"], row["d"], row["C"], row["dtype"]))
+            label = report.shape_label(report.shape_key(row))
             same.setdefault(f"{label} {row['mode']}", set()).add(row["variant"])
     if same:
         lines += ["", "Not measured, the same launch as main (grid, slots, table, warps):", ""]

@@ -114,7 +114,7 @@ def test_quick_run_bandwidth_follows_the_bytes_model(quick_run):
         if row["provider"] == "noop":
             assert "gbps" not in row
             continue
-        shape = cmi_op.Shape(row["N"], row["d"], row["C"], row["dtype"])
+        shape = cmi_op.Shape.of_row(row)
         expected = cmi_op.bytes_moved(shape, row["mode"], row["pass"]) / (row["ms"] * 1e-3) / 1e9
         assert row["gbps"] == pytest.approx(expected)
         assert row["frac_copy"] == pytest.approx(row["gbps"] / (results["copy_tbps"] * 1e3))
