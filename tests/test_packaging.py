@@ -29,6 +29,7 @@ LIBRARY_PACKAGES = {"cmi_fused", "kernels"}
 NOT_SOURCE = (
     ".git",
     ".venv",
+    ".venv-floors",
     "venv",
     "build",
     "dist",
@@ -152,6 +153,13 @@ def test_installed_wheel_kernels_is_not_hub_kernels(wheel_path: Path, tmp_path: 
     assert report["available"] is False
 
 
+def wheel_requirements(wheel_path: Path) -> list[Requirement]:
+    """The wheel's ``Requires-Dist`` lines: runtime requirements and, with an ``extra`` marker, the extras'."""
+    with zipfile.ZipFile(wheel_path) as wheel:
+        (metadata,) = [name for name in wheel.namelist() if name.endswith(".dist-info/METADATA")]
+        return [Requirement(line) for line in email.message_from_bytes(wheel.read(metadata)).get_all("Requires-Dist")]
+
+
 def version_floor(specifier) -> Version | None:
     """The lowest version a ``SpecifierSet`` admits through ``>=``, ``==`` or ``~=`` (None: no floor)."""
     floors = [Version(spec.version) for spec in specifier if spec.operator in (">=", "==", "~=")]
@@ -165,11 +173,7 @@ def test_floors_are_at_least_those_transformers_needs(wheel_path: Path):
     a floor fails this until setup.py follows."""
     from transformers.dependency_versions_table import deps
 
-    with zipfile.ZipFile(wheel_path) as wheel:
-        (metadata,) = [name for name in wheel.namelist() if name.endswith(".dist-info/METADATA")]
-        requires = email.message_from_bytes(wheel.read(metadata)).get_all("Requires-Dist")
-    runtime = [Requirement(line) for line in requires]
-    runtime = [req for req in runtime if req.marker is None or "extra" not in str(req.marker)]
+    runtime = [req for req in wheel_requirements(wheel_path) if req.marker is None or "extra" not in str(req.marker)]
     compared = {}
     for ours in runtime:
         theirs = version_floor(Requirement(deps[ours.name]).specifier) if ours.name in deps else None
@@ -178,3 +182,20 @@ def test_floors_are_at_least_those_transformers_needs(wheel_path: Path):
     assert {"torch", "accelerate"} <= set(compared), compared
     too_low = {name: floors for name, floors in compared.items() if floors[0] is None or floors[0] < floors[1]}
     assert not too_low, f"(ours, transformers') floors: {too_low}"
+
+
+def test_ci_floors_pin_every_floor_of_setup_py(wheel_path: Path):
+    """CI's second run installs ``.ci/floors.txt``: it must pin each requirement of the wheel, test extras included,
+    at exactly setup.py's floor, so that a floor moved in one place and not the other fails here instead of CI
+    testing releases setup.py no longer names. torch and setuptools are the file's stated exceptions."""
+    requires = wheel_requirements(wheel_path)
+    floors = {req.name: version_floor(req.specifier) for req in requires if req.name not in ("torch", "setuptools")}
+    pinned = {}
+    for line in (REPO_ROOT / ".ci" / "floors.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            pin = Requirement(line)
+            (spec,) = pin.specifier
+            assert spec.operator == "==", line
+            pinned[pin.name] = Version(spec.version)
+    assert {"transformers", "datasets", "pytest"} <= set(floors), floors
+    assert {name: pinned.get(name) for name in floors} == floors
