@@ -199,3 +199,13 @@ def test_ci_floors_pin_every_floor_of_setup_py(wheel_path: Path):
             pinned[pin.name] = Version(spec.version)
     assert {"transformers", "datasets", "pytest"} <= set(floors), floors
     assert {name: pinned.get(name) for name in floors} == floors
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    """``.ci/run`` calls the README's test command as it is written there, and no other pytest command."""
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    tests_section = readme.split("\nTests (exactly what CI runs", 1)[1]
+    (readme_command,) = tests_section.split("```bash\n", 1)[1].split("\n```", 1)[0].splitlines()
+    ci_lines = [line.split("#", 1)[0].strip() for line in (REPO_ROOT / ".ci" / "run").read_text().splitlines()]
+    runs = [line for line in ci_lines if "-m pytest" in line or line.startswith("pytest")]
+    assert runs == [readme_command]
