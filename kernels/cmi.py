@@ -26,6 +26,7 @@ import os
 from typing import Optional
 
 import torch
+import triton
 
 from .cmi_backward import cmi_backward_kernel
 from .cmi_forward import cmi_forward_kernel, launch_meta
@@ -74,6 +75,17 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def _major_minor(version: str) -> tuple[int, int]:
+    major, minor = version.split(".")[:2]
+    return int(major), int(minor)
+
+
+def interpreter_rejects_numpy(triton_version: str, numpy_version: str) -> bool:
+    """triton-lang/triton#9171: before triton 3.7 the interpreter turns a program id (a one-element array) into a
+    Python int with ``int()``, which numpy 2.4 refuses, so every interpreted launch fails deep inside triton."""
+    return _major_minor(triton_version) < (3, 7) and _major_minor(numpy_version) >= (2, 4)
+
+
 def _check_device(features: torch.Tensor) -> None:
     if features.is_cuda:
         return
@@ -81,6 +93,13 @@ def _check_device(features: torch.Tensor) -> None:
         raise ValueError(
             f"backend='triton' needs CUDA tensors (features are on {features.device}); "
             "on the CPU set TRITON_INTERPRET=1 before importing triton, or use backend='torch'"
+        )
+    import numpy  # the interpreter's own dependency: only this CPU path needs it
+
+    if interpreter_rejects_numpy(triton.__version__, numpy.__version__):
+        raise RuntimeError(
+            f"the interpreter of triton {triton.__version__} fails with numpy {numpy.__version__} "
+            "(triton-lang/triton#9171): install numpy<2.4 or triton>=3.7, or use backend='torch'"
         )
 
 

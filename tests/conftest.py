@@ -7,6 +7,8 @@
 * A clear stop when another distribution also provides the import name ``kernels`` (Hugging Face's hub-kernels,
   which transformers >= 5.25 requires): the two shadow each other, and a transformers whose supported range admits
   that distribution's version takes our ``kernels`` for it and fails on import, deep inside the fixtures below.
+* A clear stop when the Triton interpreter cannot run with the installed numpy (triton < 3.7 with numpy >= 2.4),
+  instead of every kernel test failing with the same TypeError from inside triton.
 """
 
 import atexit
@@ -35,6 +37,19 @@ if other_kernels:
         "which shadows ours: use a fresh environment with transformers<5.25, as setup.py pins",
         returncode=4,
     )
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    import numpy
+    import triton
+
+    from kernels.cmi import interpreter_rejects_numpy
+
+    if interpreter_rejects_numpy(triton.__version__, numpy.__version__):
+        pytest.exit(
+            f"the interpreter of triton {triton.__version__}, which runs the kernels on the CPU, fails with numpy "
+            f"{numpy.__version__} (triton-lang/triton#9171): install numpy<2.4 or triton>=3.7",
+            returncode=4,
+        )
 
 from glue_fixtures import glue_dir  # noqa: E402, F401  (shared fixture of the GLUE driver and distillation tests)
 

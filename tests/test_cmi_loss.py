@@ -1274,6 +1274,42 @@ def test_auto_backend_takes_the_kernels_only_where_they_apply():
         cmi_loss(features, labels, 3, backend="triton")
 
 
+@pytest.mark.parametrize(
+    "triton_version, numpy_version, rejects",
+    [
+        ("3.6.0", "2.4.0", True),
+        ("3.3.1", "2.5.5", True),
+        ("3.6.0+git1f2e3d", "2.4.0rc1", True),
+        ("3.6.0", "2.3.5", False),
+        ("3.7.0", "2.4.6", False),
+        ("3.9.0", "2.4.6", False),
+    ],
+)
+def test_interpreters_that_reject_the_numpy(triton_version, numpy_version, rejects):
+    """triton 3.3-3.6's interpreters fail with numpy 2.4 (measured: 3.3.1, 3.4.0, 3.5.1 and 3.6.0 fail, 3.7.0, 3.8.0
+    and 3.9.0 run, all with numpy 2.4.6)."""
+    from kernels.cmi import interpreter_rejects_numpy
+
+    assert interpreter_rejects_numpy(triton_version, numpy_version) == rejects
+
+
+def test_triton_backend_on_cpu_tensors_names_what_it_needs(monkeypatch):
+    """CPU tensors on the triton backend need the interpreter, and an interpreter that runs with the installed numpy:
+    each gap is an error naming the way out instead of a failure inside triton."""
+    import numpy
+    import triton
+
+    features, labels = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    monkeypatch.setattr(numpy, "__version__", "2.4.0")
+    with pytest.raises(RuntimeError, match=r"triton 3\.6\.0 fails with numpy 2\.4\.0 .*numpy<2\.4 or triton>=3\.7"):
+        cmi_loss(features, labels, 3, backend="triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="needs CUDA tensors .*set TRITON_INTERPRET=1"):
+        cmi_loss(features, labels, 3, backend="triton")
+
+
 def test_out_of_range_labels_checked_by_default_on_cpu():
     features = torch.randn(4, 3)
     with pytest.raises(ValueError, match="labels"):
