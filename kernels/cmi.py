@@ -80,6 +80,7 @@ def _major_minor(version: str) -> tuple[int, int]:
     return int(major), int(minor)
 
 
+@functools.lru_cache(maxsize=None)  # checked on every CPU launch: a dict lookup instead of two version parses
 def interpreter_rejects_numpy(triton_version: str, numpy_version: str) -> bool:
     """triton-lang/triton#9171: before triton 3.7 the interpreter turns a program id (a one-element array) into a
     Python int with ``int()``, which numpy 2.4 refuses, so every interpreted launch fails deep inside triton."""
