@@ -36,7 +36,8 @@ def cmi_loss(
         temperature: T > 0.
         reduction: ``"mean"`` (the empirical CMI), ``"sum"`` or ``"none"`` (per-row KL).
         eps: floor applied to the centroids before the log.
-        backend: ``"triton"`` (fused kernels), ``"torch"`` (plain PyTorch) or ``"auto"`` (triton on CUDA).
+        backend: ``"triton"`` (fused kernels), ``"torch"`` (plain PyTorch) or ``"auto"`` (triton for CUDA
+            features where triton is installed, torch otherwise).
         deterministic: class-sum reduction of the triton backend. ``None`` (default): per-program
             partial sums reduced in a fixed order (bit-identical across runs) whenever they fit in the
             partials budget, fp32 atomics otherwise (vocabulary-sized C). ``True``: always partials.
@@ -61,6 +62,12 @@ def cmi_loss(
     )
     if backend == "torch":
         return cmi_loss_torch(features, labels, centroids, options)
-    from .fused import cmi_loss_triton
-
+    try:
+        from .fused import cmi_loss_triton
+    except ImportError as error:  # setup.py installs triton on Linux only
+        if error.name != "triton":
+            raise
+        raise ImportError(
+            "backend='triton' needs the triton package, which is not installed; use backend='torch' or 'auto'"
+        ) from error
     return cmi_loss_triton(features, labels, centroids, options)

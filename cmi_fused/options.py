@@ -9,6 +9,7 @@ without it the kernels still never touch memory out of bounds and give such rows
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import numbers
 from typing import NamedTuple, Optional
@@ -18,6 +19,8 @@ import torch
 REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "triton", "torch")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # feature dtypes of the triton backend
+# setup.py installs triton on Linux only (no wheels elsewhere): without it "auto" takes the torch backend on CUDA too.
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 # Integer label dtypes that every backend can compare and index with (torch has no CPU kernels for min/max/ge on
 # uint16/32/64).
 LABEL_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
@@ -119,10 +122,11 @@ def check_label_tensor(labels, n_rows: int, device: torch.device, reference: str
 
 
 def resolve_backend(backend: str, features: torch.Tensor) -> str:
-    """``auto``: the kernels for CUDA features of a dtype they take, the PyTorch reference otherwise (CPU, float64)."""
+    """``auto``: the kernels for CUDA features of a dtype they take, the PyTorch reference otherwise (CPU, float64,
+    or no triton installed)."""
     if backend != "auto":
         return backend
-    return "triton" if features.is_cuda and features.dtype in KERNEL_DTYPES else "torch"
+    return "triton" if TRITON_INSTALLED and features.is_cuda and features.dtype in KERNEL_DTYPES else "torch"
 
 
 def check_reduction(reduction) -> None:

@@ -209,3 +209,30 @@ def test_ci_runs_exactly_the_readme_test_command():
     ci_lines = [line.split("#", 1)[0].strip() for line in (REPO_ROOT / ".ci" / "run").read_text().splitlines()]
     runs = [line for line in ci_lines if "-m pytest" in line or line.startswith("pytest")]
     assert runs == [readme_command]
+
+
+def test_the_library_works_without_triton(tmp_path: Path):
+    """setup.py installs triton on Linux only. Without it the torch backend, "auto" (CUDA features included), the
+    regulariser and the GLUE and distillation drivers still work, and backend="triton" says what is missing."""
+    code = """
+        import json, sys
+        sys.modules["triton"] = None  # `import triton` fails, as where it is not installed
+        from types import SimpleNamespace
+        import torch
+        import cmi_fused.distill, cmi_fused.glue.cli
+        from cmi_fused import CMIRegularizer, cmi_loss
+        from cmi_fused.options import resolve_backend
+        features, labels = torch.randn(6, 5, requires_grad=True), torch.tensor([0, 1, 2, 0, 1, 2])
+        (cmi_loss(features, labels, 3).loss + CMIRegularizer(3, 5, centroids="ema")(features, labels)).backward()
+        try:
+            cmi_loss(features, labels, 3, backend="triton")
+            error = None
+        except ImportError as raised:
+            error = str(raised)
+        cuda_features = SimpleNamespace(is_cuda=True, dtype=torch.float32)
+        print(json.dumps({"auto": resolve_backend("auto", cuda_features), "grad": features.grad is not None,
+                          "error": error}))
+    """
+    result = run_python(code, REPO_ROOT, tmp_path)
+    assert result["auto"] == "torch" and result["grad"], result
+    assert "backend='triton' needs the triton package" in (result["error"] or ""), result
