@@ -24,7 +24,7 @@ class GlueTask:
     """How one GLUE task is stored (TSV and Hugging Face) and scored.
 
     ``tsv_text_columns`` / ``tsv_label_column``: header names, or column indices for header-less files.
-    ``tsv_labels_are_names``: the TSV holds the label's name (an id of ``label_names``) instead of its integer id.
+    ``tsv_labels_are_names``: the TSV holds each label by name (one of ``label_names``, whose index is the id).
     ``eval_files``: evaluation split name -> TSV file name; the split names are also the Hugging Face splits.
     ``skip_short_rows``: rows with too few columns are skipped with a warning instead of an error (QQP, whose
     official files have a few such rows; Hugging Face's ``QqpProcessor`` skipped them too).
