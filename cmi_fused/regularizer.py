@@ -73,7 +73,7 @@ class CMIRegularizer(nn.Module):
         momentum: EMA momentum of the ``ema`` centroids, in [0, 1).
         feature_momentum: momentum of the running feature mean of ``center_l2``, in [0, 1).
         eps: floor of the centroids before the log.
-        backend: ``cmi_loss`` backend (``auto``: Triton on CUDA, PyTorch on CPU).
+        backend: ``cmi_loss`` backend (``auto``: Triton on CUDA where it is installed, PyTorch otherwise).
 
     Call ``reg(features, labels)`` with (N, d) features and (N,) labels; returns the scalar CMI term.
     State is updated only in training mode (``reg.train()``, the default).
