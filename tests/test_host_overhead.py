@@ -1,5 +1,6 @@
 """``python -m bench.host_overhead``: the stub really replaces every launch of a step (so what is timed is the host
-path alone), is undone afterwards, and the CLI writes a row per provider. The times themselves are not checked."""
+path alone), is undone afterwards, runs where the interpreter could not, and the CLI writes a row per provider. The
+times themselves are not checked."""
 
 import json
 import os
@@ -25,6 +26,23 @@ def test_stub_counts_every_launch_of_a_step_and_is_undone():
         assert launches == {"cmi_forward_kernel": 3, "cmi_backward_kernel": 2, "cmi_log_centroids_kernel": 2}
     assert (kernels.cmi.INTERPRETER_PROGRAMS, os.environ.get("TRITON_INTERPRET")) == (programs, interpret)
     assert {name: getattr(kernels.cmi, name) for name in KERNELS} == real_kernels
+
+
+def test_runs_where_the_interpreter_rejects_the_numpy(monkeypatch):
+    """Nothing is interpreted, so triton 3.6 with numpy 2.5 (the GPU image, where gpu_session.sh runs this) must not
+    stop it; the check is back once the stub is undone."""
+    import numpy
+    import triton
+
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    monkeypatch.setattr(numpy, "__version__", "2.5.2")
+    step_fns = steps(n_rows=8, dim=40, num_classes=3, dtype=torch.float32)
+    with launches_stubbed(sms=132) as launches:
+        step_fns["fused fixed"]()
+    assert launches["cmi_forward_kernel"] == 1
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # as under the stub, also on a GPU machine
+    with pytest.raises(RuntimeError, match="triton-lang/triton#9171"):
+        step_fns["fused fixed"]()
 
 
 def test_cli_writes_a_row_per_provider(tmp_path, capsys):
