@@ -1,6 +1,7 @@
 """Packaging: the wheel ships exactly the library (``cmi_fused`` and ``kernels``), its version floors admit no
-release that transformers refuses, and our ``kernels`` package is not taken for Hugging Face's hub-kernels package
-of the same import name.
+release that transformers refuses and are the ones CI's second run pins, CI runs the README's test command, the
+library works where triton is not installed, and our ``kernels`` package is not taken for Hugging Face's
+hub-kernels package of the same import name.
 
 transformers accepts ``kernels`` only in its supported version range; our distribution (``cmi-fused`` 0.1.0, or no
 distribution at all for a bare source checkout) is outside it, so ``is_kernels_available()`` must stay False.
