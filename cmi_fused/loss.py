@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from .options import CMIOutput, check_inputs
+from .options import TRITON_INSTALLED, CMIOutput, check_inputs
 from .reference import cmi_loss_torch
 
 
@@ -62,12 +62,10 @@ def cmi_loss(
     )
     if backend == "torch":
         return cmi_loss_torch(features, labels, centroids, options)
-    try:
-        from .fused import cmi_loss_triton
-    except ImportError as error:  # setup.py installs triton on Linux only
-        if error.name != "triton":
-            raise
+    if not TRITON_INSTALLED:  # setup.py installs triton on Linux only
         raise ImportError(
             "backend='triton' needs the triton package, which is not installed; use backend='torch' or 'auto'"
-        ) from error
+        )
+    from .fused import cmi_loss_triton
+
     return cmi_loss_triton(features, labels, centroids, options)
