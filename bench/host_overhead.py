@@ -62,7 +62,7 @@ def launches_stubbed(sms: int):
         # interpreted, the launches are stubbed. Set only inside the context: triton reads it too.
         stack.enter_context(mock.patch.dict(os.environ, {"TRITON_INTERPRET": "1"}))
         # Nor does the interpreter's numpy limit apply (the GPU image pairs triton 3.6 with numpy 2.5).
-        stack.enter_context(mock.patch.object(kernels.cmi, "interpreter_rejects_numpy", lambda *versions: False))
+        stack.enter_context(mock.patch.object(kernels.cmi, "interpreter_numpy_problem", lambda: None))
         for name in KERNELS:
             # Where the launchers look the kernels up: `kernel[grid]` reaches JITFunction.run only on some
             # Triton versions (not in the interpreters of 3.3-3.5).

@@ -87,6 +87,18 @@ def interpreter_rejects_numpy(triton_version: str, numpy_version: str) -> bool:
     return _major_minor(triton_version) < (3, 7) and _major_minor(numpy_version) >= (2, 4)
 
 
+def interpreter_numpy_problem() -> Optional[str]:
+    """What stops the installed triton's interpreter from running with the installed numpy, or None."""
+    import numpy  # the interpreter's own dependency: only the CPU path needs it
+
+    if not interpreter_rejects_numpy(triton.__version__, numpy.__version__):
+        return None
+    return (
+        f"the interpreter of triton {triton.__version__} fails with numpy {numpy.__version__} "
+        "(triton-lang/triton#9171): install numpy<2.4 or triton>=3.7"
+    )
+
+
 def _check_device(features: torch.Tensor) -> None:
     if features.is_cuda:
         return
@@ -95,13 +107,9 @@ def _check_device(features: torch.Tensor) -> None:
             f"backend='triton' needs CUDA tensors (features are on {features.device}); "
             "on the CPU set TRITON_INTERPRET=1 before importing triton, or use backend='torch'"
         )
-    import numpy  # the interpreter's own dependency: only this CPU path needs it
-
-    if interpreter_rejects_numpy(triton.__version__, numpy.__version__):
-        raise RuntimeError(
-            f"the interpreter of triton {triton.__version__} fails with numpy {numpy.__version__} "
-            "(triton-lang/triton#9171): install numpy<2.4 or triton>=3.7, or use backend='torch'"
-        )
+    problem = interpreter_numpy_problem()
+    if problem:
+        raise RuntimeError(f"{problem}, or use backend='torch'")
 
 
 def on_the_tensors_device(launcher):

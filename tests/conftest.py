@@ -39,17 +39,11 @@ if other_kernels:
     )
 
 if os.environ.get("TRITON_INTERPRET") == "1":
-    import numpy
-    import triton
+    from kernels.cmi import interpreter_numpy_problem
 
-    from kernels.cmi import interpreter_rejects_numpy
-
-    if interpreter_rejects_numpy(triton.__version__, numpy.__version__):
-        pytest.exit(
-            f"the interpreter of triton {triton.__version__}, which runs the kernels on the CPU, fails with numpy "
-            f"{numpy.__version__} (triton-lang/triton#9171): install numpy<2.4 or triton>=3.7",
-            returncode=4,
-        )
+    interpreter_problem = interpreter_numpy_problem()
+    if interpreter_problem:
+        pytest.exit(f"the kernels run in triton's interpreter on the CPU: {interpreter_problem}", returncode=4)
 
 from glue_fixtures import glue_dir  # noqa: E402, F401  (shared fixture of the GLUE driver and distillation tests)
 
