@@ -42,5 +42,5 @@ setup(
             "setuptools>=70.1",
         ],
     },
-    entry_points={"console_scripts": ["cmi-glue=cmi_fused.glue.cli:main"]},
+    entry_points={"console_scripts": ["cmi-glue=cmi_fused.glue.cli:console_main"]},
 )

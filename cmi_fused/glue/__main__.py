@@ -1,5 +1,5 @@
 """``python -m cmi_fused.glue`` is the ``cmi-glue`` console script."""
 
-from .cli import main
+from .cli import console_main
 
-main()
+console_main()
