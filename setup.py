@@ -18,9 +18,11 @@ setup(
         # uses, so the oldest on which the suite can check the kernels.
         "torch>=2.7",
         "triton>=3.3; platform_system == 'Linux'",
-        # >=5: TrainingArguments.warmup_steps < 1 is a fraction of the steps (cmi-glue --warmup-ratio).
+        # >=5.6: 5.0-5.5 save a loaded BERT's LayerNorm weights as LayerNorm.gamma/beta, which the Trainer's
+        # best-checkpoint reload (load_best_model_at_end) misses: the model cmi-glue saved as the best epoch's kept
+        # the last epoch's LayerNorm weights. (5.0 on: warmup_steps < 1 is a fraction, cmi-glue --warmup-ratio.)
         # <5.25: 5.25.0 requires Hugging Face's `kernels` distribution, whose import name clashes with ours.
-        "transformers>=5,<5.25",
+        "transformers>=5.6,<5.25",
         "datasets>=2.19",
         "scikit-learn>=1.3",
         "scipy>=1.9.2",  # scipy.stats.binomtest (1.7 on): the sweeps' paired sign test; 1.9.2: wheels for 3.11

@@ -165,8 +165,8 @@ def test_training_settings_reach_the_trainer(tmp_path):
     assert parse_list(float)("0,0.5,") == [0.0, 0.5]
 
 
-def test_saved_regularizer_state_is_the_best_epochs(tiny_bert, glue_dir, tmp_path):
-    """Epoch 1 is the best (metrics made to fall): the regulariser state saved beside the model is epoch 1's, also
+def test_saved_model_and_regularizer_state_are_the_best_epochs(tiny_bert, glue_dir, tmp_path):
+    """Epoch 1 is the best (metrics made to fall): the model and the regulariser state saved are epoch 1's, also
     with --keep-checkpoints, which keeps the last checkpoint (epoch 2) too (without it only the best is left)."""
     scores = iter([0.9, 0.1])
 
@@ -183,6 +183,15 @@ def test_saved_regularizer_state_is_the_best_epochs(tiny_bert, glue_dir, tmp_pat
     saved = CMIRegularizer(2, HIDDEN, "epoch")
     saved.load_state_dict(torch.load(tmp_path / "run" / REGULARIZER_FILE))
     assert int(saved.epoch) == 1
+    # every weight, not only the dev metrics (16 rows can tie): transformers 5.0-5.5 saved a loaded BERT's LayerNorm
+    # weights as LayerNorm.gamma/beta, which the Trainer's best-model reload then missed, keeping epoch 2's
+    final, epoch_one = (
+        dict(AutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / name).named_parameters())
+        for name in ("", "checkpoint-4")
+    )
+    assert final.keys() == epoch_one.keys()
+    differing = [name for name in final if not torch.equal(final[name], epoch_one[name])]
+    assert not differing, differing
 
 
 def test_frozen_centroid_pass_leaves_the_training_run_unchanged(tiny_bert, glue_dir, tmp_path):
