@@ -178,23 +178,27 @@ def main(argv: Sequence[str] | None = None) -> None:
     grouped_before = process_group_initialized()
     args.func(args)
     if not grouped_before and process_group_initialized():
-        # Under torchrun the Trainer joined a process group: leave it while the interpreter is whole. Left to exit,
-        # gloo's worker threads can free tensors during interpreter finalisation and abort the process (SIGABRT,
-        # "terminate called without an active exception"; the CPU torchrun test failed so in 3 of 18 whole-suite
-        # runs, see pytorch/pytorch#179291). Only after a command succeeded: a failed rank would wait here for others.
+        # Under torchrun the Trainer joined a process group: leave it while the interpreter is whole, not to a caller
+        # that goes on. This made a rank's abort at exit rarer (the CPU torchrun test: 3 of 18 whole-suite runs
+        # before, 0 of 19 after), not impossible: console_main says why and ends it. Only after a command
+        # succeeded: a failed rank would wait here for the others.
         torch.distributed.destroy_process_group()
-
 
 
 def console_main() -> None:
     """The ``cmi-glue`` program (and ``python -m cmi_fused.glue``): :func:`main`, then, in a rank of a multi-process
     launch (torchrun's ``WORLD_SIZE`` > 1) whose command succeeded, an exit that skips interpreter finalisation.
 
-    Some native thread pool still alive at that point (gloo's or Arrow's; the backtrace was not caught) can abort
-    the rank during finalisation (SIGABRT, "terminate called without an active exception") after all its work is
-    written, and torchrun then reports the whole run as failed: the CPU torchrun test did so in 2 of 20 runs with
-    setup.py's floors even after ``main`` left the process group. Nothing of ours needs finalisation (the Trainer
-    reports to nothing and has saved everything), so the rank flushes its output and exits with 0 at once.
+    Leaving the process group does not stop gloo's worker threads, and one of them can still hold the last reference
+    to a finished collective (an all-gather) when the interpreter starts finalising. Freeing that work's tensors
+    takes the GIL; a thread that asks for the GIL during finalisation is ended by pthread_exit, whose unwinding
+    through the work's noexcept destructor calls std::terminate: the rank aborts (SIGABRT, "terminate called without
+    an active exception") after all its work is written, and torchrun reports the whole run as failed. The core of
+    such a rank shows exactly that (``ProcessGroupGloo::runLoop`` -> ``~AsyncAllgatherWork`` -> ``decref_pyobject``
+    -> ``take_gil`` -> ``pthread_exit`` -> ``std::terminate``, main thread in ``Py_FinalizeEx``); it happened in 1
+    of 40 launches of ``main`` alone with setup.py's floors (torch's decref checks ``Py_IsInitialized``, still true
+    while finalising: pytorch/pytorch#190489, open). Nothing of ours needs finalisation (the Trainer reports to
+    nothing and has saved everything), so the rank flushes its output and exits with 0 at once.
     """
     main()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
