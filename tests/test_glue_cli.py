@@ -1,9 +1,11 @@
 """End-to-end ``cmi-glue train`` / ``sweep`` on a tiny random BERT saved to a temp dir (no network)."""
 
 import dataclasses
+import functools
 import json
 import operator
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -14,6 +16,7 @@ import filelock
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -29,6 +32,7 @@ from transformers import (
 )
 
 from cmi_fused import CMIRegularizer, cmi_loss
+from cmi_fused.glue import train as glue_train
 from cmi_fused.glue.cli import build_parser, config_from_args, main, parse_list
 from cmi_fused.glue.data import load_task, tokenize_split
 from cmi_fused.glue.metrics import glue_metrics
@@ -769,15 +773,33 @@ def test_checkpoints_hold_the_regularizer_state_before_the_trainer_state(tiny_be
         main(["train", *args, "--epochs", "3", "--resume"])
 
 
-def test_resume_continues_from_the_last_checkpoint(tiny_bert, glue_dir, tmp_path):
-    out = tmp_path / "resume"
-    args = [*common_args(tiny_bert, glue_dir, out), "--cmi", "min", "--centroids", "epoch", "--keep-checkpoints"]
-    main(["train", *args, "--epochs", "1"])
-    assert [name for name in os.listdir(out) if name.startswith("checkpoint-")] == ["checkpoint-4"]
-    main(["train", *args, "--epochs", "2", "--resume"])
-    assert "checkpoint-8" in os.listdir(out)  # the last checkpoint is kept next to the best
-    results = json.loads((out / "results.json").read_text())
-    assert [row["epoch"] for row in results["history"]] == [1, 2]
-    reg = CMIRegularizer(2, HIDDEN, "epoch")
-    reg.load_state_dict(torch.load(out / "checkpoint-8" / "cmi_regularizer.pt"))
-    assert int(reg.epoch) == 2  # the epoch count carried over from the first run's checkpoint
+def test_resume_continues_from_the_last_checkpoint_as_if_never_stopped(tiny_bert, glue_dir, tmp_path, monkeypatch):
+    """A run stopped after epoch 1 and resumed ends where the same run left alone ends: the same weights, regulariser
+    state (epoch centroids, class sums, feature mean) and history, bit for bit (CPU)."""
+    args = [*common_args(tiny_bert, glue_dir, tmp_path / "{}"), "--cmi", "min", "--cmi-lambda", "0.5"]
+    args += ["--centroids", "epoch", "--normalization", "center_l2", "--keep-checkpoints", "--epochs", "3"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    with monkeypatch.context() as patch:  # keep every checkpoint, epoch 1's too
+        keep_all = functools.partial(build_training_arguments, save_total_limit=None)
+        patch.setattr(glue_train, "build_training_arguments", keep_all)
+        main(["train", *(arg.format("straight") for arg in args)])
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoint-4", resumed / "checkpoint-4")  # as if stopped after epoch 1
+    main(["train", *(arg.format("resumed") for arg in args), "--resume"])
+    assert "checkpoint-12" in os.listdir(resumed)  # the last checkpoint is kept next to the best
+
+    def last_state(run):
+        weights = load_file(run / "checkpoint-12" / "model.safetensors")
+        regularizer = torch.load(run / "checkpoint-12" / REGULARIZER_FILE)
+        return weights, regularizer, json.loads((run / "results.json").read_text())["history"]
+
+    (weights, regularizer, history), (weights_resumed, regularizer_resumed, history_resumed) = map(
+        last_state, (straight, resumed)
+    )
+    assert [row["epoch"] for row in history_resumed] == [1, 2, 3] and history_resumed == history
+    assert weights.keys() == weights_resumed.keys()
+    assert not [name for name in weights if not torch.equal(weights[name], weights_resumed[name])]
+    assert int(regularizer_resumed["epoch"]) == 3  # the epoch count carried over from the first run's checkpoint
+    buffers = [name for name, value in regularizer.items() if isinstance(value, torch.Tensor)]
+    assert "epoch_class_sums" in buffers and "feature_mean" in buffers
+    assert not [name for name in buffers if not torch.equal(regularizer[name], regularizer_resumed[name])]
