@@ -345,7 +345,7 @@ def training_set_cmi(teacher_dir: str, data_dir: Optional[str] = None, batch_siz
         features.append(capture.pop().float())
         labels.append(batch["labels"])
     capture.handle.remove()
-    features = regularizer.normalize(torch.cat(features), update=False)
+    features = regularizer.normalize(torch.cat(features))
     saved = bool(regularizer.centroid_valid.all())
     result = cmi_loss(
         features,

@@ -179,27 +179,27 @@ class CMIRegularizer(nn.Module):
         self._feature_mean_ready = bool(self.feature_mean_valid)
 
     # ----------------------------------------------------------------------------------------------
-    def normalize(self, features: torch.Tensor, update: bool) -> torch.Tensor:
-        """``center_l2``: ``(h - mu) / ||h - mu||``, with ``mu`` first updated from this batch if ``update``.
+    def normalize(self, features: torch.Tensor, mean: torch.Tensor | None = None) -> torch.Tensor:
+        """``center_l2``: ``(h - mu) / ||h - mu||``; no state changes.
 
-        Without a running mean yet and ``update=False`` (evaluation before training), ``mu`` is this
-        batch's mean and no state changes.
+        ``mu``: ``mean`` if given, else the running feature mean, else (none yet: evaluation before training) this
+        batch's mean.
         """
         if self.normalization == "none":
             return features
-        if update:
-            detached = features.detach().float()
-            count = detached.new_full((), float(detached.shape[0]))  # a fill, not a host-to-device copy
-            batch_sum, count = all_reduce_sum(detached.sum(0), count)
-            batch_mean = batch_sum / count
-            if self._feature_mean_ready:
-                batch_mean = self.feature_momentum * self.feature_mean + (1 - self.feature_momentum) * batch_mean
-            self._set_feature_mean(batch_mean)
-        if self._feature_mean_ready:
-            mean = self.feature_mean
-        else:
-            mean = features.detach().float().mean(0)
+        if mean is None:
+            mean = self.feature_mean if self._feature_mean_ready else features.detach().float().mean(0)
         return nn.functional.normalize(features.float() - mean, dim=-1)
+
+    def _updated_feature_mean(self, features: torch.Tensor) -> torch.Tensor:
+        """The running feature mean after this batch (the rows of every process), not yet stored."""
+        detached = features.detach().float()
+        count = detached.new_full((), float(detached.shape[0]))  # a fill, not a host-to-device copy
+        batch_sum, count = all_reduce_sum(detached.sum(0), count)
+        batch_mean = batch_sum / count
+        if self._feature_mean_ready:
+            batch_mean = self.feature_momentum * self.feature_mean + (1 - self.feature_momentum) * batch_mean
+        return batch_mean
 
     def _set_feature_mean(self, mean: torch.Tensor) -> None:
         self.feature_mean.copy_(mean)
@@ -214,9 +214,11 @@ class CMIRegularizer(nn.Module):
             return self.centroids
         if self.mode == "frozen":
             raise RuntimeError("CMIRegularizer(centroids='frozen'): call reg.freeze(batches) before using it")
-        # Labels outside [0, C) go to an overflow bin (cmi_loss reports them); none is counted as a class.
+        # Labels outside [0, C) go to an overflow bin (cmi_loss reports them); none is counted as a class. long()
+        # first: the bin C itself may not fit the labels' dtype (int8 labels with C = 128).
+        labels = labels.long()
         in_range = (labels >= 0) & (labels < self.num_classes)
-        bins = torch.where(in_range, labels, self.num_classes).long()
+        bins = torch.where(in_range, labels, self.num_classes)
         present = torch.bincount(bins, minlength=self.num_classes + 1)[: self.num_classes] > 0
         if bool((present & ~self.centroid_valid).any()):
             return None
@@ -226,7 +228,7 @@ class CMIRegularizer(nn.Module):
         """The CMI term (scalar float32) of ``features`` (N, d) with class ``labels`` (N,)."""
         if features.dim() != 2 or features.shape[-1] != self.dim:
             raise ValueError(f"features must have shape (N, dim={self.dim}), got {tuple(features.shape)}")
-        # The labels are checked before any state changes: a rejected call must not move the feature mean.
+        # The labels are checked before _centroids_for counts them.
         check_label_tensor(labels, features.shape[0], features.device, "features")
         maybe_validate_labels(labels, self.num_classes, None)
         update = self.training and self.mode != "frozen"
@@ -235,8 +237,10 @@ class CMIRegularizer(nn.Module):
             # The ema update below rewrites the buffer in place before the backward, which needs the centroids this
             # forward used (the triton backend saves them): hand the op a copy.
             centroids = centroids.clone()
+        # center_l2 while training: mu moves with this batch first, and normalises it
+        feature_mean = self._updated_feature_mean(features) if update and self.normalization == "center_l2" else None
         result = cmi_loss(
-            self.normalize(features, update),
+            self.normalize(features, feature_mean),
             labels,
             self.num_classes,
             centroids,
@@ -245,6 +249,9 @@ class CMIRegularizer(nn.Module):
             backend=self.backend,
             check_labels=False,  # checked above
         )
+        # Only now, with every check of the op passed, does any state change: a call that raises changes nothing.
+        if feature_mean is not None:
+            self._set_feature_mean(feature_mean)
         if update:
             self._accumulate(result.class_sums, result.class_counts)
         return result.loss
@@ -290,6 +297,7 @@ class CMIRegularizer(nn.Module):
         """
         if self.mode != "frozen":
             raise RuntimeError(f"freeze() is for centroids='frozen', this regulariser uses {self.mode!r}")
+        feature_mean = None  # a new running feature mean, stored with the centroids once both are known
         if self.normalization == "center_l2" and not self._feature_mean_ready:
             if iter(batches) is batches:
                 raise TypeError(
@@ -302,13 +310,13 @@ class CMIRegularizer(nn.Module):
             feature_sum, count = all_reduce_sum(feature_sum, count)
             if not count > 0:
                 raise ValueError("freeze(batches) got no rows")
-            self._set_feature_mean(feature_sum / count)
+            feature_mean = feature_sum / count
         class_sums = torch.zeros_like(self.centroids)
         class_counts = torch.zeros_like(self.epoch_class_counts)
         for features, labels in batches:
             features = features.to(class_sums.device)
             result = cmi_loss(
-                self.normalize(features, update=False),
+                self.normalize(features, feature_mean),
                 labels.to(class_sums.device),
                 self.num_classes,
                 temperature=self.temperature,
@@ -321,4 +329,6 @@ class CMIRegularizer(nn.Module):
         if not bool((class_counts > 0).all()):
             missing = (class_counts == 0).nonzero().flatten().tolist()
             raise ValueError(f"freeze(batches): classes {missing} have no rows; every class needs a centroid")
+        if feature_mean is not None:
+            self._set_feature_mean(feature_mean)
         self._set_centroids(class_sums, class_counts, blend=False)

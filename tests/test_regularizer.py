@@ -307,9 +307,11 @@ def test_bad_options_name_the_argument(kwargs, message):
 
 
 @pytest.mark.parametrize("mode", ["epoch", "ema"])
-def test_rejected_call_changes_no_state(mode):
-    """Bad labels raise a ValueError naming labels before anything is updated: the running feature mean, the epoch
-    sums and the centroids are those of the calls that succeeded."""
+def test_rejected_call_changes_no_state(mode, monkeypatch):
+    """A call that raises updates nothing: the running feature mean, the epoch sums and the centroids are those of
+    the calls that succeeded. Bad labels are refused first; an empty batch and the triton backend on CPU tensors
+    without the interpreter only by cmi_loss, after the new feature mean was computed (it used to be stored by then:
+    NaN from the empty batch, which every later call returned)."""
     reg = CMIRegularizer(C, D, mode, temperature=T, normalization="center_l2")
     h, y = make_batches(1)[0]
     reg(h, y)
@@ -319,8 +321,47 @@ def test_rejected_call_changes_no_state(mode):
     for labels in (bad_labels, y[:, None]):
         with pytest.raises(ValueError, match="labels"):
             reg(h * 3 + 1, labels)
+    with pytest.raises(ValueError, match="at least one row"):
+        reg(h[:0], y[:0])
+    monkeypatch.setattr(reg, "backend", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises((ValueError, ImportError), match="CUDA|triton"):
+        reg(h * 3 + 1, y)
     for name, buffer in reg.named_buffers():
         assert torch.equal(buffer, before[name]), name
+
+
+def test_a_freeze_that_raises_keeps_no_feature_mean():
+    """freeze() with center_l2 stores the feature mean only with the centroids: after a pass that lacked a class
+    was refused, freezing on the full pass gives what it gives on a fresh regulariser (the refused pass's mean
+    was kept before, and the retry then skipped its own)."""
+    passes = make_batches(2, seed=8)
+    lacking = [(h[y == 0] + 10.0, y[y == 0]) for h, y in passes]
+    retried = CMIRegularizer(C, D, "frozen", temperature=0.2, normalization="center_l2")
+    with pytest.raises(ValueError, match="classes \\[1, 2\\]"):
+        retried.freeze(lacking)
+    assert not bool(retried.feature_mean_valid)
+    retried.freeze(passes)
+    fresh = CMIRegularizer(C, D, "frozen", temperature=0.2, normalization="center_l2")
+    fresh.freeze(passes)
+    for name, buffer in fresh.named_buffers():
+        assert torch.equal(retried.get_buffer(name), buffer), name
+
+
+@pytest.mark.parametrize("mode", ["epoch", "ema"])
+@pytest.mark.parametrize("dtype, num_classes", [(torch.int8, 128), (torch.uint8, 256)])
+def test_narrow_label_dtypes_with_as_many_classes_as_they_hold(mode, dtype, num_classes):
+    """Labels of every accepted dtype work up to the most classes the dtype can name (choosing the centroids bins
+    labels with an overflow bin C, which int8 cannot hold for C = 128)."""
+    h = torch.randn(6, D)
+    labels = torch.tensor([0, 1, num_classes - 1] * 2)
+    losses = []
+    for label_dtype in (dtype, torch.int64):
+        reg = CMIRegularizer(num_classes, D, mode, temperature=T)
+        reg(h, labels.to(label_dtype))
+        reg.end_epoch()
+        losses.append(reg(h, labels.to(label_dtype)))
+    assert torch.equal(losses[0], losses[1])
 
 
 @pytest.mark.parametrize("cast", ["half", "bfloat16", "to_bfloat16", "double"])
