@@ -361,12 +361,23 @@ def training_set_cmi(teacher_dir: str, data_dir: Optional[str] = None, batch_siz
     return results
 
 
+def teacher_rank(row: dict) -> tuple:
+    """Sort key of a :func:`select_teacher` row, highest first: the ratio for a positive metric; after those, the
+    metric, then the lower CMI."""
+    if row["best_metric"] > 0:
+        return (1, row["ratio"], 0.0)
+    return (0, row["best_metric"], -row["train_set_cmi"])
+
+
 def select_teacher(run_dirs: Sequence[str], data_dir: Optional[str] = None, batch_size: int = 64) -> dict:
     """Pick the run with the highest ``best metric / training-set CMI`` (Sivakaran & Yang's teacher rule).
 
     A high metric says the teacher is accurate; a low CMI that its class-conditional feature
-    distributions are concentrated. Returns ``{"metric", "selected", "reason", "runs": [...]}``; every run
-    row has ``run``, ``cmi``, ``cmi_lambda``, ``best_metric``, ``train_set_cmi``, ``ratio``, ``centroids_source``.
+    distributions are concentrated. The ratio ranks runs with a positive metric only: for a metric <= 0 (CoLA's
+    Matthews correlation of a run no better than chance) a higher CMI would raise it. Such runs rank after every
+    run with a positive metric, by metric, then by lower CMI. Returns ``{"metric", "selected", "reason", "runs":
+    [...]}``; every run row has ``run``, ``cmi``, ``cmi_lambda``, ``best_metric``, ``train_set_cmi``, ``ratio``,
+    ``centroids_source``.
     """
     if not run_dirs:
         raise ValueError("--runs must name at least one run directory")
@@ -396,9 +407,16 @@ def select_teacher(run_dirs: Sequence[str], data_dir: Optional[str] = None, batc
                 "centroids_source": results["centroids_source"],
             }
         )
-    best = max(rows, key=lambda row: row["ratio"])
-    reason = (
-        f"{best['run']} has the highest {metric} / training-set CMI ratio, {best['ratio']:.4f} "
-        f"({metric} {best['best_metric']:.4f} / CMI {best['train_set_cmi']:.4g}) among {len(rows)} runs"
-    )
+    best = max(rows, key=teacher_rank)
+    if best["best_metric"] > 0:
+        reason = (
+            f"{best['run']} has the highest {metric} / training-set CMI ratio, {best['ratio']:.4f} "
+            f"({metric} {best['best_metric']:.4f} / CMI {best['train_set_cmi']:.4g}) among {len(rows)} runs"
+        )
+    else:
+        reason = (
+            f"no run has a {metric} above 0, where the {metric} / training-set CMI ratio ranks teachers; by "
+            f"{metric}, then the lower CMI, {best['run']} ranks first ({metric} {best['best_metric']:.4f}, "
+            f"CMI {best['train_set_cmi']:.4g}) among {len(rows)} runs"
+        )
     return {"metric": metric, "selected": best["run"], "reason": reason, "runs": rows}

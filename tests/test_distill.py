@@ -24,7 +24,12 @@ from transformers import (  # noqa: E402
     GPT2Model,
 )
 
-from cmi_fused import CMIRegularizer, KDLoss, cmi_loss  # noqa: E402
+from cmi_fused import (  # noqa: E402
+    CMIRegularizer,
+    KDLoss,
+    cmi_loss,
+    distill,  # noqa: E402
+)
 from cmi_fused.distill import (  # noqa: E402
     DistillationTrainer,
     build_student,
@@ -436,6 +441,33 @@ def test_select_teacher_uses_metric_over_training_set_cmi(teachers, glue_dir):
     assert selection["selected"] in selection["reason"] and "ratio" in selection["reason"]
     with pytest.raises(FileNotFoundError, match="--runs"):
         select_teacher([glue_dir])
+
+
+@pytest.mark.parametrize(
+    "runs, selected",
+    [
+        ({"positive": (0.1, 10.0), "negative": (-0.02, 0.01)}, "positive"),  # ratios 0.01 and -2
+        ({"near_chance": (-0.02, 0.01), "worse": (-0.2, 5.0)}, "near_chance"),  # ratios -2 and -0.04
+        ({"high_cmi": (0.0, 1.0), "low_cmi": (0.0, 0.5)}, "low_cmi"),  # ratios 0 and 0
+    ],
+)
+def test_select_teacher_ranks_a_metric_at_or_below_zero_after_the_ratio(runs, selected, monkeypatch):
+    """The ratio rule ranks teachers with a positive metric. CoLA's Matthews correlation can be <= 0, where a higher
+    CMI would raise the ratio (-0.2 / 5 > -0.02 / 0.01): such runs come after every positive one, by metric, then by
+    lower CMI (training_set_cmi stubbed: only the ranking is under test)."""
+
+    def stub(run, data_dir=None, batch_size=64):
+        value, cmi = runs[run]
+        return {
+            "metric": "matthews_correlation", "best": {"matthews_correlation": value}, "train_set_cmi": cmi,
+            "config": {"cmi": "max", "cmi_lambda": 0.1}, "centroids_source": "stub",
+        }  # fmt: skip
+
+    monkeypatch.setattr(distill, "training_set_cmi", stub)
+    selection = select_teacher(list(runs))
+    assert selection["selected"] == selected
+    assert selection["selected"] in selection["reason"]
+    assert selection["reason"].startswith("no run has") == (runs[selected][0] <= 0)
 
 
 @pytest.fixture(scope="module")
