@@ -220,6 +220,15 @@ def test_seed_fixes_the_built_students_fresh_head():
     assert torch.equal(heads[0], heads[1]) and not torch.equal(heads[0], heads[2])
 
 
+def test_distill_config_defaults_are_the_commands():
+    """The library's DistillConfig trains as long as cmi-glue distill does (the paper's 10 epochs), and refuses
+    resume, which distill() does not do, instead of silently starting over."""
+    parsed = build_parser().parse_args(["distill", "--task", "mrpc", "--teacher", "t", "--output-dir", "o"])
+    assert DistillConfig(task="mrpc", model="t", output_dir="o", teacher="t").epochs == parsed.epochs == 10
+    with pytest.raises(ValueError, match="resume"):
+        DistillConfig(task="mrpc", model="t", output_dir="o", teacher="t", keep_checkpoints=True, resume=True)
+
+
 def test_student_layers_option_is_used():
     """--student-layers 1,3: a 2-layer student whose layer k is teacher layer [1, 3][k]."""
     config = DistillConfig(task="mrpc", model="t", output_dir="o", teacher="t", student_layers=[1, 3])

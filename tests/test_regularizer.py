@@ -388,6 +388,13 @@ def test_wrong_feature_width_is_reported():
         CMIRegularizer(C, D)(torch.randn(4, 6), torch.zeros(4, dtype=torch.long))
 
 
+@pytest.mark.parametrize("normalization", ["none", "center_l2"])
+def test_integer_features_are_refused_with_every_normalisation(normalization):
+    reg = CMIRegularizer(C, D, "batch", normalization=normalization)
+    with pytest.raises(TypeError, match="floating-point"):
+        reg(torch.ones(4, D, dtype=torch.long), torch.zeros(4, dtype=torch.long))
+
+
 def test_out_of_range_labels_do_not_count_as_a_class_when_choosing_centroids():
     """Stored centroids are used when every class in the batch has one; a bad label (reported by cmi_loss) must not
     be taken for class 0 or C - 1 while deciding that."""

@@ -62,9 +62,11 @@ class DistillConfig(TrainConfig):
 
     ``student``: a model directory or hub name for the student; ``None`` builds a DistilBERT from the
     teacher's ``student_layers`` (default: evenly spread). ``cache_teacher_logits``: compute the
-    teacher's training-set logits once before training instead of once per batch.
+    teacher's training-set logits once before training instead of once per batch. ``epochs`` defaults to the
+    paper's 10, as ``cmi-glue distill`` does; ``resume`` is refused (distillation starts over).
     """
 
+    epochs: float = 10.0
     teacher: str = ""
     student: Optional[str] = None
     student_layers: Optional[list] = None
@@ -82,6 +84,8 @@ class DistillConfig(TrainConfig):
             )
         if self.cmi != "none":
             raise ValueError(f"cmi must be 'none' for distillation (the KD loss replaces it), got {self.cmi!r}")
+        if self.resume:  # distill() would silently start over
+            raise ValueError("resume is not supported for distillation: start the run over")
         KDLoss(self.alpha, self.kd_temperature)  # raises ValueError naming alpha / temperature
 
 
