@@ -86,6 +86,13 @@ def test_epoch_mode_uses_previous_epoch_means():
     f_new = softmax(torch.cat([h for h, _ in new_batches]))
     y_new = torch.cat([y for _, y in new_batches])
     assert torch.allclose(reg.centroids.double(), class_means(f_new, y_new), atol=1e-6)
+    epoch2_means = reg.centroids.clone()
+    h, y = make_batches(1, seed=2)[0]
+    h, y = h[y != 2], y[y != 2]  # epoch 3 without class 2: it keeps epoch 2's centroid
+    reg(h, y)
+    reg.end_epoch()
+    assert torch.allclose(reg.centroids[:2].double(), class_means(softmax(h), y)[:2], atol=1e-6)
+    assert torch.equal(reg.centroids[2], epoch2_means[2])
 
 
 def test_ema_mode_blends_batch_means():
