@@ -27,6 +27,7 @@ from . import cmi_op, e2e, report
 from .timing import device_name
 
 DEFAULT_OUTPUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+CUDA_FAULT_STATUS = 3  # exit status of a run stopped by a lost CUDA context (the rows so far are saved)
 QUICK_PROVIDERS = ("eager", "fused", "noop")  # compile left out: inductor's first CPU compile takes ~25 s
 
 
@@ -156,10 +157,12 @@ def main(argv=None) -> int:
     if (args.merge or args.resume) and os.path.exists(stem + ".json"):
         previous = report.read_json(stem + ".json")
         results["date"] = previous["date"]  # the file's day; each run keeps its own start time
-    present, e2e_done = set(), False
+    present, failed, e2e_done = set(), set(), False
     if args.resume and previous:
-        # Rows that failed (a compile error, an OOM, a CUDA fault) count as missing: a resume measures them again.
+        # Rows that failed (a compile error, an OOM, a CUDA fault) count as missing: a resume measures them again,
+        # their units last (a unit that faulted the CUDA context would otherwise end this process before the rest).
         present = {report.row_key(row) for row in previous["rows"] if not row.get("error")}
+        failed = {(cmi_op.Shape.of_row(row), row["mode"]) for row in previous["rows"] if row.get("error")}
         previous_e2e = previous.get("e2e") or {}
         e2e_done = bool(previous_e2e.get("configs")) and not previous_e2e.get("errors")
         log(f"resuming {stem}.json: {len(present)} rows and {'the' if e2e_done else 'no'} e2e section done")
@@ -175,6 +178,7 @@ def main(argv=None) -> int:
         for shape in shapes
         if not cmi_op.grid_row_keys(shape, providers, (mode,), passes, timings, device) <= present
     ]  # fmt: skip
+    pending.sort(key=lambda unit: unit in failed)  # stable: the failed units last, each group in its order
 
     def save() -> None:
         # Every unit not finished yet is listed as skipped at every save, so that a run killed outright (SIGKILL,
@@ -184,6 +188,7 @@ def main(argv=None) -> int:
         report.write_report(stem + ".json")
 
     e2e_pending = not (args.no_e2e or e2e_done)
+    status = 0
     save()
     try:
         fused_error = cmi_op.fused_unavailable_reason()
@@ -202,6 +207,11 @@ def main(argv=None) -> int:
         while pending:
             shape, mode = pending[0]
             if args.time_limit is not None and time.monotonic() - started > args.time_limit:
+                break
+            fault = cmi_op.cuda_fault(device)
+            if fault:  # every later unit would fail the same way: stop, and let a new process (--resume) go on
+                log(f"the CUDA context is lost ({fault[:300]}): no further shape or mode in this process")
+                status = CUDA_FAULT_STATUS
                 break
             rows = cmi_op.run_op_bench(
                 [shape], providers, (mode,), passes, timings, device, budget, copy_tbps, seed=args.seed, log=log
@@ -224,7 +234,7 @@ def main(argv=None) -> int:
     finally:
         save()
     log(f"wrote {stem}.json / .md ({time.monotonic() - started:.0f} s)")
-    return 0
+    return status
 
 
 if __name__ == "__main__":

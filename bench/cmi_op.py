@@ -55,6 +55,7 @@ import torch
 from cmi_fused import cmi_loss
 from cmi_fused.options import CMIOptions
 
+from .report import ROW_KEY, row_key
 from .timing import elapsed_ms, sync
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -586,7 +587,12 @@ def run_op_bench(
     seed: int = 0,
     log: Callable[[str], None] = print,
 ) -> list[dict]:
-    """Every row for the requested grid. ``noop`` runs only as ``fwd_bwd``; ``device`` only on CUDA."""
+    """Every row for the requested grid. ``noop`` runs only as ``fwd_bwd``; ``device`` only on CUDA.
+
+    A case that fails gets error rows (``bench_case`` and ``accuracy`` catch it); so does what fails outside them in a
+    unit (one shape in one mode: its inputs, the float64 reference, the cleanup, where a CUDA fault of an earlier case
+    surfaces): the unit's rows written so far are kept, and each row still missing gets the error.
+    """
     timings = device_timings(timings, device)
     unavailable = {}
     if any(p in ("fused", "fused_compiled") for p in providers):
@@ -595,52 +601,79 @@ def run_op_bench(
             unavailable = {"fused": reason, "fused_compiled": reason}
     l2_bytes = l2_cache_bytes(device)
     generator = torch.Generator(device=device).manual_seed(seed)
+
+    def measure_unit(shape: Shape, mode: str, unit_rows: list) -> None:
+        input_sets = num_input_sets(shape, mode, l2_bytes, budget.max_input_sets)
+        inputs = make_inputs(shape, mode, input_sets, device, generator)
+        checked = [p for p in providers if p != "noop" and p not in unavailable and "fwd_bwd" in passes]
+        reference = float64_reference(inputs[0], shape.num_classes) if checked else None
+        for provider in providers:
+            case_passes = provider_passes(provider, passes)
+            if not case_passes:
+                continue
+            if provider in unavailable:
+                unit_rows += [
+                    dict(
+                        case_fields(shape, mode, provider, pass_name),
+                        timing=timing,
+                        ms=None,
+                        peak_mb=None,
+                        error=unavailable[provider],
+                    )
+                    for pass_name in case_passes
+                    for timing in timings
+                ]
+                continue
+            if provider in COMPILED_PROVIDERS:
+                torch._dynamo.reset()  # a fresh static-shape compile per case: no recompile limit to hit
+            loss_fn = make_loss_fn(provider, shape.num_classes)
+            checks = accuracy(loss_fn, inputs[0], reference) if provider in checked else {}
+            if checks:
+                log(f"{shape.label:>26} {mode:5} {provider:14} accuracy vs float64: {checks}")
+            for pass_name in case_passes:
+                case_rows = bench_case(
+                    shape, mode, provider, pass_name, timings, inputs, loss_fn, device, budget, copy_tbps
+                )
+                if pass_name == "fwd_bwd":
+                    case_rows = [dict(row, **checks) for row in case_rows]
+                for row in case_rows:
+                    if row["ms"] is not None:
+                        shown = f"{row['ms']:.4f} ms"
+                    else:
+                        shown = f"error: {row['error'][:120]}" if "error" in row else f"skipped: {row['skipped']}"
+                    log(f"{shape.label:>26} {mode:5} {provider:14} {pass_name:7} {row['timing']:6} {shown}")
+                unit_rows += case_rows
+        del inputs, reference
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
     rows = []
     for shape in shapes:
         for mode in modes:
-            inputs = make_inputs(
-                shape, mode, num_input_sets(shape, mode, l2_bytes, budget.max_input_sets), device, generator
-            )
-            checked = [p for p in providers if p != "noop" and p not in unavailable and "fwd_bwd" in passes]
-            reference = float64_reference(inputs[0], shape.num_classes) if checked else None
-            for provider in providers:
-                case_passes = provider_passes(provider, passes)
-                if not case_passes:
-                    continue
-                if provider in unavailable:
-                    rows += [
-                        dict(
-                            case_fields(shape, mode, provider, pass_name),
-                            timing=timing,
-                            ms=None,
-                            peak_mb=None,
-                            error=unavailable[provider],
-                        )
-                        for pass_name in case_passes
-                        for timing in timings
-                    ]
-                    continue
-                if provider in COMPILED_PROVIDERS:
-                    torch._dynamo.reset()  # a fresh static-shape compile per case: no recompile limit to hit
-                loss_fn = make_loss_fn(provider, shape.num_classes)
-                checks = accuracy(loss_fn, inputs[0], reference) if provider in checked else {}
-                if checks:
-                    log(f"{shape.label:>26} {mode:5} {provider:14} accuracy vs float64: {checks}")
-                for pass_name in case_passes:
-                    case_rows = bench_case(
-                        shape, mode, provider, pass_name, timings, inputs, loss_fn, device, budget, copy_tbps
-                    )
-                    if pass_name == "fwd_bwd":
-                        case_rows = [dict(row, **checks) for row in case_rows]
-                    for row in case_rows:
-                        if row["ms"] is not None:
-                            shown = f"{row['ms']:.4f} ms"
-                        else:
-                            shown = f"error: {row['error'][:120]}" if "error" in row else f"skipped: {row['skipped']}"
-                        log(f"{shape.label:>26} {mode:5} {provider:14} {pass_name:7} {row['timing']:6} {shown}")
-                    rows += case_rows
-            del inputs, reference
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            unit_rows = []
+            try:
+                measure_unit(shape, mode, unit_rows)
+            except Exception as error:
+                message = f"{type(error).__name__}: {error}"
+                log(f"{shape.label:>26} {mode:5} failed outside a case: {message[:200]}")
+                written = {row_key(row) for row in unit_rows}
+                missing = grid_row_keys(shape, providers, (mode,), passes, timings, device) - written
+                unit_rows += [
+                    dict(zip(ROW_KEY, key, strict=True), ms=None, peak_mb=None, error=message)
+                    for key in sorted(missing, key=str)
+                ]
+            rows += unit_rows
     return rows
+
+
+def cuda_fault(device: torch.device) -> str | None:
+    """The error a CUDA context that can no longer run anything raises (an illegal address sticks to the process
+    that hit it), or ``None``."""
+    if device.type != "cuda":
+        return None
+    try:
+        torch.cuda.synchronize(device)
+    except Exception as error:
+        return f"{type(error).__name__}: {error}"
+    return None

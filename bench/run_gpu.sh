@@ -29,14 +29,25 @@ python3 -c "import matplotlib" 2>/dev/null || echo "matplotlib missing: JSON and
 # leaves room for a command prefix (NOTES: bench.host_overhead, about 20 s) inside a 600 s device call.
 resume=--resume
 [ "${BENCH_RESUME:-1}" = 0 ] && resume=
+hard_limit=${BENCH_HARD_LIMIT:-540}
+time_limit=${BENCH_TIME_LIMIT:-420}
 status=0
-timeout --signal=INT --kill-after=15 "${BENCH_HARD_LIMIT:-540}" \
-    python3 -m bench $resume --time-limit "${BENCH_TIME_LIMIT:-420}" --output-dir "$output_dir" "$@" || status=$?
+timeout --signal=INT --kill-after=15 "$hard_limit" \
+    python3 -m bench $resume --time-limit "$time_limit" --output-dir "$output_dir" "$@" || status=$?
+# Status 3: a CUDA fault left that process unable to run anything (bench/__main__.py) after saving what it had
+# measured. One new process goes on in the time left (SECONDS counts from this script's start), resuming the file:
+# the shapes and modes not measured first, the failed ones last.
+if [ "$status" = 3 ] && [ $(( hard_limit - SECONDS )) -gt 60 ]; then
+    echo "run_gpu.sh: CUDA fault; the rest in a new process"
+    status=0
+    timeout --signal=INT --kill-after=15 $(( hard_limit - SECONDS )) \
+        python3 -m bench --resume --time-limit $(( time_limit > SECONDS ? time_limit - SECONDS : 0 )) \
+        --output-dir "$output_dir" "$@" || status=$?
+fi
 
 # Copied to $OUT unless the output folder is already in it (e.g. $OUT/before and $OUT/after of an A/B: copies
 # would come back twice, under one name, and count against the tool's 8 files).
-out_real=$(realpath -m "${OUT:-}")
-if [ -n "${OUT:-}" ] && [[ "$(realpath -m "$output_dir")/" != "$out_real"/* ]]; then
+if [ -n "${OUT:-}" ] && [[ "$(realpath -m "$output_dir")/" != "$(realpath -m "$OUT")"/* ]]; then
     find "$output_dir" -maxdepth 1 -type f ! -name '*.partial' -newer "$started_marker" -exec cp {} "$OUT"/ \;
 fi
 rm -f "$started_marker"

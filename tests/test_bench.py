@@ -528,6 +528,78 @@ def test_resume_measures_only_the_missing_shapes(tmp_path, keep_torch_threads):
 
 
 @pytest.mark.filterwarnings("ignore:no fused-vs-eager")
+def test_a_unit_failing_outside_its_cases_gets_error_rows(tmp_path, monkeypatch, keep_torch_threads):
+    """What fails in a unit outside the per-case guards (its inputs, the float64 reference, the cleanup, where a CUDA
+    fault surfaces) no longer ends the run: the unit's rows carry the error, the other units are measured. A resume
+    measures the failed unit again, after the units not measured yet."""
+    reference = cmi_op.float64_reference
+
+    def failing_for_6_rows(item, num_classes):
+        if item.features.shape[0] == 6 and item.centroids is not None:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return reference(item, num_classes)
+
+    monkeypatch.setattr(cmi_op, "float64_reference", failing_for_6_rows)
+    argv = ["--quick", "--no-e2e", "--providers", "eager", "--output-dir", str(tmp_path)]
+    shapes = ["--shapes", "6x33:10:bf16", "8x40:3:fp32"]
+    assert bench_main([*argv, *shapes, "--modes", "fixed"]) == 0
+    rows = read_results(tmp_path)["rows"]
+    failed = [row for row in rows if row["N"] == 6]
+    assert len(failed) == 3 and all("simulated" in row["error"] and row["ms"] is None for row in failed)
+    assert {row["pass"] for row in failed} == {"fwd", "bwd", "fwd_bwd"}
+    assert [row["ms"] is not None for row in rows if row["N"] == 8] == [True] * 3
+
+    monkeypatch.setattr(cmi_op, "float64_reference", reference)
+    measure, calls = cmi_op.run_op_bench, []
+
+    def recording(shapes, providers, modes, *args, **kwargs):
+        calls.append((shapes[0].n_rows, *modes))
+        return measure(shapes, providers, modes, *args, **kwargs)
+
+    monkeypatch.setattr(cmi_op, "run_op_bench", recording)
+    assert bench_main([*argv, *shapes, "--resume"]) == 0
+    assert calls == [(6, "batch"), (8, "batch"), (6, "fixed")]
+    assert not [row for row in read_results(tmp_path)["rows"] if row.get("error")]
+
+
+@pytest.mark.filterwarnings("ignore:no fused-vs-eager")
+def test_a_lost_cuda_context_stops_the_run_with_status_3(tmp_path, monkeypatch, keep_torch_threads):
+    """Once the device cannot run anything (a sticky CUDA fault), no further unit starts: the rows so far are saved,
+    the rest listed as not measured, and the exit status (3) tells run_gpu.sh to go on in a new process."""
+    checks = iter([None, "RuntimeError: an illegal memory access was encountered (simulated)"])
+    monkeypatch.setattr(cmi_op, "cuda_fault", lambda device: next(checks))
+    argv = ["--quick", "--no-e2e", "--providers", "eager", "--output-dir", str(tmp_path), "--modes", "fixed"]
+    assert bench_main([*argv, "--shapes", "8x40:3:fp32", "6x33:10:bf16"]) == 3
+    results = read_results(tmp_path)
+    assert {row["N"] for row in results["rows"]} == {8}
+    assert results["skipped"] == [[6, 33, 10, "bf16", "fixed"]]
+
+
+def test_run_gpu_sh_goes_on_in_a_new_process_after_a_cuda_fault(tmp_path):
+    """run_gpu.sh: after `python -m bench` exits with 3, one more process resumes the file in the time left; a second
+    status 3 is passed on. python3 is a stub that records its arguments."""
+    calls = tmp_path / "calls"
+    stub = tmp_path / "bin" / "python3"
+    stub.parent.mkdir()
+    stub.write_text(
+        '#!/usr/bin/env bash\necho "$*" >> "$CALLS"\n[ "$1 $2" = "-m bench" ] && exit "${BENCH_STATUS:-3}"\nexit 0\n'
+    )
+    stub.chmod(0o755)
+    env = dict(os.environ, PATH=f"{stub.parent}:{os.environ['PATH']}", CALLS=str(calls), BENCH_HARD_LIMIT="200")
+    env.pop("OUT", None)
+    output = ["--output-dir", str(tmp_path / "results")]
+    env["BENCH_OUTPUT_DIR"] = str(tmp_path / "results")
+    command = ["bash", "bench/run_gpu.sh", "--no-e2e"]
+    finished = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
+    bench_calls = [line.split() for line in calls.read_text().splitlines() if line.startswith("-m bench")]
+    assert finished.returncode == 3, finished.stderr
+    assert len(bench_calls) == 2 and "new process" in finished.stdout
+    first, second = bench_calls
+    assert first[:3] == ["-m", "bench", "--resume"] and second[:3] == ["-m", "bench", "--resume"]
+    assert second[second.index("--time-limit") + 1].isdigit() and second[-3:] == [*output, "--no-e2e"]
+
+
+@pytest.mark.filterwarnings("ignore:no fused-vs-eager")
 def test_interrupted_run_lists_what_it_did_not_measure(tmp_path, monkeypatch, keep_torch_threads):
     """run_gpu.sh's hard limit interrupts a run with SIGINT: the file keeps every finished (shape, mode), in
     mode-major order (every shape's fixed-centroid unit first), and lists the interrupted and the later ones as
