@@ -36,8 +36,9 @@ to the rounding of the terms, as the loss in tests/test_cmi_loss.py. The gradien
 with ``scale`` the power of two nearest N (as a loss scaler does), so fp16 gradients of a mean stay normal.
 
 Bytes model (achieved GB/s): a pass reads or writes the (N, d) activations ``passes`` times
-(fwd 1: read h; bwd 2: read h, write dh; fwd_bwd 3), plus, with fixed centroids, the gathered centroid
-rows ``min(N, C) * d * 4`` once. The (C, d) ``class_sums`` output is not counted.
+(fwd 1: read h; bwd 2: read h, write dh; fwd_bwd 3), plus, with fixed centroids, the gathered fp32 centroid
+rows ``min(N, C) * d * 4`` once per kernel that reads them (fwd 1, bwd 1, fwd_bwd 2: the backward gathers them
+again). The (C, d) ``class_sums`` output is not counted.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ MODES = ("fixed", "batch")
 PASSES = ("fwd", "bwd", "fwd_bwd")
 TIMINGS = ("device", "wall")
 PASS_ACTIVATION_TRAFFIC = {"fwd": 1, "bwd": 2, "fwd_bwd": 3}
+PASS_CENTROID_GATHERS = {"fwd": 1, "bwd": 1, "fwd_bwd": 2}
 DEFAULT_L2_BYTES = 50 * 2**20
 COPY_WARMUP_STEPS = 3
 # The error floors of the loss and the gradient, as a fraction of the size of the terms they sum (module docstring).
@@ -132,7 +134,7 @@ def bytes_moved(shape: Shape, mode: str, pass_name: str) -> int:
     elem = torch.empty((), dtype=shape.torch_dtype).element_size()
     activations = PASS_ACTIVATION_TRAFFIC[pass_name] * shape.n_rows * shape.dim * elem
     centroid_rows = min(shape.n_rows, shape.num_classes) * shape.dim * 4 if mode == "fixed" else 0
-    return activations + centroid_rows
+    return activations + PASS_CENTROID_GATHERS[pass_name] * centroid_rows
 
 
 def fused_unavailable_reason() -> str | None:

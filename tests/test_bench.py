@@ -273,12 +273,16 @@ def test_parse_shape_rejects(text):
 
 
 def test_bytes_model_matches_the_issue():
-    # 3 passes over N*d*elem, plus the gathered centroid rows min(N, C)*d*4 with fixed centroids.
+    # 3 passes over N*d*elem, plus the gathered fp32 centroid rows min(N, C)*d*4 with fixed centroids, once per
+    # kernel that gathers them: the forward and the backward each, so fwd + bwd = fwd_bwd.
     shape = cmi_op.Shape(32768, 4096, 3, "bf16")
-    assert cmi_op.bytes_moved(shape, "fixed", "fwd_bwd") == 3 * 32768 * 4096 * 2 + 3 * 4096 * 4
+    assert cmi_op.bytes_moved(shape, "fixed", "fwd_bwd") == 3 * 32768 * 4096 * 2 + 2 * 3 * 4096 * 4
     assert cmi_op.bytes_moved(shape, "batch", "fwd") == 32768 * 4096 * 2
     vocab = cmi_op.Shape(16384, 768, 30522, "bf16")
     assert cmi_op.bytes_moved(vocab, "fixed", "bwd") == 2 * 16384 * 768 * 2 + 16384 * 768 * 4
+    for case, mode in ((shape, "fixed"), (vocab, "fixed"), (vocab, "batch")):
+        passes = [cmi_op.bytes_moved(case, mode, pass_name) for pass_name in ("fwd", "bwd", "fwd_bwd")]
+        assert passes[0] + passes[1] == passes[2]
 
 
 def test_input_sets_cover_twice_l2_for_small_shapes_only():
