@@ -259,7 +259,8 @@ def accuracy(loss_fn: Callable, item: InputSet, reference: Reference) -> dict:
 
 def build_step(loss_fn: Callable, inputs: list[InputSet], pass_name: str, *, for_graph: bool):
     """``(prepare, run)`` closures over input set ``k``: ``prepare(k)`` is the untimed part (clears
-    ``h.grad``; the forward of a ``bwd`` pass), ``run(k)`` the timed part.
+    ``h.grad``; the forward of a ``bwd`` pass), ``run(k)`` the timed part (it returns the output of a ``fwd``
+    pass, the gradient of a ``for_graph`` backward, else ``None``).
 
     ``for_graph``: backward as ``torch.autograd.grad`` so that a captured step never accumulates into ``h.grad``,
     retaining the graph in the ``bwd`` pass, whose captured backward is replayed on one forward; otherwise
@@ -273,9 +274,12 @@ def build_step(loss_fn: Callable, inputs: list[InputSet], pass_name: str, *, for
 
     def backward(k, loss):
         if for_graph:
-            torch.autograd.grad(loss, inputs[k].features, retain_graph=pass_name == "bwd")
-        else:
-            loss.backward()
+            (grad,) = torch.autograd.grad(loss, inputs[k].features, retain_graph=pass_name == "bwd")
+            # The noop step's fp32 gradient is an expanded scalar (strides 0, 0): write it out, as .backward() does
+            # into h.grad, so that the device row times the same work as the wall row. A no-op for the other steps.
+            return grad.contiguous()
+        loss.backward()
+        return None
 
     def clear_grad(k):
         inputs[k].features.grad = None
@@ -286,7 +290,7 @@ def build_step(loss_fn: Callable, inputs: list[InputSet], pass_name: str, *, for
     if pass_name == "fwd_bwd":
 
         def run_fwd_bwd(k):
-            backward(k, forward(k))
+            return backward(k, forward(k))
 
         return clear_grad, run_fwd_bwd
 
@@ -295,7 +299,7 @@ def build_step(loss_fn: Callable, inputs: list[InputSet], pass_name: str, *, for
         losses[k] = forward(k)
 
     def run_bwd(k):
-        backward(k, losses[k])
+        return backward(k, losses[k])
 
     return prepare_bwd, run_bwd
 

@@ -718,6 +718,34 @@ def test_captured_backward_retains_the_graph_only_in_the_bwd_pass(pass_name, ret
             torch.autograd.grad(losses[-1], inputs[0].features)
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_captured_noop_step_writes_its_gradient_as_the_wall_step_does(dtype):
+    """The noop step's fp32 gradient from autograd.grad is an expanded scalar (no N x d write), while .backward()
+    writes h.grad: the captured step writes it out too, so its device row times the same work as its wall row."""
+    shape = cmi_op.Shape(6, 9, 2, dtype)
+    inputs = cmi_op.make_inputs(shape, "fixed", 1, torch.device("cpu"), torch.Generator().manual_seed(0))
+    for pass_name in ("bwd", "fwd_bwd"):
+        prepare, run = cmi_op.build_step(cmi_op.make_loss_fn("noop", 2), inputs, pass_name, for_graph=True)
+        prepare(0)
+        assert run(0).stride() == (9, 1)  # written out, not the (0, 0) strides of an expanded scalar
+
+
+def test_elapsed_ms_frees_the_result_after_the_clock_stops(monkeypatch):
+    """A timed forward returns its loss and autograd graph; freeing them is not part of the forward's time."""
+    clock = [0.0]
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
+
+    class LossWithGraph:
+        def __del__(self):
+            clock[0] += 5.0  # the teardown, 5 s on the fake clock
+
+    def forward():
+        clock[0] += 1.0
+        return LossWithGraph()
+
+    assert timing.elapsed_ms(forward, torch.device("cpu")) == 1000.0
+
+
 def test_compiled_providers_skip_the_device_bwd_timing():
     """That retained backward is what torch.compile refuses: its device bwd rows say so instead of an error."""
     shape = cmi_op.Shape(6, 9, 2, "fp32")
