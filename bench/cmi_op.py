@@ -371,9 +371,16 @@ def graph_replay_ms(prepare, run, num_sets: int, estimate_ms: float, budget: Bud
     steps = num_sets * math.ceil(max(1.0, budget.graph_ms / max(estimate_ms, 1e-3)) / num_sets)
     steps = min(steps, num_sets * math.ceil(budget.max_graph_steps / num_sets))
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=side):
-        for step in range(steps):
-            run(step % num_sets)
+    current = torch.cuda.current_stream()
+    try:
+        with torch.cuda.graph(graph, stream=side):
+            for step in range(steps):
+                run(step % num_sets)
+    except Exception:
+        # An error inside the capture makes the graph's own exit raise too ("previous error during capture"), before
+        # it restores the stream: later cases would run on the side stream. (error_text keeps the first error.)
+        torch.cuda.set_stream(current)
+        raise
     for _ in range(budget.warmup_steps):
         graph.replay()
     torch.cuda.synchronize()
@@ -533,7 +540,7 @@ def bench_case(
         estimate_ms = estimate_step_ms(prepare, run, len(inputs), timer, budget.warmup_steps)
         peak_mb = peak_extra_mb(prepare, run) if device.type == "cuda" else None
     except Exception as error:  # the provider cannot run this case at all
-        return [dict(base, timing=t, ms=None, peak_mb=None, error=f"{type(error).__name__}: {error}") for t in timings]
+        return [dict(base, timing=t, ms=None, peak_mb=None, error=error_text(error)) for t in timings]
 
     for timing in timings:
         row = dict(base, timing=timing, ms=None, peak_mb=peak_mb)
@@ -553,9 +560,18 @@ def bench_case(
                 if copy_tbps:
                     row["frac_copy"] = gbps / (copy_tbps * 1e3)
         except Exception as error:  # e.g. CUDA-graph capture unsupported by this provider
-            row["error"] = f"{type(error).__name__}: {error}"
+            row["error"] = error_text(error)
         rows.append(row)
     return rows
+
+
+def error_text(error: BaseException) -> str:
+    """``Type: message`` of an error, and of the one it was raised while handling (a failed CUDA-graph capture
+    raises again on leaving the capture, hiding the cause)."""
+    text = f"{type(error).__name__}: {error}"
+    if error.__context__ is not None and not error.__suppress_context__:
+        text += f" (while handling {type(error.__context__).__name__}: {error.__context__})"
+    return text
 
 
 def provider_passes(provider: str, passes) -> tuple:
@@ -661,7 +677,7 @@ def run_op_bench(
             try:
                 measure_unit(shape, mode, unit_rows)
             except Exception as error:
-                message = f"{type(error).__name__}: {error}"
+                message = error_text(error)
                 log(f"{shape.label:>26} {mode:5} failed outside a case: {message[:200]}")
                 written = {row_key(row) for row in unit_rows}
                 missing = grid_row_keys(shape, providers, (mode,), passes, timings, device) - written

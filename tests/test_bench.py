@@ -975,6 +975,7 @@ class FakeCuda:
     def __init__(self):
         self.clock, self.capturing, self.captured = 0.0, False, 0
         self.allocated, self.peak = 0, 0
+        self.streams_set = []
 
     def install(self, monkeypatch):
         fake = self
@@ -996,12 +997,17 @@ class FakeCuda:
         @contextlib.contextmanager
         def graph(g, stream=None):
             fake.capturing = True
-            yield
-            fake.capturing = False
+            try:
+                yield
+            except Exception:  # as torch.cuda.graph: leaving a failed capture raises again, stream not restored
+                raise RuntimeError("operation failed due to a previous error during capture")  # noqa: B904 (as torch does)
+            finally:
+                fake.capturing = False
 
         stream = type("Stream", (), {"wait_stream": lambda self, other: None})
         for name, value in {
             "Stream": stream, "current_stream": lambda: stream(), "stream": lambda s: contextlib.nullcontext(),
+            "set_stream": lambda s: fake.streams_set.append(s),
             "synchronize": lambda: None, "CUDAGraph": Graph, "graph": graph, "Event": Event,
             "memory_allocated": lambda: fake.allocated, "max_memory_allocated": lambda: fake.peak,
             "reset_peak_memory_stats": lambda: setattr(fake, "peak", fake.allocated),
@@ -1019,6 +1025,21 @@ def test_graph_replay_reports_per_step_ms(monkeypatch):
     budget = cmi_op.Budget(graph_ms=8.0, max_graph_steps=256, min_reps=5, max_reps=5, warmup_steps=1)
     per_step, steps = cmi_op.graph_replay_ms(lambda k: None, fake.run, 2, 1.0, budget)
     assert steps == 8 == fake.captured and per_step == [1.0] * 5
+
+
+def test_a_failed_capture_restores_the_stream_and_keeps_its_cause(monkeypatch):
+    fake = FakeCuda()
+    fake.install(monkeypatch)
+
+    def run(k):
+        if fake.capturing:
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    with pytest.raises(RuntimeError) as raised:
+        cmi_op.graph_replay_ms(lambda k: None, run, 1, 1.0, cmi_op.Budget(warmup_steps=1))
+    assert len(fake.streams_set) == 1  # the stream current before the capture, set back
+    text = cmi_op.error_text(raised.value)
+    assert "previous error during capture" in text and "not permitted when stream is capturing" in text
 
 
 def test_peak_memory_is_the_steps_extra_allocation(monkeypatch):
