@@ -25,6 +25,7 @@ from transformers import (
     AutoTokenizer,
     BertConfig,
     BertForSequenceClassification,
+    DataCollatorWithPadding,
     DistilBertConfig,
     DistilBertForSequenceClassification,
     RobertaConfig,
@@ -454,6 +455,41 @@ def cmi_trainer(tiny_bert, output_dir, cmi, cmi_lambda=0.3):
         cmi_weight=config.cmi_weight,
     )
     return trainer, model
+
+
+def test_frozen_centroids_under_bf16_come_from_autocast_features(tiny_bert, glue_dir, tmp_path, monkeypatch):
+    """Under --bf16 the Trainer's forwards run in autocast (accelerate wraps the model's forward once training
+    starts), so the features trained on are bf16; the frozen pass before training computes them the same way (on
+    the CPU here: bf16 needs use_cpu there)."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    model = BertForSequenceClassification.from_pretrained(tiny_bert)
+    config = TrainConfig("mrpc", tiny_bert, str(tmp_path), cmi="min", centroids="frozen", temperature=0.2, bf16=True)
+    args = build_training_arguments(
+        config, "f1", eval_strategy="no", save_strategy="no", load_best_model_at_end=False, use_cpu=True
+    )
+    capture = FeatureCapture(model, "pooled")
+    trainer = CMITrainer(
+        model=model, args=args, processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
+        regularizer=CMIRegularizer(2, HIDDEN, "frozen", temperature=0.2), capture=capture, cmi_weight=0.1,
+    )  # fmt: skip
+    popped_dtypes, pop = [], capture.pop
+
+    def recording_pop():
+        features = pop()
+        popped_dtypes.append(features.dtype)
+        return features
+
+    monkeypatch.setattr(capture, "pop", recording_pop)
+    split = tokenize_split(load_task("mrpc", glue_dir).train, tokenizer, 64)
+    trainer.freeze_centroids(split)
+    assert popped_dtypes and set(popped_dtypes) == {torch.bfloat16}
+    inputs = padded_batch(tokenizer, split)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        pooled = model.eval().bert(**inputs).pooler_output
+    labels = torch.tensor(split["label"])
+    expected = cmi_loss(pooled.float(), labels, 2, temperature=0.2, backend="torch")
+    means = expected.class_sums / expected.class_counts[:, None]
+    torch.testing.assert_close(trainer.regularizer.centroids, means, rtol=0, atol=1e-6)
 
 
 def training_batches(trainer, tiny_bert, glue_dir, sizes):

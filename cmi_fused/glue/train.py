@@ -244,7 +244,10 @@ class CMITrainer(Trainer):
                 model = trainer.model.to(trainer.args.device).eval()
                 for batch in loader:
                     batch = trainer._prepare_inputs(batch)
-                    model(**{key: value for key, value in batch.items() if key != "labels"})
+                    # --bf16: the features of this pass in the precision the Trainer's forwards give them (accelerate
+                    # wraps the model's forward in autocast once training starts), not fp32 ones
+                    with trainer.accelerator.autocast():
+                        model(**{key: value for key, value in batch.items() if key != "labels"})
                     yield trainer.capture.pop().float(), batch["labels"]
 
         devices = [self.args.device] if self.args.device.type == "cuda" else []
