@@ -697,5 +697,5 @@ def cuda_fault(device: torch.device) -> str | None:
     try:
         torch.cuda.synchronize(device)
     except Exception as error:
-        return f"{type(error).__name__}: {error}"
+        return error_text(error)
     return None

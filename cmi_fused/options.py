@@ -109,6 +109,14 @@ def validate_labels(labels: torch.Tensor, num_classes: int) -> None:
         raise ValueError(f"labels must lie in [0, num_classes={num_classes}); found label {bad}")
 
 
+def check_float_tensor(features) -> None:
+    """``features`` is a floating-point tensor."""
+    if not isinstance(features, torch.Tensor):
+        raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
+    if not features.is_floating_point():
+        raise TypeError(f"features must be a floating-point tensor, got dtype {features.dtype}")
+
+
 def check_label_tensor(labels, n_rows: int, device: torch.device, reference: str) -> None:
     """``labels`` is an integer (n_rows,) tensor on ``device`` (that of the tensor named ``reference``)."""
     if not isinstance(labels, torch.Tensor):
@@ -167,10 +175,7 @@ def check_inputs(
     check_labels,
 ) -> tuple[CMIOptions, str]:
     """Validate every argument; return the options and the resolved backend name."""
-    if not isinstance(features, torch.Tensor):
-        raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
-    if not features.is_floating_point():
-        raise TypeError(f"features must be a floating-point tensor, got dtype {features.dtype}")
+    check_float_tensor(features)
     if features.dim() != 2:
         raise ValueError(f"features must be 2-D (N, d), got shape {tuple(features.shape)}")
     n_rows, dim = features.shape

@@ -51,6 +51,7 @@ from .loss import cmi_loss
 from .options import (
     check_backend,
     check_eps,
+    check_float_tensor,
     check_label_tensor,
     check_number,
     check_temperature,
@@ -228,8 +229,7 @@ class CMIRegularizer(nn.Module):
         """The CMI term (scalar float32) of ``features`` (N, d) with class ``labels`` (N,)."""
         if features.dim() != 2 or features.shape[-1] != self.dim:
             raise ValueError(f"features must have shape (N, dim={self.dim}), got {tuple(features.shape)}")
-        if not features.is_floating_point():  # as cmi_loss, which center_l2's float result would otherwise hide
-            raise TypeError(f"features must be a floating-point tensor, got dtype {features.dtype}")
+        check_float_tensor(features)  # as cmi_loss checks it, which center_l2's float result would otherwise hide
         # The labels are checked before _centroids_for counts them.
         check_label_tensor(labels, features.shape[0], features.device, "features")
         maybe_validate_labels(labels, self.num_classes, None)
