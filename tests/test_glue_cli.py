@@ -33,6 +33,7 @@ from transformers import (
 )
 
 from cmi_fused import CMIRegularizer, cmi_loss
+from cmi_fused import regularizer as regularizer_module
 from cmi_fused.glue import train as glue_train
 from cmi_fused.glue.cli import build_parser, config_from_args, main, parse_list
 from cmi_fused.glue.data import load_task, tokenize_split
@@ -460,7 +461,7 @@ def cmi_trainer(tiny_bert, output_dir, cmi, cmi_lambda=0.3):
 def test_frozen_centroids_under_bf16_come_from_autocast_features(tiny_bert, glue_dir, tmp_path, monkeypatch):
     """Under --bf16 the Trainer's forwards run in autocast (accelerate wraps the model's forward once training
     starts), so the features trained on are bf16; the frozen pass before training computes them the same way (on
-    the CPU here: bf16 needs use_cpu there)."""
+    the CPU, with use_cpu also on a GPU machine: the reference forward below runs there)."""
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
     model = BertForSequenceClassification.from_pretrained(tiny_bert)
     config = TrainConfig("mrpc", tiny_bert, str(tmp_path), cmi="min", centroids="frozen", temperature=0.2, bf16=True)
@@ -490,6 +491,22 @@ def test_frozen_centroids_under_bf16_come_from_autocast_features(tiny_bert, glue
     expected = cmi_loss(pooled.float(), labels, 2, temperature=0.2, backend="torch")
     means = expected.class_sums / expected.class_counts[:, None]
     torch.testing.assert_close(trainer.regularizer.centroids, means, rtol=0, atol=1e-6)
+
+
+@pytest.mark.skipif(torch.accelerator.is_available(), reason="a machine without any accelerator")
+def test_bf16_without_an_accelerator_trains_in_cpu_autocast(tiny_bert, glue_dir, tmp_path, monkeypatch):
+    """--bf16 with no accelerator at all: the Trainer is told to use the CPU (transformers refuses bf16 there
+    otherwise) and trains in CPU autocast, so the CMI term sees bf16 features."""
+    feature_dtypes = []
+
+    def recording_cmi_loss(features, *args, **kwargs):
+        feature_dtypes.append(features.dtype)
+        return cmi_loss(features, *args, **kwargs)
+
+    monkeypatch.setattr(regularizer_module, "cmi_loss", recording_cmi_loss)
+    main(["train", *common_args(tiny_bert, glue_dir, tmp_path), "--cmi", "min", "--epochs", "1", "--bf16"])
+    assert feature_dtypes and set(feature_dtypes) == {torch.bfloat16}
+    assert json.loads((tmp_path / "results.json").read_text())["config"]["bf16"] is True
 
 
 def training_batches(trainer, tiny_bert, glue_dir, sizes):

@@ -65,7 +65,7 @@ def add_common_args(parser: argparse.ArgumentParser, with_model: bool = True) ->
     parser.add_argument(
         "--bf16",
         action="store_true",
-        help="bfloat16 mixed precision (on a GPU: transformers refuses it on a CPU-only run)",
+        help="bfloat16 mixed precision (autocast; on a machine without an accelerator, CPU autocast)",
     )
     parser.add_argument("--max-train-samples", type=int, help="keep the first N training rows")
     parser.add_argument("--max-eval-samples", type=int, help="keep the first N rows of each evaluation split")

@@ -287,9 +287,12 @@ def build_training_arguments(config: TrainConfig, metric_for_best_model: str, **
         disable_tqdm=config.disable_tqdm,
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
-        # Under torchrun without CUDA the Trainer enters DDP (gloo) only when told to use the CPU; otherwise every
-        # process would train on all the data and write the same checkpoints.
-        use_cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
+        # The Trainer is told to use the CPU when it has no choice: with no accelerator at all (transformers refuses
+        # --bf16 there otherwise; told, it runs CPU autocast), and under torchrun without CUDA, where it enters DDP
+        # over gloo only when told (otherwise every process would train on all the data and write the same
+        # checkpoints).
+        use_cpu=not torch.cuda.is_available()
+        and (not torch.accelerator.is_available() or int(os.environ.get("WORLD_SIZE", "1")) > 1),
     )
     kwargs.update(overrides)
     return TrainingArguments(**kwargs)
