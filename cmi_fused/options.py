@@ -78,13 +78,13 @@ def check_number(name: str, value, low: float = -math.inf, high: float = math.in
     return number
 
 
-def check_temperature(temperature) -> float:
+def check_temperature(temperature, name: str = "temperature") -> float:
     """T as a float: finite, > 0, and with 1/T a normal float32 (the kernels scale by 1/T in float32; a 1/T that
-    overflowed or flushed to zero would turn the padding lanes' -inf into NaN)."""
-    value = check_number("temperature", temperature, 0.0, low_open=True)
+    overflowed or flushed to zero would turn the padding lanes' -inf into NaN). Errors name it ``name``."""
+    value = check_number(name, temperature, 0.0, low_open=True)
     if not FLOAT32.tiny <= 1.0 / value <= FLOAT32.max:
         raise ValueError(
-            f"temperature must lie in [{1.0 / FLOAT32.max:.3g}, {1.0 / FLOAT32.tiny:.3g}] (1/T a normal float32), "
+            f"{name} must lie in [{1.0 / FLOAT32.max:.3g}, {1.0 / FLOAT32.tiny:.3g}] (1/T a normal float32), "
             f"got {temperature!r}"
         )
     return value

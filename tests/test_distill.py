@@ -657,12 +657,22 @@ def test_distill_sweep_table(teachers, glue_dir, tmp_path, monkeypatch):
 
 def test_distill_argument_errors(teachers, glue_dir, tmp_path, capsys):
     base = distill_args(teachers["none"], glue_dir, tmp_path / "x")
-    with pytest.raises(ValueError, match="alpha"):
+    with pytest.raises(SystemExit):
         main(["distill", *base, "--alpha", "1.5"])
-    with pytest.raises(ValueError, match="not both"):
+    assert "cmi-glue distill: error: --alpha must be a finite number in [0, 1], got 1.5" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
         main(["distill", *base, "--student", teachers["max"], "--student-layers", "0"])
+    assert "not both" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["distill", *base, "--student-layers", "a,b"])
     assert "--student-layers" in capsys.readouterr().err
-    with pytest.raises(OSError, match="--teacher"):
+    with pytest.raises(FileNotFoundError, match="--teacher .* is not a directory"):
         main(["distill", *distill_args(str(tmp_path / "missing"), glue_dir, tmp_path / "y")])
+    # An MRPC teacher for SST-2 (two labels too, other names): refused, not only warned about.
+    (tmp_path / "glue" / "SST-2").mkdir(parents=True)
+    for name in ("train.tsv", "dev.tsv"):
+        (tmp_path / "glue" / "SST-2" / name).write_text("sentence\tlabel\n" + "a good film\t1\na bad one\t0\n" * 4)
+    sst2 = distill_args(teachers["none"], str(tmp_path / "glue"), tmp_path / "z")
+    sst2[sst2.index("mrpc")] = "sst2"
+    with pytest.raises(ValueError, match="--teacher .* was trained on mrpc, not on sst2"):
+        main(["distill", *sst2])

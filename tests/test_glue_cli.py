@@ -699,8 +699,6 @@ def test_feature_capture_is_the_classifier_input(tmp_path):
 def test_bad_arguments_say_what_to_pass(tiny_bert, glue_dir, tmp_path, capsys):
     with pytest.raises(OSError, match="pass a local directory"):
         main(["train", *common_args(str(tmp_path / "no-model"), glue_dir, tmp_path / "x")])
-    with pytest.raises(ValueError, match="cmi_lambda must be >= 0"):
-        main(["train", *common_args(tiny_bert, glue_dir, tmp_path / "x"), "--cmi", "min", "--cmi-lambda", "-1"])
     with pytest.raises(SystemExit):
         build_parser().parse_args(["sweep", *common_args(tiny_bert, glue_dir, tmp_path / "x"), "--lambdas", "0,a"])
     assert "argument --lambdas: expected a comma-separated list of float: '0,a'" in capsys.readouterr().err
@@ -709,10 +707,26 @@ def test_bad_arguments_say_what_to_pass(tiny_bert, glue_dir, tmp_path, capsys):
     assert "expected a positive whole number of epochs, got '2.5'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="epochs must be a positive whole number"):
         TrainConfig("mrpc", "m", str(tmp_path / "x"), epochs=2.5)
-    with pytest.raises(ValueError, match=r"warmup_ratio must be in \[0, 1\)"):
-        main(["train", *common_args(tiny_bert, glue_dir, tmp_path / "x"), "--warmup-ratio", "1"])
-    with pytest.raises(ValueError, match="max_seq_length must be a positive int"):
-        main(["train", *common_args(tiny_bert, glue_dir, tmp_path / "x"), "--max-seq-length", "0"])
+    with pytest.raises(ValueError, match="cmi_lambda must be >= 0"):  # the library names the field
+        TrainConfig("mrpc", "m", str(tmp_path / "x"), cmi="min", cmi_lambda=-1)
+    # A setting the config refuses is a usage error of the command, naming the option, before anything loads.
+    refused = [
+        ("train", "--cmi-lambda", "-1", "--cmi-lambda must be >= 0 (the sign comes from cmi=min/max), got -1.0"),
+        ("train", "--warmup-ratio", "1", "--warmup-ratio must be in [0, 1) (a fraction of the steps), got 1.0"),
+        ("train", "--max-seq-length", "0", "--max-seq-length must be a positive int, got 0"),
+        ("train", "--temperature", "0", "--temperature must be a finite number > 0, got 0.0"),
+        ("train", "--momentum", "1", "--momentum must be a finite number in [0, 1), got 1.0"),
+        ("distill", "--kd-temperature", "0", "--kd-temperature must be a finite number > 0, got 0.0"),
+        ("distill", "--alpha", "2", "--alpha must be a finite number in [0, 1], got 2.0"),
+    ]
+    for command, option, value, message in refused:
+        model = ["--teacher", tiny_bert] if command == "distill" else ["--model", tiny_bert]
+        args = [command, "--task", "mrpc", *model, "--data-dir", glue_dir, "--output-dir", str(tmp_path / "x")]
+        with pytest.raises(SystemExit) as exit_info:
+            main([*args, option, value])
+        assert exit_info.value.code == 2
+        assert f"cmi-glue {command}: error: {message}\n" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.parametrize(

@@ -107,7 +107,21 @@ def config_from_args(args: argparse.Namespace, **overrides) -> TrainConfig:
     """A :class:`TrainConfig` from parsed arguments (fields the parser lacks keep their defaults)."""
     fields = {name: getattr(args, name) for name in TrainConfig.__dataclass_fields__ if hasattr(args, name)}
     fields.update(overrides)
-    return TrainConfig(**fields)
+    return build_config(TrainConfig, fields, args)
+
+
+def build_config(config_class, fields: dict, args: argparse.Namespace):
+    """``config_class(**fields)``. A value it refuses is a usage error of the command, reported as argparse reports a
+    malformed one (``cmi-glue train: error: --cmi-lambda must be >= 0 ...``, exit status 2, no traceback); a message
+    that starts with a field's name starts with its option instead."""
+    try:
+        return config_class(**fields)
+    except ValueError as error:
+        message = str(error)
+        field = message.split(" ", 1)[0]
+        if field in config_class.__dataclass_fields__:
+            message = "--" + field.replace("_", "-") + message[len(field) :]
+        args.usage_error(message)
 
 
 def run_train(args: argparse.Namespace) -> None:
@@ -162,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .distill_cli import register_distill_commands  # imports this module: not at the top
 
     register_distill_commands(subparsers)
+    for command_parser in subparsers.choices.values():  # build_config reports a refused setting with it
+        command_parser.set_defaults(usage_error=command_parser.error)
     return parser
 
 

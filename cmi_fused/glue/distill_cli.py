@@ -31,8 +31,9 @@ from ..distill import (
     with_teacher_logits,
 )
 from ..kd import KDLoss
-from .cli import add_common_args, parse_list, report
-from .data import GlueData, load_task, tokenize_split, tokenize_task
+from ..options import check_number, check_temperature
+from .cli import add_common_args, build_config, parse_list, report
+from .data import GlueData, GlueTask, load_task, tokenize_split, tokenize_task
 from .sweep import (
     format_sweep_markdown,
     machine_description,
@@ -86,11 +87,22 @@ class DistillConfig(TrainConfig):
             raise ValueError(f"cmi must be 'none' for distillation (the KD loss replaces it), got {self.cmi!r}")
         if self.resume:  # distill() would silently start over
             raise ValueError("resume is not supported for distillation: start the run over")
-        KDLoss(self.alpha, self.kd_temperature)  # raises ValueError naming alpha / temperature
+        check_number("alpha", self.alpha, 0.0, 1.0)  # as KDLoss checks them, under this config's names
+        check_temperature(self.kd_temperature, "kd_temperature")
 
 
-def load_teacher(teacher_dir: str, label_names: tuple):
-    """The teacher classifier (frozen later by the trainer) and its tokenizer."""
+def load_teacher(teacher_dir: str, task: GlueTask):
+    """The teacher classifier (frozen later by the trainer) and its tokenizer. A directory of a run trained on
+    another task (its ``results.json`` says which) is refused."""
+    if not os.path.isdir(teacher_dir):
+        raise FileNotFoundError(f"--teacher {teacher_dir!r} is not a directory: pass one written by cmi-glue train")
+    results_path = os.path.join(teacher_dir, RESULTS_FILE)
+    if os.path.isfile(results_path):
+        with open(results_path) as handle:
+            teacher_task = json.load(handle).get("task")
+        if teacher_task is not None and teacher_task != task.name:
+            raise ValueError(f"--teacher {teacher_dir!r} was trained on {teacher_task}, not on {task.name}")
+    label_names = task.label_names
     try:
         tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
         teacher = AutoModelForSequenceClassification.from_pretrained(teacher_dir)
@@ -150,7 +162,7 @@ def distill(
     """
     if data is None:
         data = load_task(config.task, config.data_dir, config.max_train_samples, config.max_eval_samples)
-    teacher, tokenizer = teacher or load_teacher(config.teacher, data.task.label_names)
+    teacher, tokenizer = teacher or load_teacher(config.teacher, data.task)
     student, layers = load_student(config, teacher, tokenizer, data.task.label_names)
     train_dataset, eval_datasets = tokenize_task(data, tokenizer, config.max_seq_length)
     eval_dataset = next(iter(eval_datasets.values())) if len(eval_datasets) == 1 else eval_datasets
@@ -219,7 +231,7 @@ def run_distill_sweep(
     values, runs, arm_order = {}, [], []
     for index, teacher_dir in enumerate(teachers):
         label = teacher_dir if len(teachers) > 1 else ""
-        teacher = load_teacher(teacher_dir, data.task.label_names)
+        teacher = load_teacher(teacher_dir, data.task)
         cached = None
 
         def run_distill(config, teacher=teacher):
@@ -326,7 +338,7 @@ def distill_config_from_args(args: argparse.Namespace, **overrides) -> DistillCo
     fields = {name: getattr(args, name) for name in DistillConfig.__dataclass_fields__ if hasattr(args, name)}
     fields.update(overrides)
     fields["model"] = fields["student"] or fields["teacher"]
-    return DistillConfig(**fields)
+    return build_config(DistillConfig, fields, args)
 
 
 def run_distill_command(args: argparse.Namespace) -> None:

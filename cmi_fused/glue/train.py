@@ -34,6 +34,7 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..distributed import all_reduce_sum
+from ..options import check_number, check_temperature
 from ..regularizer import CENTROID_MODES, NORMALIZATIONS, CMIRegularizer
 from .data import GlueData, load_task, tokenize_task
 from .metrics import task_metric_names
@@ -89,6 +90,8 @@ class TrainConfig:
             raise ValueError(f"feature must be one of {FEATURES}, got {self.feature!r}")
         if self.normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
+        check_temperature(self.temperature)  # as CMIRegularizer checks them, before anything loads
+        check_number("momentum", self.momentum, 0.0, 1.0, high_open=True)
         if not self.cmi_lambda >= 0:
             raise ValueError(f"cmi_lambda must be >= 0 (the sign comes from cmi=min/max), got {self.cmi_lambda!r}")
         if not (self.epochs > 0 and float(self.epochs).is_integer()):
