@@ -55,7 +55,8 @@ def add_common_args(parser: argparse.ArgumentParser, with_model: bool = True) ->
         parser.add_argument("--model", required=True, help="hub name or local directory of the model and tokenizer")
     parser.add_argument("--output-dir", required=True, help="where checkpoints and results are written")
     parser.add_argument("--data-dir", help="GLUE TSV root (<dir>/<TASK>/train.tsv, dev.tsv); default: datasets hub")
-    parser.add_argument("--epochs", type=whole_epochs, default=5.0, help="a positive whole number")
+    # "5", not 5.0: argparse parses a string default with the type (a float for TrainingArguments), --help shows "5"
+    parser.add_argument("--epochs", type=whole_epochs, default="5", help="a positive whole number")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--eval-batch-size", type=int, help="default: --batch-size")
     parser.add_argument("--lr", type=float, default=2e-5)
@@ -154,8 +155,9 @@ def register_sweep(subparsers) -> None:
     parser = subparsers.add_parser("sweep", help="CE and every lambda with the same seeds; sweep.json/sweep.md")
     add_common_args(parser)
     add_cmi_args(parser, default_cmi="min")
-    parser.add_argument("--lambdas", type=parse_list(float), default=[0, 0.05, 0.1, 0.2, 0.5, 1])
-    parser.add_argument("--seeds", type=parse_list(int), default=[0, 1, 2])
+    # list defaults as strings: argparse parses them with the type, and --help shows them as they are typed
+    parser.add_argument("--lambdas", type=parse_list(float), default="0,0.05,0.1,0.2,0.5,1", help="comma-separated")
+    parser.add_argument("--seeds", type=parse_list(int), default="0,1,2", help="comma-separated")
     parser.set_defaults(func=run_sweep_command)
 
 

@@ -313,7 +313,7 @@ def run_distill_sweep(
 def add_distill_args(parser: argparse.ArgumentParser) -> None:
     """The common ``train`` options, with ``--student`` (alias ``--model``) in place of the required ``--model``."""
     add_common_args(parser, with_model=False)
-    parser.set_defaults(epochs=10.0)
+    parser.set_defaults(epochs="10")  # parsed by --epochs' type, as its own default
     parser.add_argument(
         "--student",
         "--model",
@@ -451,9 +451,10 @@ def register_distill_sweep(subparsers) -> None:
     )
     add_distill_args(parser)
     parser.add_argument("--teacher", nargs="+", required=True, help="one or more teacher directories")
-    parser.add_argument("--alphas", type=parse_list(float), default=[0.0, 0.5])
-    parser.add_argument("--kd-temperatures", type=parse_list(float), default=[2.0])
-    parser.add_argument("--seeds", type=parse_list(int), default=[0, 1, 2])
+    # list defaults as strings: argparse parses them with the type, and --help shows them as they are typed
+    parser.add_argument("--alphas", type=parse_list(float), default="0,0.5", help="comma-separated")
+    parser.add_argument("--kd-temperatures", type=parse_list(float), default="2", help="comma-separated")
+    parser.add_argument("--seeds", type=parse_list(int), default="0,1,2", help="comma-separated")
     parser.set_defaults(func=run_distill_sweep_command)
 
 

@@ -256,8 +256,9 @@ def run_sweep(
     }
     notes = [f"command: `{command}`" if command else "command: (library call)", f"machine: {machine_description()}"]
     notes.append(
-        f"model `{base.model}`, {base.epochs:g} epochs, batch {base.batch_size}, lr {base.lr:g}, max_seq_length "
-        f"{base.max_seq_length}, centroids `{base.centroids}`, feature `{base.feature}`, T {base.temperature:g}, "
+        f"model `{base.model}`, {base.epochs:g} epoch{'' if base.epochs == 1 else 's'}, batch {base.batch_size}, "
+        f"lr {base.lr:g}, max_seq_length {base.max_seq_length}, centroids `{base.centroids}`, "
+        f"feature `{base.feature}`, T {base.temperature:g}, "
         f"max_train_samples {base.max_train_samples}, max_eval_samples {base.max_eval_samples}"
     )
     title = f"{base.task}: CE vs {base.cmi.capitalize()}-CMI sweep"
