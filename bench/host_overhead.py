@@ -63,6 +63,8 @@ def launches_stubbed(sms: int):
         stack.enter_context(mock.patch.dict(os.environ, {"TRITON_INTERPRET": "1"}))
         # Nor does the interpreter's numpy limit apply (the GPU image pairs triton 3.6 with numpy 2.5).
         stack.enter_context(mock.patch.object(kernels.cmi, "interpreter_numpy_problem", lambda: None))
+        # Nor its numpy error state (host time that a GPU launch does not spend).
+        stack.enter_context(mock.patch.object(kernels.cmi, "interpreter_errstate", contextlib.nullcontext))
         for name in KERNELS:
             # Where the launchers look the kernels up: `kernel[grid]` reaches JITFunction.run only on some
             # Triton versions (not in the interpreters of 3.3-3.5).

@@ -112,15 +112,28 @@ def _check_device(features: torch.Tensor) -> None:
         raise RuntimeError(f"{problem}, or use backend='torch'")
 
 
+def interpreter_errstate():
+    """numpy's floating-point warnings off while the interpreter runs the kernels in numpy, as a GPU has none: lanes
+    that no result reads make infs and NaNs on ordinary input (0 * -inf in a row's padding lanes, 0 / 0 in the
+    log-centroid row of a class absent from the batch), and numpy would warn about each."""
+    import numpy  # the interpreter's own dependency: only the CPU path needs it
+
+    return numpy.errstate(all="ignore")
+
+
 def on_the_tensors_device(launcher):
     """Triton launches on torch's *current* CUDA device and its stream, not on the device of the tensors it is given:
     with tensors on cuda:1 while cuda:0 is current, the kernels would run in cuda:0's context with cuda:1's pointers
     (an illegal address, or with peer access a race with cuda:1's stream). The launcher runs with its first
-    argument's device current; in the usual case, that device already is, it costs one device query."""
+    argument's device current; in the usual case, that device already is, it costs one device query. CPU tensors
+    (the interpreter) run under :func:`interpreter_errstate`."""
 
     @functools.wraps(launcher)
     def on_device(tensor: torch.Tensor, *args, **kwargs):
-        if tensor.is_cuda and tensor.device.index != torch.cuda.current_device():
+        if not tensor.is_cuda:
+            with interpreter_errstate():
+                return launcher(tensor, *args, **kwargs)
+        if tensor.device.index != torch.cuda.current_device():
             with torch.cuda.device(tensor.device):
                 return launcher(tensor, *args, **kwargs)
         return launcher(tensor, *args, **kwargs)
