@@ -408,15 +408,16 @@ def select_teacher(run_dirs: Sequence[str], data_dir: Optional[str] = None, batc
             }
         )
     best = max(rows, key=teacher_rank)
+    among = f"among {len(rows)} run{'' if len(rows) == 1 else 's'}"
     if best["best_metric"] > 0:
         reason = (
             f"{best['run']} has the highest {metric} / training-set CMI ratio, {best['ratio']:.4f} "
-            f"({metric} {best['best_metric']:.4f} / CMI {best['train_set_cmi']:.4g}) among {len(rows)} runs"
+            f"({metric} {best['best_metric']:.4f} / CMI {best['train_set_cmi']:.4g}) {among}"
         )
     else:
         reason = (
             f"no run has a {metric} above 0, where the {metric} / training-set CMI ratio ranks teachers; by "
             f"{metric}, then the lower CMI, {best['run']} ranks first ({metric} {best['best_metric']:.4f}, "
-            f"CMI {best['train_set_cmi']:.4g}) among {len(rows)} runs"
+            f"CMI {best['train_set_cmi']:.4g}) {among}"
         )
     return {"metric": metric, "selected": best["run"], "reason": reason, "runs": rows}

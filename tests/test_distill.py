@@ -548,6 +548,12 @@ def test_select_teacher_command(teachers, tmp_path, capsys):
         cmi_lambda = "-" if row["cmi"] == "none" else f"{row['cmi_lambda']:g}"
         assert f"| {row['cmi']} | {cmi_lambda} | {row['best_metric']:.4f} | {row['train_set_cmi']:.4g} |" in printed
     assert selection["left_out"] == [] and "left out" not in printed
+    noted = "note: the selected run was trained with --cmi none" in printed
+    assert noted == (selection["selected"] == teachers["none"] + os.sep)
+    for cmi in ("none", "max"):  # the note says when the selection is not a Max-CMI run
+        main(["select-teacher", "--runs", teachers[cmi]])
+        note = "note: the selected run was trained with --cmi none; the paper distils Max-CMI teachers"
+        assert (note in capsys.readouterr().out) == (cmi == "none")
     # A parent directory stands for the runs inside it trained with a CMI term: its CE run (--cmi none, a sweep's
     # lambda 0 baseline, the lowest CMI) is left out and reported, and named on its own it is kept (above). A
     # distillation run there (results.json, no regulariser state) is skipped, and named on its own it gets an

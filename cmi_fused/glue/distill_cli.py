@@ -405,6 +405,9 @@ def run_select_teacher_command(args: argparse.Namespace) -> None:
     if left_out:
         print(f"left out (CE baselines of the directories given; name a run to include it): {', '.join(left_out)}")
     print(f"selected: {selection['selected']}\nwhy: {selection['reason']}")
+    selected_cmi = next(row["cmi"] for row in selection["runs"] if row["run"] == selection["selected"])
+    if selected_cmi != "max":
+        print(f"note: the selected run was trained with --cmi {selected_cmi}; the paper distils Max-CMI teachers")
     selection["left_out"] = left_out
     if args.json:
         with open(args.json, "w") as handle:
