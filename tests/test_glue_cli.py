@@ -496,7 +496,10 @@ def test_frozen_centroids_under_bf16_come_from_autocast_features(tiny_bert, glue
 @pytest.mark.skipif(torch.accelerator.is_available(), reason="a machine without any accelerator")
 def test_bf16_without_an_accelerator_trains_in_cpu_autocast(tiny_bert, glue_dir, tmp_path, monkeypatch):
     """--bf16 with no accelerator at all: the Trainer is told to use the CPU (transformers refuses bf16 there
-    otherwise) and trains in CPU autocast, so the CMI term sees bf16 features."""
+    otherwise) and trains in CPU autocast, so the CMI term sees bf16 features. Without --bf16 it is not told (one
+    process: told, accelerate would enter its multi-CPU mode under MPI launchers)."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert not build_training_arguments(TrainConfig("mrpc", "m", str(tmp_path / "fp32")), "f1").use_cpu
     feature_dtypes = []
 
     def recording_cmi_loss(features, *args, **kwargs):

@@ -32,6 +32,7 @@ from transformers import (
     set_seed,
 )
 from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 
 from ..distributed import all_reduce_sum
 from ..options import check_number, check_temperature
@@ -266,6 +267,28 @@ class _CMIEpochCallback(TrainerCallback):
         self.trainer.end_epoch()
 
 
+def trainer_must_be_told_cpu(bf16: bool) -> bool:
+    """Whether the Trainer needs ``use_cpu`` to run as asked, where it would otherwise refuse or run wrongly:
+
+    - under torchrun without CUDA, where it enters DDP over gloo only when told (otherwise every process would train
+      on all the data and write the same checkpoints);
+    - ``--bf16`` with no accelerator that transformers could run bf16 on (it refuses bf16 there unless told, and
+      told, runs CPU autocast). An accelerator without bf16 (a pre-Ampere GPU) keeps transformers' refusal rather
+      than moving to the CPU.
+
+    Runs that worked before are left as they were: a CPU run without --bf16 is not told (accelerate would then also
+    enter its multi-CPU mode under MPI launchers or ``torchrun --nproc-per-node 1``).
+    """
+    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return True
+    return (
+        bf16
+        and not torch.accelerator.is_available()
+        and not is_torch_bf16_gpu_available()  # transformers' own test: HPU, NPU, TPU and the like
+        and not is_torch_xla_available()
+    )
+
+
 def build_training_arguments(config: TrainConfig, metric_for_best_model: str, **overrides) -> TrainingArguments:
     """``TrainingArguments`` of the ``run_glue.py`` kind: eval and save every epoch, keep the best epoch."""
     kwargs = dict(
@@ -290,12 +313,7 @@ def build_training_arguments(config: TrainConfig, metric_for_best_model: str, **
         disable_tqdm=config.disable_tqdm,
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
-        # The Trainer is told to use the CPU when it has no choice: with no accelerator at all (transformers refuses
-        # --bf16 there otherwise; told, it runs CPU autocast), and under torchrun without CUDA, where it enters DDP
-        # over gloo only when told (otherwise every process would train on all the data and write the same
-        # checkpoints).
-        use_cpu=not torch.cuda.is_available()
-        and (not torch.accelerator.is_available() or int(os.environ.get("WORLD_SIZE", "1")) > 1),
+        use_cpu=trainer_must_be_told_cpu(config.bf16),
     )
     kwargs.update(overrides)
     return TrainingArguments(**kwargs)
