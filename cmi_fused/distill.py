@@ -45,8 +45,8 @@ from transformers import (
 )
 
 from .distributed import all_reduce_sum
-from .glue.data import load_task, tokenize_split
-from .glue.train import REGULARIZER_FILE, RESULTS_FILE, FeatureCapture
+from .glue.data import load_task, task_key, tokenize_split
+from .glue.train import REGULARIZER_FILE, RESULTS_FILE, FeatureCapture, trained_task
 from .kd import KDLoss
 from .loss import cmi_loss
 from .regularizer import CMIRegularizer
@@ -383,10 +383,10 @@ def select_teacher(run_dirs: Sequence[str], data_dir: Optional[str] = None, batc
         raise ValueError("--runs must name at least one run directory")
     tasks = {}  # checked before the passes over the training sets (SST-2 and RTE share a metric, not a task)
     for run in run_dirs:
-        if os.path.isfile(os.path.join(run, RESULTS_FILE)):  # (training_set_cmi says what is wrong with the others)
-            with open(os.path.join(run, RESULTS_FILE)) as handle:
-                tasks[run] = json.load(handle)["task"]
-    if len(set(tasks.values())) > 1:
+        task = trained_task(run)
+        if task is not None:  # (training_set_cmi says what is wrong with the others)
+            tasks[run] = task
+    if len({task_key(task) for task in tasks.values()}) > 1:
         runs_and_tasks = ", ".join(f"{run} ({task})" for run, task in tasks.items())
         raise ValueError(f"--runs must all be runs of one task, got {runs_and_tasks}")
     rows = []

@@ -43,11 +43,12 @@ from cmi_fused.distill import (  # noqa: E402
 )
 from cmi_fused.glue import distill_cli  # noqa: E402
 from cmi_fused.glue.cli import build_parser, main  # noqa: E402
-from cmi_fused.glue.data import load_task, tokenize_split  # noqa: E402
+from cmi_fused.glue.data import get_task, load_task, tokenize_split  # noqa: E402
 from cmi_fused.glue.distill_cli import (  # noqa: E402
     DistillConfig,
     distill_history,
     load_student,
+    load_teacher,
     sweep_grid,
     teacher_candidates,
 )
@@ -524,16 +525,24 @@ def test_distill_takes_seed_and_distill_sweep_seeds():
     assert sweep_args.seeds == [3] and not hasattr(sweep_args, "seed")
 
 
+def run_of_task(run_dir: str, copy_dir, task: str) -> str:
+    """A copy of a run whose results.json names ``task``, as a run trained on it would."""
+    shutil.copytree(run_dir, copy_dir)
+    results = json.loads((copy_dir / "results.json").read_text())
+    results["task"] = results["config"]["task"] = task
+    (copy_dir / "results.json").write_text(json.dumps(results))
+    return str(copy_dir)
+
+
 def test_select_teacher_refuses_runs_of_different_tasks(teachers, tmp_path):
     """Runs of two tasks are refused before any pass over a training set, also where the tasks share a metric
-    (SST-2, QNLI, RTE and WNLI report accuracy; MRPC and QQP F1)."""
-    other = tmp_path / "qqp-run"
-    shutil.copytree(teachers["max"], other)
-    results = json.loads((other / "results.json").read_text())
-    results["task"] = results["config"]["task"] = "qqp"
-    (other / "results.json").write_text(json.dumps(results))
+    (SST-2, QNLI, RTE and WNLI report accuracy; MRPC and QQP F1). A task written otherwise (``MRPC``, as
+    ``TrainConfig("MRPC", ...)`` records it) is the same task."""
+    other = run_of_task(teachers["max"], tmp_path / "qqp-run", "qqp")
     with pytest.raises(ValueError, match=r"one task, got .*\(mrpc\), .*qqp-run \(qqp\)"):
-        select_teacher([teachers["max"], str(other)])
+        select_teacher([teachers["max"], other])
+    upper = run_of_task(teachers["none"], tmp_path / "upper", "MRPC")
+    assert [row["run"] for row in select_teacher([teachers["max"], upper])["runs"]] == [teachers["max"], upper]
 
 
 def test_select_teacher_command(teachers, tmp_path, capsys):
@@ -668,7 +677,7 @@ def test_distill_argument_errors(teachers, glue_dir, tmp_path, capsys):
     assert "cmi-glue distill: error: --alpha must be a finite number in [0, 1], got 1.5" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["distill", *base, "--student", teachers["max"], "--student-layers", "0"])
-    assert "not both" in capsys.readouterr().err
+    assert "error: --student and --student-layers exclude each other" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["distill", *base, "--student-layers", "a,b"])
     assert "--student-layers" in capsys.readouterr().err
@@ -682,3 +691,8 @@ def test_distill_argument_errors(teachers, glue_dir, tmp_path, capsys):
     sst2[sst2.index("mrpc")] = "sst2"
     with pytest.raises(ValueError, match="--teacher .* was trained on mrpc, not on sst2"):
         main(["distill", *sst2])
+    # The task as written ("MRPC") is the same task; a results.json that names none does not stop the teacher.
+    upper = run_of_task(teachers["none"], tmp_path / "upper", "MRPC")
+    assert load_teacher(upper, get_task("mrpc"))[0].config.num_labels == 2
+    (tmp_path / "upper" / "results.json").write_text("[1]")
+    assert load_teacher(upper, get_task("mrpc"))[0].config.num_labels == 2

@@ -1,5 +1,6 @@
 """End-to-end ``cmi-glue train`` / ``sweep`` on a tiny random BERT saved to a temp dir (no network)."""
 
+import argparse
 import dataclasses
 import functools
 import json
@@ -712,21 +713,29 @@ def test_bad_arguments_say_what_to_pass(tiny_bert, glue_dir, tmp_path, capsys):
         TrainConfig("mrpc", "m", str(tmp_path / "x"), epochs=2.5)
     with pytest.raises(ValueError, match="cmi_lambda must be >= 0"):  # the library names the field
         TrainConfig("mrpc", "m", str(tmp_path / "x"), cmi="min", cmi_lambda=-1)
+    with pytest.raises(ValueError, match="temperature must be"):  # so do arguments from another parser
+        config_from_args(argparse.Namespace(task="mrpc", model="m", output_dir="o", temperature=0.0))
     # A setting the config refuses is a usage error of the command, naming the option, before anything loads.
     refused = [
-        ("train", "--cmi-lambda", "-1", "--cmi-lambda must be >= 0 (the sign comes from cmi=min/max), got -1.0"),
-        ("train", "--warmup-ratio", "1", "--warmup-ratio must be in [0, 1) (a fraction of the steps), got 1.0"),
-        ("train", "--max-seq-length", "0", "--max-seq-length must be a positive int, got 0"),
-        ("train", "--temperature", "0", "--temperature must be a finite number > 0, got 0.0"),
-        ("train", "--momentum", "1", "--momentum must be a finite number in [0, 1), got 1.0"),
-        ("distill", "--kd-temperature", "0", "--kd-temperature must be a finite number > 0, got 0.0"),
-        ("distill", "--alpha", "2", "--alpha must be a finite number in [0, 1], got 2.0"),
-    ]
-    for command, option, value, message in refused:
-        model = ["--teacher", tiny_bert] if command == "distill" else ["--model", tiny_bert]
+        ("train", ["--cmi-lambda", "-1"], "--cmi-lambda must be >= 0 (the sign comes from cmi=min/max), got -1.0"),
+        ("train", ["--warmup-ratio", "1"], "--warmup-ratio must be in [0, 1) (a fraction of the steps), got 1.0"),
+        ("train", ["--max-seq-length", "0"], "--max-seq-length must be a positive int, got 0"),
+        ("train", ["--temperature", "0"], "--temperature must be a finite number > 0, got 0.0"),
+        ("train", ["--momentum", "1"], "--momentum must be a finite number in [0, 1), got 1.0"),
+        ("train", ["--resume"], "--resume needs --keep-checkpoints (checkpoints with optimizer state) in --output-dir"),
+        ("distill", ["--kd-temperature", "0"], "--kd-temperature must be a finite number > 0, got 0.0"),
+        ("distill", ["--alpha", "2"], "--alpha must be a finite number in [0, 1], got 2.0"),
+        # the sweeps' lists, value by value as argparse parses them
+        ("sweep", ["--lambdas", "0,-1"], "argument --lambdas: lambda must be a finite number >= 0, got -1.0"),
+        ("distill-sweep", ["--alphas", "0,2"], "argument --alphas: alpha must be a finite number in [0, 1], got 2.0"),
+        ("distill-sweep", ["--kd-temperatures", "0"], "argument --kd-temperatures: KD temperature must be a finite "
+         "number > 0, got 0.0"),
+    ]  # fmt: skip
+    for command, extra, message in refused:
+        model = ["--teacher", tiny_bert] if command.startswith("distill") else ["--model", tiny_bert]
         args = [command, "--task", "mrpc", *model, "--data-dir", glue_dir, "--output-dir", str(tmp_path / "x")]
         with pytest.raises(SystemExit) as exit_info:
-            main([*args, option, value])
+            main([*args, *extra])
         assert exit_info.value.code == 2
         assert f"cmi-glue {command}: error: {message}\n" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()

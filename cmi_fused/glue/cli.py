@@ -11,6 +11,7 @@ import argparse
 import functools
 import logging
 import os
+import re
 import shlex
 import sys
 from collections.abc import Sequence
@@ -19,20 +20,28 @@ import torch
 
 from ..cli_help import DefaultsHelpFormatter
 from ..distributed import process_group_initialized
+from ..options import check_number
 from ..regularizer import CENTROID_MODES, NORMALIZATIONS
 from .data import TASKS
 from .sweep import run_sweep
 from .train import CMI_SIGNS, FEATURES, TrainConfig, is_main_process, train
 
 
-def parse_list(kind):
-    """An argparse type for comma-separated lists (``0,0.1,0.5``)."""
+def parse_list(kind, check=None):
+    """An argparse type for comma-separated lists (``0,0.1,0.5``); ``check(value)``, if given, raises a ValueError for
+    a value out of range, which argparse then reports as a usage error naming the option."""
 
     def parse(text: str) -> list:
         try:
-            return [kind(item) for item in text.split(",") if item.strip()]
+            values = [kind(item) for item in text.split(",") if item.strip()]
         except ValueError as error:
             raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}: {text!r}") from error
+        try:
+            for value in values if check else ():
+                check(value)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from error
+        return values
 
     return parse
 
@@ -113,16 +122,23 @@ def config_from_args(args: argparse.Namespace, **overrides) -> TrainConfig:
 
 def build_config(config_class, fields: dict, args: argparse.Namespace):
     """``config_class(**fields)``. A value it refuses is a usage error of the command, reported as argparse reports a
-    malformed one (``cmi-glue train: error: --cmi-lambda must be >= 0 ...``, exit status 2, no traceback); a message
-    that starts with a field's name starts with its option instead."""
+    malformed one (``cmi-glue train: error: --cmi-lambda must be >= 0 ...``, exit status 2, no traceback), with the
+    fields the message names as options: its first word, and every word with an underscore (``keep_checkpoints``),
+    where they are fields. Arguments from another parser than :func:`build_parser`'s (no ``usage_error``) get the
+    config's own ``ValueError``."""
     try:
         return config_class(**fields)
     except ValueError as error:
-        message = str(error)
-        field = message.split(" ", 1)[0]
-        if field in config_class.__dataclass_fields__:
-            message = "--" + field.replace("_", "-") + message[len(field) :]
-        args.usage_error(message)
+        usage_error = getattr(args, "usage_error", None)
+        if usage_error is None:
+            raise
+
+        def as_option(name: str) -> str:
+            return "--" + name.replace("_", "-") if name in config_class.__dataclass_fields__ else name
+
+        first, _, rest = str(error).partition(" ")
+        rest = re.sub(r"\b[a-z0-9]+(?:_[a-z0-9]+)+\b", lambda match: as_option(match.group(0)), rest)
+        usage_error(f"{as_option(first)} {rest}")
 
 
 def run_train(args: argparse.Namespace) -> None:
@@ -156,7 +172,12 @@ def register_sweep(subparsers) -> None:
     add_common_args(parser)
     add_cmi_args(parser, default_cmi="min")
     # list defaults as strings: argparse parses them with the type, and --help shows them as they are typed
-    parser.add_argument("--lambdas", type=parse_list(float), default="0,0.05,0.1,0.2,0.5,1", help="comma-separated")
+    parser.add_argument(
+        "--lambdas",
+        type=parse_list(float, functools.partial(check_number, "lambda", low=0.0)),
+        default="0,0.05,0.1,0.2,0.5,1",
+        help="comma-separated, each >= 0 (the sign comes from --cmi)",
+    )
     parser.add_argument("--seeds", type=parse_list(int), default="0,1,2", help="comma-separated")
     parser.set_defaults(func=run_sweep_command)
 

@@ -113,8 +113,13 @@ class GlueData:
         return "text_b" in self.train.column_names
 
 
+def task_key(task: str) -> str:
+    """The :data:`TASKS` key of a task name as written (``MRPC``, ``SST-2``, ``sst2``)."""
+    return task.lower().replace("-", "")
+
+
 def get_task(task: str) -> GlueTask:
-    key = task.lower().replace("-", "")
+    key = task_key(task)
     if key not in TASKS:
         raise ValueError(f"task must be one of {sorted(TASKS)}, got {task!r}")
     return TASKS[key]

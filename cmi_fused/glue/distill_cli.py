@@ -33,7 +33,7 @@ from ..distill import (
 from ..kd import KDLoss
 from ..options import check_number, check_temperature
 from .cli import add_common_args, build_config, parse_list, report
-from .data import GlueData, GlueTask, load_task, tokenize_split, tokenize_task
+from .data import GlueData, GlueTask, load_task, task_key, tokenize_split, tokenize_task
 from .sweep import (
     format_sweep_markdown,
     machine_description,
@@ -54,6 +54,7 @@ from .train import (
     label_maps,
     load_model_and_tokenizer,
     save_run,
+    trained_task,
 )
 
 
@@ -81,7 +82,8 @@ class DistillConfig(TrainConfig):
             raise ValueError("teacher must name a directory written by cmi-glue train")
         if self.student is not None and self.student_layers is not None:
             raise ValueError(
-                "give student (a ready student model) or student_layers (built from the teacher), not both"
+                "student and student_layers exclude each other: give a ready student model, or the teacher layers "
+                "to build one from"
             )
         if self.cmi != "none":
             raise ValueError(f"cmi must be 'none' for distillation (the KD loss replaces it), got {self.cmi!r}")
@@ -96,12 +98,9 @@ def load_teacher(teacher_dir: str, task: GlueTask):
     another task (its ``results.json`` says which) is refused."""
     if not os.path.isdir(teacher_dir):
         raise FileNotFoundError(f"--teacher {teacher_dir!r} is not a directory: pass one written by cmi-glue train")
-    results_path = os.path.join(teacher_dir, RESULTS_FILE)
-    if os.path.isfile(results_path):
-        with open(results_path) as handle:
-            teacher_task = json.load(handle).get("task")
-        if teacher_task is not None and teacher_task != task.name:
-            raise ValueError(f"--teacher {teacher_dir!r} was trained on {teacher_task}, not on {task.name}")
+    teacher_task = trained_task(teacher_dir)
+    if teacher_task is not None and task_key(teacher_task) != task.name:
+        raise ValueError(f"--teacher {teacher_dir!r} was trained on {teacher_task}, not on {task.name}")
     label_names = task.label_names
     try:
         tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
@@ -455,8 +454,18 @@ def register_distill_sweep(subparsers) -> None:
     add_distill_args(parser)
     parser.add_argument("--teacher", nargs="+", required=True, help="one or more teacher directories")
     # list defaults as strings: argparse parses them with the type, and --help shows them as they are typed
-    parser.add_argument("--alphas", type=parse_list(float), default="0,0.5", help="comma-separated")
-    parser.add_argument("--kd-temperatures", type=parse_list(float), default="2", help="comma-separated")
+    parser.add_argument(
+        "--alphas",
+        type=parse_list(float, functools.partial(check_number, "alpha", low=0.0, high=1.0)),
+        default="0,0.5",
+        help="comma-separated, each in [0, 1]",
+    )
+    parser.add_argument(
+        "--kd-temperatures",
+        type=parse_list(float, functools.partial(check_temperature, name="KD temperature")),
+        default="2",
+        help="comma-separated, each > 0",
+    )
     parser.add_argument("--seeds", type=parse_list(int), default="0,1,2", help="comma-separated")
     parser.set_defaults(func=run_distill_sweep_command)
 

@@ -387,6 +387,18 @@ def label_maps(label_names: tuple) -> dict:
     }
 
 
+def trained_task(run_dir: str) -> str | None:
+    """The task a run directory's ``results.json`` names, as written (``mrpc``, ``MRPC``: compare with
+    :func:`~cmi_fused.glue.data.task_key`), or None where there is no such file or it names none."""
+    try:
+        with open(os.path.join(run_dir, RESULTS_FILE)) as handle:
+            results = json.load(handle)
+    except (OSError, ValueError):  # no file, or not JSON (json.JSONDecodeError is a ValueError)
+        return None
+    task = results.get("task") if isinstance(results, dict) else None
+    return task if isinstance(task, str) else None
+
+
 def load_model_and_tokenizer(model_name: str, label_names: tuple):
     """``AutoModelForSequenceClassification`` + ``AutoTokenizer`` from a hub name or a local directory.
 
