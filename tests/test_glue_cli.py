@@ -39,7 +39,15 @@ from cmi_fused.glue import train as glue_train
 from cmi_fused.glue.cli import build_parser, config_from_args, main, parse_list
 from cmi_fused.glue.data import load_task, tokenize_split
 from cmi_fused.glue.metrics import glue_metrics
-from cmi_fused.glue.sweep import reuse_or_run, reuse_or_run_each, run_dir, run_lock, run_sweep, summarize_arms
+from cmi_fused.glue.sweep import (
+    reuse_or_run,
+    reuse_or_run_each,
+    run_dir,
+    run_lock,
+    run_sweep,
+    schedule_text,
+    summarize_arms,
+)
 from cmi_fused.glue.train import (
     REGULARIZER_FILE,
     RESULTS_FILE,
@@ -405,6 +413,11 @@ def test_run_directories_of_different_lambdas_differ():
     assert run_dir("out", 0.0, 1) == os.path.join("out", "lambda_0", "seed_1")
     assert run_dir("out", 0.05, 0) == os.path.join("out", "lambda_0.05", "seed_0")
     assert run_dir("out", 0.1, 0) != run_dir("out", 0.1000001, 0)  # equal under :g (6 significant digits)
+
+
+def test_sweep_notes_give_the_schedule():
+    assert schedule_text(TrainConfig("mrpc", "m", "o", epochs=1)) == "1 epoch, batch 32, lr 2e-05, max_seq_length 128"
+    assert schedule_text(TrainConfig("mrpc", "m", "o", batch_size=8)).startswith("5 epochs, batch 8,")
 
 
 def test_summarize_arms_hand_values():

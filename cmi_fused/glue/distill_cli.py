@@ -38,6 +38,7 @@ from .sweep import (
     format_sweep_markdown,
     machine_description,
     reuse_or_run_each,
+    schedule_text,
     summarize_arms,
     value_label,
     write_sweep,
@@ -297,8 +298,7 @@ def run_distill_sweep(
         f"command: `{command}`" if command else "command: (library call)",
         f"machine: {machine}",
         f"teachers: {', '.join(f'`{t}`' for t in teachers)}; student: {student}",
-        f"{base.epochs:g} epochs, batch {base.batch_size}, lr {base.lr:g}, max_seq_length {base.max_seq_length}, "
-        f"max_train_samples {base.max_train_samples}, max_eval_samples {base.max_eval_samples}",
+        f"{schedule_text(base)}, max_train_samples {base.max_train_samples}, max_eval_samples {base.max_eval_samples}",
     ]
     title = f"{base.task}: knowledge distillation sweep"
     write_sweep(

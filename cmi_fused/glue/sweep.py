@@ -187,6 +187,12 @@ def write_sweep(output_dir: str, summary: dict, markdown: str) -> None:
         handle.write(markdown)
 
 
+def schedule_text(config: TrainConfig) -> str:
+    """A sweep note's training schedule: ``5 epochs, batch 32, lr 2e-05, max_seq_length 128``."""
+    epochs = f"{config.epochs:g} epoch{'' if config.epochs == 1 else 's'}"
+    return f"{epochs}, batch {config.batch_size}, lr {config.lr:g}, max_seq_length {config.max_seq_length}"
+
+
 def value_label(value: float) -> str:
     """A run-directory label for a swept value: its short ``:g`` form (``0.1``, ``0``) where that reads back as the
     same float, else its exact ``repr``, so that two different values never share a run directory."""
@@ -256,10 +262,8 @@ def run_sweep(
     }
     notes = [f"command: `{command}`" if command else "command: (library call)", f"machine: {machine_description()}"]
     notes.append(
-        f"model `{base.model}`, {base.epochs:g} epoch{'' if base.epochs == 1 else 's'}, batch {base.batch_size}, "
-        f"lr {base.lr:g}, max_seq_length {base.max_seq_length}, centroids `{base.centroids}`, "
-        f"feature `{base.feature}`, T {base.temperature:g}, "
-        f"max_train_samples {base.max_train_samples}, max_eval_samples {base.max_eval_samples}"
+        f"model `{base.model}`, {schedule_text(base)}, centroids `{base.centroids}`, feature `{base.feature}`, "
+        f"T {base.temperature:g}, max_train_samples {base.max_train_samples}, max_eval_samples {base.max_eval_samples}"
     )
     title = f"{base.task}: CE vs {base.cmi.capitalize()}-CMI sweep"
     write_sweep(base.output_dir, summary, format_sweep_markdown(title, metric, rows, "lambda", "CE", notes))
