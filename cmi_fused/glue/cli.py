@@ -36,11 +36,11 @@ def parse_list(kind, check=None):
             values = [kind(item) for item in text.split(",") if item.strip()]
         except ValueError as error:
             raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}: {text!r}") from error
-        try:
-            for value in values if check else ():
+        for value in values if check is not None else ():
+            try:
                 check(value)
-        except ValueError as error:
-            raise argparse.ArgumentTypeError(str(error)) from error
+            except ValueError as error:
+                raise argparse.ArgumentTypeError(str(error)) from error
         return values
 
     return parse
