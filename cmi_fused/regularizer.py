@@ -62,6 +62,27 @@ CENTROID_MODES = ("batch", "epoch", "ema", "frozen")
 NORMALIZATIONS = ("none", "center_l2")
 
 
+def copy_centroids(centroids: torch.Tensor) -> torch.Tensor:
+    """``centroids.clone()``, which a compiled graph saves for its backward.
+
+    torch.compile's partitioner recomputes a cheap op such as ``clone`` in the backward rather than save its result,
+    and so reads the buffer after the forward's in-place ema update: a silently wrong gradient
+    (pytorch/pytorch#197039, open). A custom op is never recomputed. Eager calls skip the op dispatcher, as the
+    kernels' launchers do (it costs microseconds per call).
+    """
+    return copy_centroids_op(centroids) if torch.compiler.is_compiling() else centroids.clone()
+
+
+@torch.library.custom_op("cmi_fused::copy_centroids", mutates_args=())
+def copy_centroids_op(centroids: torch.Tensor) -> torch.Tensor:
+    return centroids.clone()
+
+
+@copy_centroids_op.register_fake
+def _(centroids: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(centroids)
+
+
 class CMIRegularizer(nn.Module):
     """The CMI term ``mean_i KL(softmax(x_i / T) || g_{y_i})`` with ``batch``/``epoch``/``ema``/``frozen`` centroids.
 
@@ -237,8 +258,8 @@ class CMIRegularizer(nn.Module):
         centroids = self._centroids_for(labels)
         if update and self.mode == "ema" and centroids is not None:
             # The ema update below rewrites the buffer in place before the backward, which needs the centroids this
-            # forward used (the triton backend saves them): hand the op a copy.
-            centroids = centroids.clone()
+            # forward used (the triton backend saves them): hand the op a copy that torch.compile keeps.
+            centroids = copy_centroids(centroids)
         # center_l2 while training: mu moves with this batch first, and normalises it
         feature_mean = self._updated_feature_mean(features) if update and self.normalization == "center_l2" else None
         result = cmi_loss(

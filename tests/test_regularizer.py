@@ -108,18 +108,24 @@ def test_ema_mode_blends_batch_means():
     assert torch.allclose(reg(h3, y3).double(), hand_cmi(h3, y3, ema), atol=1e-6)
 
 
+@pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_ema_gradient_uses_the_centroids_of_the_forward(backend):
+def test_ema_gradient_uses_the_centroids_of_the_forward(backend, compiled):
     """The ema update rewrites the centroid buffer between the forward and the backward; the gradient must still
-    be the one against the centroids the loss used (the triton backend saves them for its backward)."""
+    be the one against the centroids the loss used (the triton backend saves them for its backward). Compiled too
+    (fullgraph, inductor), where the partitioner must not recompute the copy of the centroids in the backward, after
+    the update (pytorch/pytorch#197039). Step 0 runs eagerly: per-batch centroids, and a host sync until every class
+    has a centroid."""
     if backend == "triton":
         pytest.importorskip("triton")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     reg = CMIRegularizer(C, D, "ema", temperature=T, momentum=0.8, backend=backend).to(device)
+    torch._dynamo.reset()
+    step_module = torch.compile(reg, fullgraph=True) if compiled else reg
     for step, (h, y) in enumerate(make_batches(3)):
         used = reg.centroids.double().clone()  # before this step's update (unused at step 0: per-batch centroids)
         h, y = h.to(device).requires_grad_(True), y.to(device)
-        reg(h, y).backward()
+        (step_module if step else reg)(h, y).backward()
         h_ref = h.detach().double().requires_grad_(True)
         hand_cmi(h_ref, y, used if step else class_means(softmax(h_ref), y)).backward()
         assert torch.allclose(h.grad.double(), h_ref.grad, atol=1e-6), step
