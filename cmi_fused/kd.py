@@ -130,7 +130,14 @@ def kd_loss(
     if labels is None:
         row_ce = torch.zeros_like(row_kl)
     else:
-        row_ce = nn.functional.cross_entropy(student, labels.long(), reduction="none")
+        # -log softmax(s_i)[y_i] by a gather, not F.cross_entropy, whose ignore_index would give the label -100 a CE
+        # of 0 where the label check is off. A label outside [0, C) gets a NaN CE instead, as cmi_loss gives it a NaN
+        # KL, and is never used as an index.
+        labels = labels.long()
+        in_range = (labels >= 0) & (labels < student.shape[-1])
+        log_p = torch.log_softmax(student, dim=-1)
+        row_ce = -log_p.gather(-1, torch.where(in_range, labels, 0).unsqueeze(-1)).squeeze(-1)
+        row_ce = torch.where(in_range, row_ce, torch.nan)
     row_loss = (1.0 - alpha) * row_ce + (alpha * temperature**2) * row_kl
     return KDOutput(reduce_rows(row_loss, reduction), reduce_rows(row_ce, reduction), reduce_rows(row_kl, reduction))
 

@@ -159,6 +159,33 @@ def test_bad_tensors():
         KDLoss(temperature=1e-40)
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_unchecked_bad_labels_give_a_nan_ce(compiled):
+    """With the label check off (CUDA's default, and under torch.compile), a label outside [0, C) gets a NaN CE, as
+    cmi_loss gives it a NaN KL: -100 too, which F.cross_entropy would ignore (CE 0). The other rows, their gradient
+    and every row's KL are unaffected."""
+    student, teacher, labels = make_inputs(n=6, c=3, seed=4)
+    bad_labels = labels.clone()
+    bad_rows = torch.tensor([1, 3, 4])
+    bad_labels[bad_rows] = torch.tensor([-100, 3, -1])
+    good_rows = torch.tensor([0, 2, 5])
+
+    def rows(student, labels):
+        return kd_loss(student, teacher, labels, alpha=0.3, temperature=2.0, reduction="none", check_labels=False)
+
+    torch._dynamo.reset()
+    step = torch.compile(rows, fullgraph=True, dynamic=False) if compiled else rows
+    student.requires_grad_(True)
+    got = step(student, bad_labels)
+    want = rows(student, labels)
+    assert got.ce[bad_rows].isnan().all() and got.loss[bad_rows].isnan().all()
+    torch.testing.assert_close(got.ce[good_rows], want.ce[good_rows])
+    torch.testing.assert_close(got.kl, want.kl)
+    (grad,) = torch.autograd.grad(got.loss[good_rows].sum(), student)
+    (want_grad,) = torch.autograd.grad(want.loss[good_rows].sum(), student)
+    torch.testing.assert_close(grad, want_grad)
+
+
 @pytest.mark.parametrize("student_inf", [False, True], ids=["finite-student", "student-inf-too"])
 def test_a_class_the_teacher_rules_out_adds_nothing(student_inf):
     """Teacher logit -inf: p_t = 0 there, and 0 log 0 counts as 0 (F.kl_div's convention), not NaN; also where the
