@@ -131,6 +131,40 @@ def test_ema_gradient_uses_the_centroids_of_the_forward(backend, compiled):
         assert torch.allclose(h.grad.double(), h_ref.grad, atol=1e-6), step
 
 
+@pytest.mark.parametrize("normalization", ["none", "center_l2"])
+@pytest.mark.parametrize("mode", ["batch", "epoch", "ema", "frozen"])
+def test_fullgraph_compile_matches_eager(mode, normalization):
+    """torch.compile(fullgraph=True) of a training step gives the eager loss, gradient and state: batch and frozen
+    at once, epoch and ema once every class has a centroid (until then a call asks the host which classes have one).
+    aot_eager: the graph capture, not inductor's code, is what differs by mode."""
+    import copy
+
+    batches = make_batches(4, seed=5)
+    eager = CMIRegularizer(C, D, mode, temperature=T, normalization=normalization)
+    if mode == "frozen":
+        eager.freeze(batches[:1])
+    elif mode != "batch":
+        eager(*batches[0])
+        eager.end_epoch()  # epoch mode: stored centroids from here on
+    compiled_reg = copy.deepcopy(eager)
+    torch._dynamo.reset()
+    step = torch.compile(compiled_reg, fullgraph=True, backend="aot_eager")
+    for h, y in batches[1:]:
+        results = []
+        for module in (eager, step):
+            features = h.clone().requires_grad_(True)
+            loss = module(features, y)
+            results.append((loss, torch.autograd.grad(loss, features)[0]))
+        for got, want in zip(results[1], results[0], strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+        eager.end_epoch()
+        compiled_reg.end_epoch()
+    compiled_state = compiled_reg.state_dict()
+    for name, value in eager.state_dict().items():
+        if isinstance(value, torch.Tensor):  # the settings are extra state
+            torch.testing.assert_close(compiled_state[name], value, rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_class_without_centroid_falls_back_to_batch_centroids():
     reg = CMIRegularizer(C, D, "ema", temperature=T)
     h, y = make_batches(1)[0]
