@@ -29,6 +29,7 @@ from .options import (
     check_number,
     check_reduction,
     check_temperature,
+    labels_in_range,
     maybe_validate_labels,
 )
 from .reference import reduce_rows
@@ -133,8 +134,7 @@ def kd_loss(
         # -log softmax(s_i)[y_i] by a gather, not F.cross_entropy, whose ignore_index would give the label -100 a CE
         # of 0 where the label check is off. A label outside [0, C) gets a NaN CE instead, as cmi_loss gives it a NaN
         # KL, and is never used as an index.
-        labels = labels.long()
-        in_range = (labels >= 0) & (labels < student.shape[-1])
+        labels, in_range = labels_in_range(labels, student.shape[-1])
         log_p = torch.log_softmax(student, dim=-1)
         row_ce = -log_p.gather(-1, torch.where(in_range, labels, 0).unsqueeze(-1)).squeeze(-1)
         row_ce = torch.where(in_range, row_ce, torch.nan)

@@ -99,6 +99,14 @@ def check_eps(eps) -> float:
     return value
 
 
+def labels_in_range(labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``labels`` as int64, and the mask of those in [0, num_classes): what the torch paths use, without a host sync,
+    to keep a bad label from ever being an index. int64 first, so that a stand-in such as the overflow bin
+    ``num_classes`` fits (int8 labels with C = 128 could not hold it)."""
+    labels = labels.long()
+    return labels, (labels >= 0) & (labels < num_classes)
+
+
 def validate_labels(labels: torch.Tensor, num_classes: int) -> None:
     """Raise ``ValueError`` if any label is outside ``[0, num_classes)``. Synchronises on CUDA."""
     if labels.numel() == 0:

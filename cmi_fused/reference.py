@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from .options import CMIOptions, CMIOutput
+from .options import CMIOptions, CMIOutput, labels_in_range
 
 
 def reduce_rows(row_losses: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -47,8 +47,7 @@ def cmi_loss_torch(
     log_f = torch.log_softmax(scaled, dim=-1)
     f = log_f.exp()
 
-    labels = labels.long()  # int8/uint8 labels could not hold the overflow bin C
-    valid = (labels >= 0) & (labels < num_classes)
+    labels, valid = labels_in_range(labels, num_classes)
     # Rows with a bad label add into an overflow bin (row C), cut off after: no masking pass over (N, d).
     bins = torch.where(valid, labels, num_classes)
     sums_and_overflow = torch.zeros(num_classes + 1, dim, dtype=compute_dtype, device=f.device)

@@ -55,6 +55,7 @@ from .options import (
     check_label_tensor,
     check_number,
     check_temperature,
+    labels_in_range,
     maybe_validate_labels,
 )
 
@@ -237,10 +238,8 @@ class CMIRegularizer(nn.Module):
             return self.centroids
         if self.mode == "frozen":
             raise RuntimeError("CMIRegularizer(centroids='frozen'): call reg.freeze(batches) before using it")
-        # Labels outside [0, C) go to an overflow bin (cmi_loss reports them); none is counted as a class. long()
-        # first: the bin C itself may not fit the labels' dtype (int8 labels with C = 128).
-        labels = labels.long()
-        in_range = (labels >= 0) & (labels < self.num_classes)
+        # Labels outside [0, C) go to an overflow bin (cmi_loss reports them); none is counted as a class.
+        labels, in_range = labels_in_range(labels, self.num_classes)
         bins = torch.where(in_range, labels, self.num_classes)
         present = torch.bincount(bins, minlength=self.num_classes + 1)[: self.num_classes] > 0
         if bool((present & ~self.centroid_valid).any()):
