@@ -1,5 +1,7 @@
 """CMIRegularizer: the four centroid modes against centroids computed by hand, normalisation, state."""
 
+import copy
+
 import pytest
 import torch
 
@@ -137,8 +139,6 @@ def test_fullgraph_compile_matches_eager(mode, normalization):
     """torch.compile(fullgraph=True) of a training step gives the eager loss, gradient and state: batch and frozen
     at once, epoch and ema once every class has a centroid (until then a call asks the host which classes have one).
     aot_eager: the graph capture, not inductor's code, is what differs by mode."""
-    import copy
-
     batches = make_batches(4, seed=5)
     eager = CMIRegularizer(C, D, mode, temperature=T, normalization=normalization)
     if mode == "frozen":
