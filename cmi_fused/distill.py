@@ -49,6 +49,7 @@ from .glue.data import load_task, task_key, tokenize_split
 from .glue.train import REGULARIZER_FILE, RESULTS_FILE, FeatureCapture, trained_task
 from .kd import KDLoss
 from .loss import cmi_loss
+from .options import check_int
 from .regularizer import CMIRegularizer
 
 # DistilBERT hard-codes its LayerNorm eps (transformers' modeling_distilbert.py).
@@ -79,16 +80,10 @@ def default_student_layers(num_teacher_layers: int, num_student_layers: Optional
     ``n`` defaults to ``ceil(L / 2)`` ("every other layer"). 12 -> 6 gives 0,2,4,7,9,11 (the Hugging Face
     DistilBERT recipe); 6 -> 3 gives 0,3,5; ``n = 1`` gives layer 0.
     """
-    if isinstance(num_teacher_layers, bool) or not isinstance(num_teacher_layers, int) or num_teacher_layers < 1:
-        raise ValueError(f"num_teacher_layers must be a positive int, got {num_teacher_layers!r}")
+    num_teacher_layers = check_int("num_teacher_layers", num_teacher_layers)
     if num_student_layers is None:
         num_student_layers = (num_teacher_layers + 1) // 2
-    if (
-        isinstance(num_student_layers, bool)
-        or not isinstance(num_student_layers, int)
-        or not 1 <= num_student_layers <= num_teacher_layers
-    ):
-        raise ValueError(f"num_student_layers must be an int in [1, {num_teacher_layers}], got {num_student_layers!r}")
+    num_student_layers = check_int("num_student_layers", num_student_layers, 1, num_teacher_layers)
     if num_student_layers == 1:
         return [0]
     # round_half_up(k * (L - 1) / (n - 1)) in integers: a float step rounds some exact halves down (L = 186).
@@ -225,8 +220,7 @@ def teacher_logits_for(
     teacher: torch.nn.Module, dataset, tokenizer, batch_size: int = 64, device: Optional[torch.device] = None
 ) -> torch.Tensor:
     """(N, C) float32 logits of ``teacher`` (eval mode, no grad) for every row of a tokenised dataset, in order."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    batch_size = check_int("batch_size", batch_size)
     device = device or next(teacher.parameters()).device
     freeze_teacher(teacher).to(device)
     columns = [name for name in dataset.column_names if name in TEACHER_INPUTS]

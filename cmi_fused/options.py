@@ -52,8 +52,15 @@ class CMIOptions:
     deterministic: Optional[bool] = None
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def check_int(name: str, value, low: int = 1, high: Optional[int] = None) -> int:
+    """``value`` as an int: an integer (Python's or numpy's, not a bool) in [low, high]; else a ``ValueError``
+    naming it. The int() keeps numpy integers out of kernel arguments and buffer shapes."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        number = int(value)
+        if low <= number and (high is None or number <= high):
+            return number
+    wanted = "a positive int" if (low, high) == (1, None) else f"an int in [{low}, {high}]"
+    raise ValueError(f"{name} must be {wanted}, got {value!r}")
 
 
 def check_number(name: str, value, low: float = -math.inf, high: float = math.inf, *, low_open=False, high_open=False):
@@ -190,8 +197,7 @@ def check_inputs(
     if n_rows == 0 or dim == 0:
         raise ValueError(f"features must have at least one row and one column, got shape {tuple(features.shape)}")
     check_label_tensor(labels, n_rows, features.device, "features")
-    if not _is_int(num_classes) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    num_classes = check_int("num_classes", num_classes)
     if centroids is not None:
         if not isinstance(centroids, torch.Tensor) or not centroids.is_floating_point():
             raise TypeError("centroids must be a floating-point tensor of shape (num_classes, d) or None")

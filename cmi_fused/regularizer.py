@@ -52,6 +52,7 @@ from .options import (
     check_backend,
     check_eps,
     check_float_tensor,
+    check_int,
     check_label_tensor,
     check_number,
     check_temperature,
@@ -117,10 +118,8 @@ class CMIRegularizer(nn.Module):
         backend: str = "auto",
     ):
         super().__init__()
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"dim must be a positive int, got {dim!r}")
+        num_classes = check_int("num_classes", num_classes)
+        dim = check_int("dim", dim)
         if centroids not in CENTROID_MODES:
             raise ValueError(f"centroids must be one of {CENTROID_MODES}, got {centroids!r}")
         if normalization not in NORMALIZATIONS:

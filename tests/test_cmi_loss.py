@@ -1205,6 +1205,7 @@ BAD_INPUTS = [
     ("num_classes_zero", dict(num_classes=0, check_labels=False), ValueError, "num_classes must be a positive int"),
     # all labels 0, so that a bool taken for 1 would pass the label check too (whose message names num_classes)
     ("num_classes_bool", dict(num_classes=True, labels=[0, 0, 0, 0, 0, 0]), ValueError, "num_classes"),
+    ("num_classes_float", dict(num_classes=3.0), ValueError, "num_classes must be a positive int, got 3.0"),
     ("deterministic_not_bool", dict(deterministic="yes"), ValueError, "deterministic"),
     ("check_labels_not_bool", dict(check_labels="yes"), ValueError, "check_labels"),
 ]
@@ -1226,6 +1227,18 @@ def test_bad_input_error_names_argument(change: dict, error: type, argument: str
             options[key] = value
     with pytest.raises(error, match=argument):
         cmi_loss(*arguments.values(), **options)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_numpy_integer_num_classes_is_taken_as_int(backend: str):
+    """numpy's integers are ints to the contract (``len(np.unique(y))`` is one): the same result as a Python int."""
+    np = pytest.importorskip("numpy")
+    arguments = valid_arguments()
+    expected = cmi_loss(*arguments.values(), backend=backend)
+    arguments["num_classes"] = np.int64(3)
+    result = cmi_loss(*arguments.values(), backend=backend)
+    for got, want in zip(result, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

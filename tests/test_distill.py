@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -100,8 +101,11 @@ def test_default_layers():
     assert default_student_layers(186)[46] == 93
     assert default_student_layers(5) == [0, 2, 4] and default_student_layers(3) == [0, 2]  # odd depths: half, up
     assert parse_layers("0,2,4") == [0, 2, 4]
-    with pytest.raises(ValueError, match="num_student_layers"):
+    assert default_student_layers(np.int64(6), np.int32(2)) == [0, 5]
+    with pytest.raises(ValueError, match=r"num_student_layers must be an int in \[1, 6\], got 7"):
         default_student_layers(6, 7)
+    with pytest.raises(ValueError, match="num_teacher_layers must be a positive int, got 6.0"):
+        default_student_layers(6.0)
     with pytest.raises(ValueError, match="--student-layers"):
         parse_layers("0;2")
 

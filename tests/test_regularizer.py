@@ -353,6 +353,32 @@ def test_bad_options_name_the_argument(kwargs, message):
         CMIRegularizer(C, D, **kwargs)
 
 
+@pytest.mark.parametrize(
+    "sizes, message",
+    [
+        ((0, D), "num_classes must be a positive int, got 0"),
+        ((2.0, D), "num_classes must be a positive int, got 2.0"),
+        ((True, D), "num_classes must be a positive int, got True"),
+        ((C, 8.0), "dim must be a positive int, got 8.0"),
+        ((C, -1), "dim must be a positive int, got -1"),
+    ],
+)
+def test_bad_sizes_name_the_argument(sizes, message):
+    with pytest.raises(ValueError, match=message):
+        CMIRegularizer(*sizes)
+
+
+def test_numpy_integer_sizes_are_taken_as_ints():
+    """The buffers get the shapes, and the state the ints, that Python ints give."""
+    np = pytest.importorskip("numpy")
+    reg = CMIRegularizer(np.int64(C), np.int32(D), "ema")
+    assert (type(reg.num_classes), type(reg.dim)) == (int, int)
+    assert reg.centroids.shape == (C, D)
+    reference = CMIRegularizer(C, D, "ema")
+    h, y = make_batches(1)[0]
+    torch.testing.assert_close(reg(h, y), reference(h, y), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("mode", ["epoch", "ema"])
 def test_rejected_call_changes_no_state(mode, monkeypatch):
     """A call that raises updates nothing: the running feature mean, the epoch sums and the centroids are those of

@@ -35,7 +35,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 
 from ..distributed import all_reduce_sum
-from ..options import check_number, check_temperature
+from ..options import check_int, check_number, check_temperature
 from ..regularizer import CENTROID_MODES, NORMALIZATIONS, CMIRegularizer
 from .data import GlueData, load_task, tokenize_task
 from .metrics import task_metric_names
@@ -100,8 +100,7 @@ class TrainConfig:
                 f"epochs must be a positive whole number (evaluation, checkpoints and the history are per epoch), "
                 f"got {self.epochs!r}"
             )
-        if isinstance(self.max_seq_length, bool) or not isinstance(self.max_seq_length, int) or self.max_seq_length < 1:
-            raise ValueError(f"max_seq_length must be a positive int, got {self.max_seq_length!r}")
+        check_int("max_seq_length", self.max_seq_length)
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1) (a fraction of the steps), got {self.warmup_ratio!r}")
         if self.resume and not self.keep_checkpoints:
