@@ -454,18 +454,26 @@ def test_summarize_arms_sign_test(arm_minus_ce, wins, losses, p):
     assert row["sign_test_p"] == pytest.approx(p, rel=1e-12)
 
 
-def cmi_trainer(tiny_bert, output_dir, cmi, cmi_lambda=0.3):
-    """A CMITrainer (temperature 0.2, batch centroids, pooled feature) on the tiny BERT without dropout, and its
-    model."""
+def cmi_trainer(tiny_bert, output_dir, cmi, cmi_lambda=0.3, centroids="batch", bf16=False):
+    """A CMITrainer (temperature 0.2, pooled feature, the tokenizer's padding collator) on the tiny BERT without
+    dropout, and its model. ``bf16``: CPU autocast, also on a GPU machine (use_cpu)."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
     model = BertForSequenceClassification.from_pretrained(
         tiny_bert, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
     )
-    config = TrainConfig("mrpc", tiny_bert, str(output_dir), cmi=cmi, cmi_lambda=cmi_lambda, temperature=0.2)
-    args = build_training_arguments(config, "f1", eval_strategy="no", save_strategy="no", load_best_model_at_end=False)
+    config = TrainConfig(
+        "mrpc", tiny_bert, str(output_dir), cmi=cmi, cmi_lambda=cmi_lambda, centroids=centroids, temperature=0.2,
+        bf16=bf16,
+    )  # fmt: skip
+    args = build_training_arguments(
+        config, "f1", eval_strategy="no", save_strategy="no", load_best_model_at_end=False, use_cpu=bf16
+    )
     trainer = CMITrainer(
         model=model,
         args=args,
-        regularizer=CMIRegularizer(2, HIDDEN, temperature=0.2),
+        processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        regularizer=CMIRegularizer(2, HIDDEN, centroids, temperature=0.2),
         capture=FeatureCapture(model, "pooled"),
         cmi_weight=config.cmi_weight,
     )
@@ -476,17 +484,8 @@ def test_frozen_centroids_under_bf16_come_from_autocast_features(tiny_bert, glue
     """Under --bf16 the Trainer's forwards run in autocast (accelerate wraps the model's forward once training
     starts), so the features trained on are bf16; the frozen pass before training computes them the same way (on
     the CPU, with use_cpu also on a GPU machine: the reference forward below runs there)."""
-    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
-    model = BertForSequenceClassification.from_pretrained(tiny_bert)
-    config = TrainConfig("mrpc", tiny_bert, str(tmp_path), cmi="min", centroids="frozen", temperature=0.2, bf16=True)
-    args = build_training_arguments(
-        config, "f1", eval_strategy="no", save_strategy="no", load_best_model_at_end=False, use_cpu=True
-    )
-    capture = FeatureCapture(model, "pooled")
-    trainer = CMITrainer(
-        model=model, args=args, processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
-        regularizer=CMIRegularizer(2, HIDDEN, "frozen", temperature=0.2), capture=capture, cmi_weight=0.1,
-    )  # fmt: skip
+    trainer, model = cmi_trainer(tiny_bert, tmp_path, "min", centroids="frozen", bf16=True)
+    tokenizer, capture = trainer.processing_class, trainer.capture
     popped_dtypes, pop = [], capture.pop
 
     def recording_pop():
