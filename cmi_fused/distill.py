@@ -45,7 +45,8 @@ from transformers import (
 )
 
 from .distributed import all_reduce_sum
-from .glue.data import load_task, task_key, tokenize_split
+from .glue.data import load_task, tokenize_split
+from .glue.tasks import task_key
 from .glue.train import REGULARIZER_FILE, RESULTS_FILE, FeatureCapture, trained_task
 from .kd import KDLoss
 from .loss import cmi_loss
@@ -89,14 +90,6 @@ def default_student_layers(num_teacher_layers: int, num_student_layers: Optional
     # round_half_up(k * (L - 1) / (n - 1)) in integers: a float step rounds some exact halves down (L = 186).
     span, steps = num_teacher_layers - 1, num_student_layers - 1
     return [(2 * k * span + steps) // (2 * steps) for k in range(num_student_layers)]
-
-
-def parse_layers(text: str) -> list[int]:
-    """``"0,2,4"`` -> ``[0, 2, 4]`` (the ``--student-layers`` option)."""
-    try:
-        return [int(part) for part in text.split(",")]
-    except ValueError:
-        raise ValueError(f"--student-layers must be comma-separated integers such as 0,2,4, got {text!r}") from None
 
 
 def check_layers(layers: Sequence[int], num_teacher_layers: int) -> list[int]:

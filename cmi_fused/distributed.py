@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 
@@ -19,3 +21,9 @@ def all_reduce_sum(*tensors: torch.Tensor) -> tuple:
     flat = torch.cat([t.reshape(-1).float() for t in tensors])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     return tuple(part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors, strict=True))
+
+
+def is_main_process() -> bool:
+    """False on every ``torchrun`` rank but rank 0, so that a command's summary line and a sweep's files come once,
+    not once per process (read from ``RANK``, which torchrun sets: also right before the Trainer joins the group)."""
+    return int(os.environ.get("RANK", "0")) == 0

@@ -1,6 +1,7 @@
 """Distillation: student building (layer choice, name map, token-type folding), the KD trainer with a
 frozen teacher, teacher selection and end-to-end ``cmi-glue distill`` / ``distill-sweep`` on a tiny BERT."""
 
+import argparse
 import dataclasses
 import json
 import os
@@ -36,17 +37,16 @@ from cmi_fused.distill import (  # noqa: E402
     build_student,
     check_layers,
     default_student_layers,
-    parse_layers,
     select_teacher,
     teacher_logits_for,
     training_set_cmi,
     with_teacher_logits,
 )
 from cmi_fused.glue import distill_cli  # noqa: E402
-from cmi_fused.glue.cli import build_parser, main  # noqa: E402
-from cmi_fused.glue.data import get_task, load_task, tokenize_split  # noqa: E402
+from cmi_fused.glue.cli import build_parser, main, parse_layers  # noqa: E402
+from cmi_fused.glue.config import DistillConfig, TrainConfig  # noqa: E402
+from cmi_fused.glue.data import load_task, tokenize_split  # noqa: E402
 from cmi_fused.glue.distill_cli import (  # noqa: E402
-    DistillConfig,
     distill_history,
     load_student,
     load_teacher,
@@ -54,7 +54,8 @@ from cmi_fused.glue.distill_cli import (  # noqa: E402
     teacher_candidates,
 )
 from cmi_fused.glue.sweep import reuse_or_run  # noqa: E402
-from cmi_fused.glue.train import REGULARIZER_FILE, RESULTS_FILE, TrainConfig, build_training_arguments, train  # noqa: E402
+from cmi_fused.glue.tasks import get_task  # noqa: E402
+from cmi_fused.glue.train import REGULARIZER_FILE, RESULTS_FILE, build_training_arguments, train  # noqa: E402
 from glue_fixtures import save_tiny_bert  # noqa: E402
 
 NUM_TEACHER_LAYERS = 4
@@ -106,7 +107,7 @@ def test_default_layers():
         default_student_layers(6, 7)
     with pytest.raises(ValueError, match="num_teacher_layers must be a positive int, got 6.0"):
         default_student_layers(6.0)
-    with pytest.raises(ValueError, match="--student-layers"):
+    with pytest.raises(argparse.ArgumentTypeError, match="expected comma-separated integers such as 0,2,4, got '0;2'"):
         parse_layers("0;2")
 
 
@@ -684,7 +685,8 @@ def test_distill_argument_errors(teachers, glue_dir, tmp_path, capsys):
     assert "error: --student and --student-layers exclude each other" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["distill", *base, "--student-layers", "a,b"])
-    assert "--student-layers" in capsys.readouterr().err
+    error = "argument --student-layers: expected comma-separated integers such as 0,2,4, got 'a,b'"
+    assert error in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="--teacher .* is not a directory"):
         main(["distill", *distill_args(str(tmp_path / "missing"), glue_dir, tmp_path / "y")])
     # An MRPC teacher for SST-2 (two labels too, other names): refused, not only warned about.

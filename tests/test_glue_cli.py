@@ -37,6 +37,7 @@ from cmi_fused import CMIRegularizer, cmi_loss
 from cmi_fused import regularizer as regularizer_module
 from cmi_fused.glue import train as glue_train
 from cmi_fused.glue.cli import build_parser, config_from_args, main, parse_list
+from cmi_fused.glue.config import TrainConfig
 from cmi_fused.glue.data import load_task, tokenize_split
 from cmi_fused.glue.metrics import glue_metrics
 from cmi_fused.glue.sweep import (
@@ -53,7 +54,6 @@ from cmi_fused.glue.train import (
     RESULTS_FILE,
     CMITrainer,
     FeatureCapture,
-    TrainConfig,
     best_epoch_of,
     build_training_arguments,
     classifier_input_module,
@@ -661,6 +661,44 @@ def test_torchrun_without_cuda_shards_the_data_over_processes(tiny_bert, glue_di
     for name in ("centroids", "feature_mean"):
         # summation order differs (2.7e-6 here); rows counted twice moved the centroids by 7.6e-3
         torch.testing.assert_close(two[name], one[name], rtol=0, atol=5e-5, msg=f"{name} under torchrun")
+
+
+HEAVY_LIBRARIES = ("transformers", "datasets", "sklearn")
+PARSE_ONLY = """
+import sys
+from cmi_fused.glue.cli import main
+for argv in sys.argv[1:]:
+    try:
+        main(argv.split())
+    except SystemExit:
+        pass
+print(sorted(name for name in {heavy} if name in sys.modules))
+"""
+
+
+def test_help_and_usage_errors_load_no_heavy_library(tmp_path):
+    """``--help`` and a refused setting are answered before transformers, datasets or scikit-learn load (5 of the 7 s
+    that ``cmi-glue --help`` took here): the CLI imports a command's driver only to run it. A fresh interpreter,
+    since this one has them loaded."""
+    out = tmp_path / "run"
+    argvs = [
+        "--help",
+        "distill --help",
+        f"train --task mrpc --model m --output-dir {out} --cmi-lambda -1",
+        f"sweep --task mrpc --model m --output-dir {out} --warmup-ratio 1",
+        f"distill --task mrpc --teacher {out} --output-dir {out} --alpha 2",
+        f"distill-sweep --task mrpc --teacher {out} --output-dir {out} --kd-temperatures 0",
+    ]
+    script = PARSE_ONLY.format(heavy=HEAVY_LIBRARIES)
+    result = subprocess.run([sys.executable, "-c", script, *argvs], capture_output=True, text=True, check=True)
+    errors = [line for line in result.stderr.splitlines() if ": error: " in line]
+    assert [error.split(": error: ")[1].split()[0] for error in errors] == [
+        "--cmi-lambda",
+        "--warmup-ratio",
+        "--alpha",
+        "argument",
+    ], result.stderr
+    assert result.stdout.splitlines()[-1] == "[]"
 
 
 def test_a_command_leaves_the_process_group_it_joined(tmp_path, monkeypatch):

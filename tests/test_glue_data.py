@@ -7,6 +7,7 @@ import pytest
 from cmi_fused.glue import data as glue_data
 from cmi_fused.glue.data import GlueDataError, load_task, tokenize_split
 from cmi_fused.glue.metrics import build_compute_metrics, glue_metrics
+from cmi_fused.glue.tasks import TASKS
 
 MNLI_TRAIN_HEADER = (
     "index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\tsentence1_parse\t"
@@ -199,8 +200,8 @@ def test_label_names_are_hugging_faces_in_id_order():
         "wnli": ("not_entailment", "entailment"),
         "mnli": ("entailment", "neutral", "contradiction"),
     }
-    assert {name: task.label_names for name, task in glue_data.TASKS.items()} == expected
-    assert [name for name, task in glue_data.TASKS.items() if task.tsv_labels_are_names] == ["qnli", "rte", "mnli"]
+    assert {name: task.label_names for name, task in TASKS.items()} == expected
+    assert [name for name, task in TASKS.items() if task.tsv_labels_are_names] == ["qnli", "rte", "mnli"]
 
 
 def test_mnli_dev_labels(tmp_path):

@@ -1,4 +1,5 @@
-"""``cmi-glue distill``, ``select-teacher`` and ``distill-sweep``: knowledge distillation of GLUE teachers.
+"""What ``cmi-glue distill``, ``select-teacher`` and ``distill-sweep`` run (their options: :mod:`.cli`): knowledge
+distillation of GLUE teachers.
 
 ``distill`` trains a student (a ``--student`` model, or a DistilBERT built from the teacher's layers,
 :func:`cmi_fused.distill.build_student`) with ``(1 - alpha) * CE + alpha * T^2 * KL(p_teacher^T || p_student^T)``
@@ -9,13 +10,11 @@ on the same data, metrics, ``Trainer`` settings and ``results.json`` as ``cmi-gl
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import glob
 import json
 import os
-import shlex
 from typing import Optional, Sequence
 
 import torch
@@ -25,15 +24,12 @@ from ..distill import (
     DistillationTrainer,
     build_student,
     default_student_layers,
-    parse_layers,
-    select_teacher,
     teacher_logits_for,
     with_teacher_logits,
 )
 from ..kd import KDLoss
-from ..options import check_number, check_temperature
-from .cli import add_common_args, build_config, parse_list, report
-from .data import GlueData, GlueTask, load_task, task_key, tokenize_split, tokenize_task
+from .config import DistillConfig
+from .data import GlueData, load_task, tokenize_split, tokenize_task
 from .sweep import (
     format_sweep_markdown,
     machine_description,
@@ -43,10 +39,10 @@ from .sweep import (
     value_label,
     write_sweep,
 )
+from .tasks import GlueTask, task_key
 from .train import (
     REGULARIZER_FILE,
     RESULTS_FILE,
-    TrainConfig,
     build_results,
     build_training_arguments,
     check_head_labels,
@@ -57,41 +53,6 @@ from .train import (
     save_run,
     trained_task,
 )
-
-
-@dataclasses.dataclass
-class DistillConfig(TrainConfig):
-    """A :class:`TrainConfig` (``model``: where the student's weights come from) plus the distillation options.
-
-    ``student``: a model directory or hub name for the student; ``None`` builds a DistilBERT from the
-    teacher's ``student_layers`` (default: evenly spread). ``cache_teacher_logits``: compute the
-    teacher's training-set logits once before training instead of once per batch. ``epochs`` defaults to the
-    paper's 10, as ``cmi-glue distill`` does; ``resume`` is refused (distillation starts over).
-    """
-
-    epochs: float = 10.0
-    teacher: str = ""
-    student: Optional[str] = None
-    student_layers: Optional[list] = None
-    alpha: float = 0.5
-    kd_temperature: float = 2.0
-    cache_teacher_logits: bool = False
-
-    def __post_init__(self):
-        super().__post_init__()
-        if not self.teacher:
-            raise ValueError("teacher must name a directory written by cmi-glue train")
-        if self.student is not None and self.student_layers is not None:
-            raise ValueError(
-                "student and student_layers exclude each other: give a ready student model, or the teacher layers "
-                "to build one from"
-            )
-        if self.cmi != "none":
-            raise ValueError(f"cmi must be 'none' for distillation (the KD loss replaces it), got {self.cmi!r}")
-        if self.resume:  # distill() would silently start over
-            raise ValueError("resume is not supported for distillation: start the run over")
-        check_number("alpha", self.alpha, 0.0, 1.0)  # as KDLoss checks them, under this config's names
-        check_temperature(self.kd_temperature, "kd_temperature")
 
 
 def load_teacher(teacher_dir: str, task: GlueTask):
@@ -307,46 +268,6 @@ def run_distill_sweep(
     return summary
 
 
-# ------------------------------------------------------------------------------------------------------
-# Command line
-def add_distill_args(parser: argparse.ArgumentParser) -> None:
-    """The common ``train`` options, with ``--student`` (alias ``--model``) in place of the required ``--model``."""
-    add_common_args(parser, with_model=False)
-    parser.set_defaults(epochs="10")  # parsed by --epochs' type, as its own default
-    parser.add_argument(
-        "--student",
-        "--model",
-        dest="student",
-        help="student model dir or hub name (same vocabulary as the teacher); "
-        "default: a DistilBERT built from the teacher's layers",
-    )
-    parser.add_argument(
-        "--student-layers",
-        type=parse_layers,
-        help="teacher layers copied into the built student, e.g. 0,2,4,7,9,11 (default: evenly spread)",
-    )
-    parser.add_argument(
-        "--cache-teacher-logits",
-        action="store_true",
-        help="compute the teacher's training-set logits once instead of once per batch",
-    )
-
-
-def distill_config_from_args(args: argparse.Namespace, **overrides) -> DistillConfig:
-    """A :class:`DistillConfig` from parsed arguments; ``model`` is the student's weight source."""
-    fields = {name: getattr(args, name) for name in DistillConfig.__dataclass_fields__ if hasattr(args, name)}
-    fields.update(overrides)
-    fields["model"] = fields["student"] or fields["teacher"]
-    return build_config(DistillConfig, fields, args)
-
-
-def run_distill_command(args: argparse.Namespace) -> None:
-    results = distill(distill_config_from_args(args))
-    best = ", ".join(f"{name} {value:.4f}" for name, value in results["best"].items())
-    where = os.path.join(args.output_dir, RESULTS_FILE)
-    report(f"{args.task}: student best epoch {results['best_epoch']}: {best}; results in {where}")
-
-
 def teacher_candidates(paths: Sequence[str]) -> tuple[list, list]:
     """The run directories ``--runs`` names, and the CE runs left out of the directories it names.
 
@@ -387,91 +308,3 @@ def teacher_candidates(paths: Sequence[str]) -> tuple[list, list]:
         kept.setdefault(os.path.realpath(run), run)
     left_out = [run for run in dict.fromkeys(left_out) if os.path.realpath(run) not in kept]
     return list(kept.values()), left_out
-
-
-def run_select_teacher_command(args: argparse.Namespace) -> None:
-    run_dirs, left_out = teacher_candidates(args.runs)
-    selection = select_teacher(run_dirs, args.data_dir, args.batch_size)
-    metric = selection["metric"]
-    print(f"| run | cmi | lambda | best {metric} | training-set CMI | ratio | centroids |")
-    print("|---|---|---|---|---|---|---|")
-    for row in selection["runs"]:
-        cmi_lambda = "-" if row["cmi"] == "none" else f"{row['cmi_lambda']:g}"  # a CE run's lambda is unused
-        print(
-            f"| {row['run']} | {row['cmi']} | {cmi_lambda} | {row['best_metric']:.4f} | "
-            f"{row['train_set_cmi']:.4g} | {row['ratio']:.4f} | {row['centroids_source']} |"
-        )
-    if left_out:
-        print(f"left out (CE baselines of the directories given; name a run to include it): {', '.join(left_out)}")
-    print(f"selected: {selection['selected']}\nwhy: {selection['reason']}")
-    selected_cmi = next(row["cmi"] for row in selection["runs"] if row["run"] == selection["selected"])
-    if selected_cmi != "max":
-        print(f"note: the selected run was trained with --cmi {selected_cmi}; the paper distils Max-CMI teachers")
-    selection["left_out"] = left_out
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(selection, handle, indent=2)
-
-
-def run_distill_sweep_command(args: argparse.Namespace) -> None:
-    command = "cmi-glue " + " ".join(shlex.quote(arg) for arg in args.argv)
-    base = distill_config_from_args(args, teacher=args.teacher[0])
-    summary = run_distill_sweep(base, args.teacher, args.alphas, args.kd_temperatures, args.seeds, command=command)
-    lines = [f"{row['arm']}: median {summary['metric']} {row['median']:.4f}" for row in summary["arms"]]
-    report(*lines, f"table in {args.output_dir}/sweep.md")
-
-
-def register_distill(subparsers) -> None:
-    parser = subparsers.add_parser("distill", help="distil a cmi-glue train teacher into a student")
-    add_distill_args(parser)
-    parser.add_argument("--seed", type=int, default=0)  # distill-sweep takes --seeds instead
-    parser.add_argument("--teacher", required=True, help="teacher directory written by cmi-glue train")
-    parser.add_argument("--alpha", type=float, default=0.5, help="weight of the KD term, in [0, 1]")
-    parser.add_argument("--kd-temperature", type=float, default=2.0, help="softmax temperature T > 0 of the KD term")
-    parser.set_defaults(func=run_distill_command)
-
-
-def register_select_teacher(subparsers) -> None:
-    parser = subparsers.add_parser("select-teacher", help="the run with the highest best-metric / training-set CMI")
-    parser.add_argument(
-        "--runs",
-        nargs="+",
-        required=True,
-        help="cmi-glue train output directories, or directories of runs (a sweep): the runs inside trained with a "
-        "CMI term (their CE baselines, --cmi none, are left out)",
-    )
-    parser.add_argument("--data-dir", help="GLUE TSV root; default: the one each run was trained with")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--json", help="also write the selection to this JSON file")
-    parser.set_defaults(func=run_select_teacher_command)
-
-
-def register_distill_sweep(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "distill-sweep",
-        help="teachers x alpha x T x seeds; sweep.json/sweep.md (first arm = baseline)",
-    )
-    add_distill_args(parser)
-    parser.add_argument("--teacher", nargs="+", required=True, help="one or more teacher directories")
-    # list defaults as strings: argparse parses them with the type, and --help shows them as they are typed
-    parser.add_argument(
-        "--alphas",
-        type=parse_list(float, functools.partial(check_number, "alpha", low=0.0, high=1.0)),
-        default="0,0.5",
-        help="comma-separated, each in [0, 1]",
-    )
-    parser.add_argument(
-        "--kd-temperatures",
-        type=parse_list(float, functools.partial(check_temperature, name="KD temperature")),
-        default="2",
-        help="comma-separated, each > 0",
-    )
-    parser.add_argument("--seeds", type=parse_list(int), default="0,1,2", help="comma-separated")
-    parser.set_defaults(func=run_distill_sweep_command)
-
-
-def register_distill_commands(subparsers) -> None:
-    """``distill``, ``select-teacher`` and ``distill-sweep``."""
-    register_distill(subparsers)
-    register_select_teacher(subparsers)
-    register_distill_sweep(subparsers)

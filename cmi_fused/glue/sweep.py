@@ -21,8 +21,10 @@ import filelock
 import torch
 from scipy.stats import binomtest
 
+from ..distributed import is_main_process
+from .config import TrainConfig
 from .data import load_task
-from .train import RESULTS_FILE, TrainConfig, is_main_process, train
+from .train import RESULTS_FILE, train
 
 # Settings that locate a run or say how it is executed, not what it computes: a finished run is reused whatever they
 # are now.

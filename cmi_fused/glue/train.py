@@ -35,81 +35,13 @@ from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 
 from ..distributed import all_reduce_sum
-from ..options import check_int, check_number, check_temperature
-from ..regularizer import CENTROID_MODES, NORMALIZATIONS, CMIRegularizer
+from ..regularizer import CMIRegularizer
+from .config import TrainConfig
 from .data import GlueData, load_task, tokenize_task
 from .metrics import task_metric_names
 
-CMI_SIGNS = {"none": 0.0, "min": 1.0, "max": -1.0}
-FEATURES = ("pooled", "cls")
 REGULARIZER_FILE = "cmi_regularizer.pt"
 RESULTS_FILE = "results.json"
-
-
-def is_main_process() -> bool:
-    """False on every ``torchrun`` rank but rank 0, so that a command's summary line and a sweep's files come once,
-    not once per process (read from ``RANK``, which torchrun sets: also right before the Trainer joins the group)."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    """Everything one ``cmi-glue train`` run depends on (written to ``results.json`` as ``config``)."""
-
-    task: str
-    model: str
-    output_dir: str
-    data_dir: str | None = None
-    cmi: str = "none"
-    cmi_lambda: float = 0.1
-    centroids: str = "batch"
-    feature: str = "pooled"
-    temperature: float = 1.0
-    normalization: str = "none"
-    momentum: float = 0.9
-    epochs: float = 5.0
-    batch_size: int = 32
-    eval_batch_size: int | None = None
-    lr: float = 2e-5
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.0
-    max_seq_length: int = 128
-    seed: int = 0
-    bf16: bool = False
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
-    keep_checkpoints: bool = False
-    resume: bool = False
-    disable_tqdm: bool = False
-
-    def __post_init__(self):
-        if self.cmi not in CMI_SIGNS:
-            raise ValueError(f"cmi must be one of {tuple(CMI_SIGNS)}, got {self.cmi!r}")
-        if self.centroids not in CENTROID_MODES:
-            raise ValueError(f"centroids must be one of {CENTROID_MODES}, got {self.centroids!r}")
-        if self.feature not in FEATURES:
-            raise ValueError(f"feature must be one of {FEATURES}, got {self.feature!r}")
-        if self.normalization not in NORMALIZATIONS:
-            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
-        check_temperature(self.temperature)  # as CMIRegularizer checks them, before anything loads
-        check_number("momentum", self.momentum, 0.0, 1.0, high_open=True)
-        if not self.cmi_lambda >= 0:
-            raise ValueError(f"cmi_lambda must be >= 0 (the sign comes from cmi=min/max), got {self.cmi_lambda!r}")
-        if not (self.epochs > 0 and float(self.epochs).is_integer()):
-            raise ValueError(
-                f"epochs must be a positive whole number (evaluation, checkpoints and the history are per epoch), "
-                f"got {self.epochs!r}"
-            )
-        check_int("max_seq_length", self.max_seq_length)
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio must be in [0, 1) (a fraction of the steps), got {self.warmup_ratio!r}")
-        if self.resume and not self.keep_checkpoints:
-            raise ValueError("resume needs keep_checkpoints (checkpoints with optimizer state) in output_dir")
-
-    @property
-    def cmi_weight(self) -> float:
-        """``sign * lambda``: the factor of the CMI term in the training loss."""
-        return CMI_SIGNS[self.cmi] * self.cmi_lambda
 
 
 def eval_metric_names(data: GlueData) -> list:
@@ -388,7 +320,7 @@ def label_maps(label_names: tuple) -> dict:
 
 def trained_task(run_dir: str) -> str | None:
     """The task a run directory's ``results.json`` names, as written (``mrpc``, ``MRPC``: compare with
-    :func:`~cmi_fused.glue.data.task_key`), or None where there is no such file or it names none."""
+    :func:`~cmi_fused.glue.tasks.task_key`), or None where there is no such file or it names none."""
     try:
         with open(os.path.join(run_dir, RESULTS_FILE)) as handle:
             results = json.load(handle)

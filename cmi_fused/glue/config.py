@@ -1,0 +1,111 @@
+"""The settings of ``cmi-glue train`` and ``cmi-glue distill`` runs, checked when they are made.
+
+Plain dataclasses, no ``transformers``, ``datasets`` or scikit-learn: the command line turns a refused setting into
+a usage error without loading them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from ..options import check_int, check_number, check_temperature
+from ..regularizer import CENTROID_MODES, NORMALIZATIONS
+
+CMI_SIGNS = {"none": 0.0, "min": 1.0, "max": -1.0}
+FEATURES = ("pooled", "cls")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything one ``cmi-glue train`` run depends on (written to ``results.json`` as ``config``)."""
+
+    task: str
+    model: str
+    output_dir: str
+    data_dir: str | None = None
+    cmi: str = "none"
+    cmi_lambda: float = 0.1
+    centroids: str = "batch"
+    feature: str = "pooled"
+    temperature: float = 1.0
+    normalization: str = "none"
+    momentum: float = 0.9
+    epochs: float = 5.0
+    batch_size: int = 32
+    eval_batch_size: int | None = None
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.0
+    max_seq_length: int = 128
+    seed: int = 0
+    bf16: bool = False
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    keep_checkpoints: bool = False
+    resume: bool = False
+    disable_tqdm: bool = False
+
+    def __post_init__(self):
+        if self.cmi not in CMI_SIGNS:
+            raise ValueError(f"cmi must be one of {tuple(CMI_SIGNS)}, got {self.cmi!r}")
+        if self.centroids not in CENTROID_MODES:
+            raise ValueError(f"centroids must be one of {CENTROID_MODES}, got {self.centroids!r}")
+        if self.feature not in FEATURES:
+            raise ValueError(f"feature must be one of {FEATURES}, got {self.feature!r}")
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
+        check_temperature(self.temperature)  # as CMIRegularizer checks them, before anything loads
+        check_number("momentum", self.momentum, 0.0, 1.0, high_open=True)
+        if not self.cmi_lambda >= 0:
+            raise ValueError(f"cmi_lambda must be >= 0 (the sign comes from cmi=min/max), got {self.cmi_lambda!r}")
+        if not (self.epochs > 0 and float(self.epochs).is_integer()):
+            raise ValueError(
+                f"epochs must be a positive whole number (evaluation, checkpoints and the history are per epoch), "
+                f"got {self.epochs!r}"
+            )
+        check_int("max_seq_length", self.max_seq_length)
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1) (a fraction of the steps), got {self.warmup_ratio!r}")
+        if self.resume and not self.keep_checkpoints:
+            raise ValueError("resume needs keep_checkpoints (checkpoints with optimizer state) in output_dir")
+
+    @property
+    def cmi_weight(self) -> float:
+        """``sign * lambda``: the factor of the CMI term in the training loss."""
+        return CMI_SIGNS[self.cmi] * self.cmi_lambda
+
+
+@dataclasses.dataclass
+class DistillConfig(TrainConfig):
+    """A :class:`TrainConfig` (``model``: where the student's weights come from) plus the distillation options.
+
+    ``student``: a model directory or hub name for the student; ``None`` builds a DistilBERT from the
+    teacher's ``student_layers`` (default: evenly spread). ``cache_teacher_logits``: compute the
+    teacher's training-set logits once before training instead of once per batch. ``epochs`` defaults to the
+    paper's 10, as ``cmi-glue distill`` does; ``resume`` is refused (distillation starts over).
+    """
+
+    epochs: float = 10.0
+    teacher: str = ""
+    student: Optional[str] = None
+    student_layers: Optional[list] = None
+    alpha: float = 0.5
+    kd_temperature: float = 2.0
+    cache_teacher_logits: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.teacher:
+            raise ValueError("teacher must name a directory written by cmi-glue train")
+        if self.student is not None and self.student_layers is not None:
+            raise ValueError(
+                "student and student_layers exclude each other: give a ready student model, or the teacher layers "
+                "to build one from"
+            )
+        if self.cmi != "none":
+            raise ValueError(f"cmi must be 'none' for distillation (the KD loss replaces it), got {self.cmi!r}")
+        if self.resume:  # distill() would silently start over
+            raise ValueError("resume is not supported for distillation: start the run over")
+        check_number("alpha", self.alpha, 0.0, 1.0)  # as KDLoss checks them, under this config's names
+        check_temperature(self.kd_temperature, "kd_temperature")
