@@ -702,3 +702,34 @@ def test_distill_argument_errors(teachers, glue_dir, tmp_path, capsys):
     assert load_teacher(upper, get_task("mrpc"))[0].config.num_labels == 2
     (tmp_path / "upper" / "results.json").write_text("[1]")
     assert load_teacher(upper, get_task("mrpc"))[0].config.num_labels == 2
+
+
+@pytest.mark.parametrize("cmi", ["min", "max"])
+def test_distill_config_refuses_a_cmi_term(cmi):
+    """The KD loss replaces the CMI term: a DistillConfig asking for one is refused, not run without it and recorded
+    as a Min- or Max-CMI run in results.json."""
+    with pytest.raises(ValueError, match="cmi must be 'none' for distillation"):
+        DistillConfig(task="mrpc", model="t", output_dir="o", teacher="t", cmi=cmi)
+
+
+def test_distill_logged_epoch_means_are_over_every_process(teachers, glue_dir, tmp_path, monkeypatch):
+    """Under torchrun train_ce and train_kl are means over every process's steps (all-reduced sums)."""
+    trainer, _ = kd_trainer(teachers["none"], glue_dir, tmp_path, cache=True)
+    trainer._epoch_sums = torch.tensor([1.0, 0.5, 2.0], device=trainer.args.device)  # this process: 2 steps
+    other = torch.tensor([3.0, 1.5, 2.0])  # another process's CE sum, KL sum, steps
+    monkeypatch.setattr(distill, "all_reduce_sum", lambda sums: (sums + other.to(sums.device),))
+    logged = []
+    trainer.log = lambda values, *args, **kwargs: logged.append(values)
+    trainer.callback_handler.on_epoch_end(trainer.args, trainer.state, trainer.control)
+    assert logged == [pytest.approx({"train_ce": 1.0, "train_kl": 0.5})]
+
+
+def test_a_teacher_with_another_number_of_labels_is_refused(tmp_path):
+    """A 3-label teacher for MRPC (2 labels) is refused when loaded: the student built from it would otherwise take
+    its 3 labels and train to the end as a 3-way classifier with made-up label names."""
+    model_dir = save_tiny_bert(tmp_path / "teacher")
+    AutoModelForSequenceClassification.from_pretrained(
+        model_dir, num_labels=3, ignore_mismatched_sizes=True
+    ).save_pretrained(model_dir)
+    with pytest.raises(ValueError, match="has 3 labels, the task has 2"):
+        load_teacher(model_dir, get_task("mrpc"))

@@ -41,6 +41,7 @@ from cmi_fused.glue.config import TrainConfig
 from cmi_fused.glue.data import load_task, tokenize_split
 from cmi_fused.glue.metrics import glue_metrics
 from cmi_fused.glue.sweep import (
+    format_sweep_markdown,
     reuse_or_run,
     reuse_or_run_each,
     run_dir,
@@ -932,3 +933,47 @@ def test_resume_continues_from_the_last_checkpoint_as_if_never_stopped(tiny_bert
     buffers = [name for name, value in regularizer.items() if isinstance(value, torch.Tensor)]
     assert "epoch_class_sums" in buffers and "feature_mean" in buffers
     assert not [name for name in buffers if not torch.equal(regularizer[name], regularizer_resumed[name])]
+
+
+def test_every_training_setting_reaches_the_training_arguments(tmp_path):
+    """--seed (the Trainer re-seeds with it before it shuffles and drops out), --weight-decay, --lr, --epochs and both
+    batch sizes reach TrainingArguments; --eval-batch-size defaults to --batch-size."""
+    config = TrainConfig(
+        "mrpc", "m", str(tmp_path), seed=7, weight_decay=0.01, lr=3e-4, epochs=3, batch_size=16, eval_batch_size=4
+    )
+    args = build_training_arguments(config, "f1")
+    assert (args.seed, args.weight_decay, args.learning_rate, args.num_train_epochs) == (7, 0.01, 3e-4, 3.0)
+    assert (args.per_device_train_batch_size, args.per_device_eval_batch_size) == (16, 4)
+    default = build_training_arguments(dataclasses.replace(config, eval_batch_size=None), "f1")
+    assert default.per_device_eval_batch_size == 16
+
+
+def test_logged_epoch_means_are_over_every_process(tiny_bert, glue_dir, tmp_path, monkeypatch):
+    """Under torchrun train_ce and train_cmi are means over every process's batches (all-reduced sums), not over rank
+    0's alone: a stand-in all_reduce_sum adds another process's sums."""
+    trainer, model = cmi_trainer(tiny_bert, tmp_path, "min")
+    logged = []
+    trainer.log = lambda values, *args, **kwargs: logged.append(values)
+    (inputs,) = training_batches(trainer, tiny_bert, glue_dir, [8])
+    model.train()
+    with torch.no_grad():
+        trainer.compute_loss(model, dict(inputs))
+        ce, cmi = (float(term) for term in ce_and_cmi(model, inputs))
+    other = torch.tensor([3.0, 1.0, 1.0])  # another process: CE sum 3, CMI sum 1, over 1 step
+    monkeypatch.setattr(glue_train, "all_reduce_sum", lambda totals: (totals + other.to(totals.device),))
+    trainer.end_epoch()
+    assert logged == [pytest.approx({"train_ce": (ce + 3.0) / 2, "train_cmi": (cmi + 1.0) / 2}, rel=1e-5)]
+
+
+def test_sweep_table_rows_hand_values():
+    """sweep.md: per seed, median, mean ± std, and against the baseline the median, range, wins/seeds and p."""
+    rows = summarize_arms({0.0: {0: 0.5, 1: 0.5, 2: 0.5}, 0.1: {0: 0.6, 1: 0.7, 2: 0.4}}, 0.0)
+    lines = format_sweep_markdown("t", "f1", rows, "lambda", "CE").splitlines()
+    assert "| 0.0 | 3 | 50.00, 50.00, 50.00 | 50.00 | 50.00 ± 0.00 | — | — | — | — |" in lines
+    assert "| 0.1 | 3 | 60.00, 70.00, 40.00 | 60.00 | 56.67 ± 15.28 | +10.00 | -10.00 .. +20.00 | 2/3 | 1.00 |" in lines
+
+
+def test_sweep_defaults_are_the_documented_grid():
+    """cmi-glue sweep's defaults: Min-CMI, lambdas 0,0.05,0.1,0.2,0.5,1 and seeds 0,1,2 (README)."""
+    args = build_parser().parse_args(["sweep", "--task", "mrpc", "--model", "m", "--output-dir", "o"])
+    assert args.cmi == "min" and args.lambdas == [0.0, 0.05, 0.1, 0.2, 0.5, 1.0] and args.seeds == [0, 1, 2]

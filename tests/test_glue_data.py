@@ -7,7 +7,7 @@ import pytest
 from cmi_fused.glue import data as glue_data
 from cmi_fused.glue.data import GlueDataError, load_task, tokenize_split
 from cmi_fused.glue.metrics import build_compute_metrics, glue_metrics
-from cmi_fused.glue.tasks import TASKS
+from cmi_fused.glue.tasks import TASKS, get_task, task_key
 
 MNLI_TRAIN_HEADER = (
     "index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\tsentence1_parse\t"
@@ -360,3 +360,9 @@ def test_label_names_are_read_without_surrounding_whitespace(tmp_path):
     for name in ("train.tsv", "dev.tsv"):
         (tmp_path / "RTE" / name).write_text("index\tsentence1\tsentence2\tlabel\n0\ta\tb\tnot_entailment \n")
     assert list(load_task("rte", str(tmp_path)).train["label"]) == [1]
+
+
+def test_task_names_as_glue_writes_them():
+    """get_task takes a task as GLUE writes it (SST-2, MRPC, CoLA) or as the command line does (sst2)."""
+    assert task_key("SST-2") == "sst2" and get_task("SST-2") is TASKS["sst2"]
+    assert get_task("MRPC") is TASKS["mrpc"] and get_task("CoLA") is TASKS["cola"] and get_task("sst2") is TASKS["sst2"]
