@@ -1091,3 +1091,109 @@ def test_elapsed_ms_on_the_cpu_is_milliseconds():
 
 def test_rotated_moves_one_place_per_round():
     assert [timing.rotated("abc", r) for r in range(4)] == [list("abc"), list("bca"), list("cab"), list("abc")]
+
+
+def test_h100_device_target_is_for_bf16_only():
+    """The issue's device-ms targets are bf16 numbers: an fp32 (or fp16) run of the same N, d, C gets no verdict."""
+    rows = [make_row((32, 768, 2, dtype), "fixed", "fused", "fwd_bwd", "device", 0.010) for dtype in ("fp32", "fp16")]
+    rows.append(make_row((4096, 768, 2, "fp32"), "fixed", "fused", "fwd_bwd", "device", 0.050))
+    for device in ("NVIDIA H100 80GB HBM3", "NVIDIA H200"):
+        assert not [key for key in verdicts(device, rows) if "H100 target" in key[0]]
+
+
+def test_noop_wall_criterion_only_at_32x768():
+    """The 2x no-op criterion is the issue's 32x768 one: another d at N = 32 is not checked against it."""
+    shape = (32, 1024, 2, "bf16")
+    rows = [make_row(shape, "fixed", "noop", "fwd_bwd", "wall", 0.010),
+            make_row(shape, "fixed", "fused", "fwd_bwd", "wall", 0.050)]  # fmt: skip
+    assert not [key for key in verdicts("NVIDIA H100", rows) if "no-op" in key[0]]
+
+
+def test_batch_vs_fixed_starts_at_exactly_8m_elements():
+    """Large shapes are N * d >= 2**23: 8192x1024 (exactly 2**23) is checked, 8191x1024 is not."""
+    criterion = "batch-centroid device ms <= 1.5x fixed"
+    rows = []
+    for shape in ((8192, 1024, 10, "bf16"), (8191, 1024, 10, "bf16")):
+        rows += [make_row(shape, "fixed", "fused", "fwd_bwd", "device", 0.1),
+                 make_row(shape, "batch", "fused", "fwd_bwd", "device", 0.2)]  # fmt: skip
+    checks = verdicts("NVIDIA H100", rows)
+    assert checks[(criterion, "8192x1024 C=10 bf16")]["verdict"] == "MISSED by 33%"
+    assert (criterion, "8191x1024 C=10 bf16") not in checks
+
+
+def test_only_the_fused_providers_accuracy_invalidates_its_verdicts():
+    """An eager (or compile) row outside the float64 bounds says nothing about fused: its verdicts stand."""
+    shape = (4096, 768, 2, "bf16")
+    rows = [
+        dict(make_row(shape, "fixed", "fused", "fwd_bwd", "device", 0.015), rel_err_loss=1e-7, rel_err_grad=1e-3),
+        dict(make_row(shape, "fixed", "eager", "fwd_bwd", "wall", 0.5), rel_err_loss=0.5, rel_err_grad=0.9),
+        dict(make_row(shape, "fixed", "compile", "fwd_bwd", "wall", 0.5), accuracy_error="RuntimeError: boom"),
+    ]
+    checks = verdicts("NVIDIA H100 80GB HBM3", rows)
+    assert checks[("fused device ms <= H100 target", "4096x768 C=2 bf16")]["verdict"] == "met"
+
+
+def test_accuracy_table_counts_a_failing_check_once_across_timings():
+    """The device and wall rows of one provider carry the same check: one line, counted once."""
+    shape = (32, 768, 2, "bf16")
+    rows = [
+        dict(make_row(shape, "fixed", "fused", "fwd_bwd", timing, 0.1), rel_err_loss=1e-7, rel_err_grad=2e-2)
+        for timing in ("device", "wall")
+    ] + [dict(make_row(shape, "fixed", "eager", "fwd_bwd", "wall", 0.1), rel_err_loss=1e-7, rel_err_grad=1e-3)]
+    table = report.accuracy_table(rows)
+    assert table[0].endswith("1 of 2 within the bounds, **1 outside**.")
+    assert sum("| fused |" in line for line in table) == 1
+
+
+def test_copy_rate_counts_bytes_read_and_written(monkeypatch):
+    """copy_tbps (the denominator of frac_copy) counts the source read and the target written: 2 x the buffer."""
+    monkeypatch.setattr(cmi_op.Timer, "wall_ms", lambda self, prepare, run, num_sets, reps: [2.0, 1.0, 9.0])
+    numel = 2**24  # the CPU buffer: 64 MiB of float32
+    assert cmi_op.measure_copy_tbps(torch.device("cpu")) == pytest.approx(2 * numel * 4 / 2e-3 / 1e12)
+
+
+def test_graph_replay_warms_up_eagerly_and_replays_before_timing(monkeypatch):
+    """Warm-up steps on the side stream before the capture, and warm-up replays before the timed ones."""
+    fake = FakeCuda()
+    fake.install(monkeypatch)
+    eager_runs = []
+
+    def run(k):
+        if not fake.capturing:
+            eager_runs.append(k)
+        fake.run(k)
+
+    budget = cmi_op.Budget(graph_ms=8.0, max_graph_steps=256, min_reps=5, max_reps=5, warmup_steps=2)
+    per_step, steps = cmi_op.graph_replay_ms(lambda k: None, run, 2, 1.0, budget)
+    assert eager_runs == [0, 1, 0, 1]  # warmup_steps x every input set
+    assert fake.clock == steps * (budget.warmup_steps + 5)  # 2 warm-up replays + 5 timed ones
+    assert per_step == [1.0] * 5
+
+
+def test_e2e_step_ms_is_the_median_of_rounds():
+    """A slow outlier round (a GC pause, a clock dip) moves the mean, not the reported step time."""
+    summary = e2e.summarise({"plain": [10.0, 10.0, 10.0, 40.0], "cmi_fused": [11.0, 11.0, 11.0, 11.0]})
+    assert summary[0]["step_ms"] == 10.0
+    assert summary[1]["step_ms"] == 11.0
+
+
+def test_e2e_a_round_without_overhead_breaks_the_agreement():
+    """Significant only when every round agrees on the sign: a round at exactly 0% has none."""
+    plain = [10.0, 10.0, 10.0, 10.0, 10.0, 10.0]
+    summary = e2e.summarise({"plain": plain, "cmi_fused": [10.0, 10.5, 10.5, 10.5, 10.5, 10.5]})
+    assert summary[1]["overhead_pct_min"] == 0.0 and summary[1]["significant"] is False
+    summary = e2e.summarise({"plain": plain, "cmi_fused": [10.0, 9.5, 9.5, 9.5, 9.5, 9.5]})
+    assert summary[1]["significant"] is False
+
+
+def test_e2e_block_time_is_ms_per_step(monkeypatch):
+    """time_block_ms divides the block's elapsed ms by its steps, and cycles through the batches."""
+    seen = []
+
+    def fake_elapsed_ms(fn, device):
+        fn()
+        return 12.0
+
+    monkeypatch.setattr(e2e, "elapsed_ms", fake_elapsed_ms)
+    assert e2e.time_block_ms(seen.append, ["a", "b", "c"], 4, torch.device("cpu")) == 3.0
+    assert seen == ["a", "b", "c", "a"]

@@ -4,6 +4,7 @@ times themselves are not checked."""
 
 import json
 import os
+import time
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ import torch
 pytest.importorskip("triton")
 
 import kernels.cmi
-from bench.host_overhead import KERNELS, launches_stubbed, main, steps
+from bench.host_overhead import KERNELS, launches_stubbed, main, measure, steps, table
 
 
 def test_stub_counts_every_launch_of_a_step_and_is_undone():
@@ -52,3 +53,26 @@ def test_cli_writes_a_row_per_provider(tmp_path, capsys):
     assert all(row["min_us"] > 0 and row["min_us"] <= row["median_us"] for row in rows)
     assert json.loads(out.read_text())["rows"] == rows
     assert "| fused fixed |" in capsys.readouterr().out
+
+
+def test_measure_is_microseconds_per_step_after_a_warm_up(monkeypatch):
+    clock = [0.0]
+    calls = []
+
+    def step():  # 5 us per step on a fake clock
+        calls.append(clock[0])
+        clock[0] += 5e-6
+
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+    times = measure({"noop": step, "fused fixed": step}, rounds=3, iters=4)
+    assert times == {"noop": [pytest.approx(5.0)] * 3, "fused fixed": [pytest.approx(5.0)] * 3}
+    assert len(calls) == 2 * 4 + 2 * 3 * 4  # one warm-up pass of iters per provider, then the rounds
+
+
+def test_table_ratio_is_min_over_the_noop_min():
+    """Host noise only adds: the ratio is min / min (not median), next to the median."""
+    rows = table({"noop": [1.0, 3.0, 5.0], "fused fixed": [2.0, 9.0, 9.0]})
+    assert rows == [
+        {"provider": "noop", "min_us": 1.0, "median_us": 3.0, "ratio_to_noop": 1.0},
+        {"provider": "fused fixed", "min_us": 2.0, "median_us": 9.0, "ratio_to_noop": 2.0},
+    ]
