@@ -208,3 +208,14 @@ def test_a_class_the_teacher_rules_out_adds_nothing(student_inf):
     assert torch.isfinite(out.loss).all()
     out.loss.sum().backward()
     assert torch.isfinite(student.grad[:, [0, 2]]).all() and torch.isfinite(student.grad[1]).all()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_every_field_is_reduced_like_the_loss(reduction):
+    """KDOutput's ce and kl are reduced the same way as loss (the docstring's contract), not only loss."""
+    student, teacher, labels = make_inputs(seed=4, dtype=torch.float64)
+    expected = reference_rows(student, teacher, labels, 0.3, 2.5)
+    expected = expected.mean(0) if reduction == "mean" else expected.sum(0)
+    out = kd_loss(student, teacher, labels, alpha=0.3, temperature=2.5, reduction=reduction)
+    for got, column in zip(out, range(3), strict=True):
+        torch.testing.assert_close(got, expected[column], rtol=1e-12, atol=1e-12)

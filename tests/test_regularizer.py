@@ -478,3 +478,30 @@ def test_out_of_range_labels_do_not_count_as_a_class_when_choosing_centroids():
     assert reg._centroids_for(torch.tensor([1, 2, 2])) is reg.centroids
     assert reg._centroids_for(torch.tensor([1, -1, 2, C])) is reg.centroids
     assert reg._centroids_for(torch.tensor([0, 1])) is None
+
+
+def test_center_l2_in_eval_before_training_centres_on_the_batch_mean():
+    """Evaluation before any training step has no running feature mean yet: normalize() centres on the batch's own
+    mean (not the all-zero feature_mean buffer), and the call stores no mean. The offset makes a zero mean visible."""
+    reg = CMIRegularizer(C, D, "batch", temperature=0.1, normalization="center_l2")
+    reg.eval()
+    h, y = make_batches(1, seed=4)[0]
+    h = h + 5.0
+    x = torch.nn.functional.normalize(h.double() - h.double().mean(0), dim=-1)
+    assert torch.allclose(reg(h, y).double(), hand_cmi(x, y, class_means(softmax(x, 0.1), y), 0.1), atol=1e-5)
+    assert not reg.feature_mean_valid
+    assert torch.equal(reg.feature_mean, torch.zeros(D))
+
+
+def test_eval_mode_keeps_the_center_l2_feature_mean():
+    """An eval-mode call neither moves the running feature mean nor normalises with a mean moved by its own batch."""
+    momentum = 0.5
+    reg = CMIRegularizer(C, D, "batch", temperature=0.1, normalization="center_l2", feature_momentum=momentum)
+    (h1, y1), (h2, y2) = make_batches(2, seed=6)
+    reg(h1, y1)
+    mean = reg.feature_mean.clone()
+    reg.eval()
+    h2 = h2 + 5.0  # far from the stored mean: an update would move it visibly
+    x2 = torch.nn.functional.normalize(h2.double() - mean.double(), dim=-1)
+    assert torch.allclose(reg(h2, y2).double(), hand_cmi(x2, y2, class_means(softmax(x2, 0.1), y2), 0.1), atol=1e-5)
+    assert torch.equal(reg.feature_mean, mean)
