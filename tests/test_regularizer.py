@@ -24,6 +24,16 @@ def class_means(f, y):
     return torch.stack([f[y == c].mean(0) for c in range(C)])
 
 
+def centred(h, mean):
+    """center_l2 by hand, in float64: (h_i - mean) / ||h_i - mean||."""
+    return torch.nn.functional.normalize(h.double() - mean.double(), dim=-1)
+
+
+def batch_cmi(x, y, temperature):
+    """hand_cmi of x against its own per-batch class means."""
+    return hand_cmi(x, y, class_means(softmax(x, temperature), y), temperature)
+
+
 def make_batches(count=3, rows=12, seed=0):
     generator = torch.Generator().manual_seed(seed)
     batches = []
@@ -198,11 +208,11 @@ def test_center_l2_uses_running_feature_mean():
     reg = CMIRegularizer(C, D, "batch", temperature=0.1, normalization="center_l2", feature_momentum=momentum)
     (h1, y1), (h2, y2) = make_batches(2)
     mean = h1.double().mean(0)
-    x1 = torch.nn.functional.normalize(h1.double() - mean, dim=-1)
-    assert torch.allclose(reg(h1, y1).double(), hand_cmi(x1, y1, class_means(softmax(x1, 0.1), y1), 0.1), atol=1e-5)
+    x1 = centred(h1, mean)
+    assert torch.allclose(reg(h1, y1).double(), batch_cmi(x1, y1, 0.1), atol=1e-5)
     mean = momentum * mean + (1 - momentum) * h2.double().mean(0)
-    x2 = torch.nn.functional.normalize(h2.double() - mean, dim=-1)
-    assert torch.allclose(reg(h2, y2).double(), hand_cmi(x2, y2, class_means(softmax(x2, 0.1), y2), 0.1), atol=1e-5)
+    x2 = centred(h2, mean)
+    assert torch.allclose(reg(h2, y2).double(), batch_cmi(x2, y2, 0.1), atol=1e-5)
     assert torch.allclose(reg.feature_mean.double(), mean, atol=1e-6)
 
 
@@ -215,13 +225,13 @@ def test_frozen_center_l2_computes_the_feature_mean_first_and_keeps_it():
     reg.freeze(passes)
     h_all, y_all = torch.cat([p[0] for p in passes]), torch.cat([p[1] for p in passes])
     mean = h_all.double().mean(0)
-    x_all = torch.nn.functional.normalize(h_all.double() - mean, dim=-1)
+    x_all = centred(h_all, mean)
     frozen = class_means(softmax(x_all, 0.2), y_all)
     assert torch.allclose(reg.centroids.double(), frozen, atol=1e-6)
     assert reg.training
     h, y = make_batches(1, seed=9)[0]
     h = h + 5.0  # far from the frozen mean: an update would move it visibly
-    x = torch.nn.functional.normalize(h.double() - mean, dim=-1)
+    x = centred(h, mean)
     assert torch.allclose(reg(h, y).double(), hand_cmi(x, y, frozen, 0.2), atol=1e-5)
     assert torch.allclose(reg.feature_mean.double(), mean, atol=1e-6)
     assert torch.allclose(reg.centroids.double(), frozen, atol=1e-6)
@@ -487,8 +497,8 @@ def test_center_l2_in_eval_before_training_centres_on_the_batch_mean():
     reg.eval()
     h, y = make_batches(1, seed=4)[0]
     h = h + 5.0
-    x = torch.nn.functional.normalize(h.double() - h.double().mean(0), dim=-1)
-    assert torch.allclose(reg(h, y).double(), hand_cmi(x, y, class_means(softmax(x, 0.1), y), 0.1), atol=1e-5)
+    x = centred(h, h.double().mean(0))
+    assert torch.allclose(reg(h, y).double(), batch_cmi(x, y, 0.1), atol=1e-5)
     assert not reg.feature_mean_valid
     assert torch.equal(reg.feature_mean, torch.zeros(D))
 
@@ -502,6 +512,6 @@ def test_eval_mode_keeps_the_center_l2_feature_mean():
     mean = reg.feature_mean.clone()
     reg.eval()
     h2 = h2 + 5.0  # far from the stored mean: an update would move it visibly
-    x2 = torch.nn.functional.normalize(h2.double() - mean.double(), dim=-1)
-    assert torch.allclose(reg(h2, y2).double(), hand_cmi(x2, y2, class_means(softmax(x2, 0.1), y2), 0.1), atol=1e-5)
+    x2 = centred(h2, mean)
+    assert torch.allclose(reg(h2, y2).double(), batch_cmi(x2, y2, 0.1), atol=1e-5)
     assert torch.equal(reg.feature_mean, mean)
