@@ -32,7 +32,7 @@ forward + backward against a float64 evaluation of the same inputs (the torch ba
 result. Each error is taken against the larger of the reference's norm and 0.1 x the norm of the terms it sums,
 ``f_ij (|log f_ij| + |log g_ij|)`` for KL_i and ``f_ij (|log f_ij| + |log g_ij| + |KL_i|) / N`` for the gradient:
 cancelling terms (per-batch centroids of one-row classes give KL_i = 0 and a zero gradient row) can be exact only
-to the rounding of the terms, as the loss in tests/test_cmi_loss.py. The gradient is taken of ``scale x loss``
+to the rounding of the terms, as in tests/test_cmi_loss.py. The gradient is taken of ``scale x loss``
 with ``scale`` the power of two nearest N (as a loss scaler does), so fp16 gradients of a mean stay normal.
 
 Bytes model (achieved GB/s): a pass reads or writes the (N, d) activations ``passes`` times
