@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import numbers
 import os
 import warnings
 from typing import Optional, Sequence
@@ -93,18 +94,19 @@ def default_student_layers(num_teacher_layers: int, num_student_layers: Optional
 
 
 def check_layers(layers: Sequence[int], num_teacher_layers: int) -> list[int]:
-    """Raise ``ValueError`` unless ``layers`` are distinct, increasing teacher layer indices."""
+    """``layers`` as a list of ints (Python's or numpy's integers, e.g. ``np.arange(0, 12, 2)``); a ``ValueError``
+    unless they are distinct, increasing teacher layer indices."""
     layers = list(layers)
     if (
         not layers
-        or any(isinstance(i, bool) or not isinstance(i, int) for i in layers)
+        or any(isinstance(i, bool) or not isinstance(i, numbers.Integral) for i in layers)
         or any(i < 0 or i >= num_teacher_layers for i in layers)
         or any(a >= b for a, b in zip(layers, layers[1:], strict=False))
     ):
         raise ValueError(
             f"layers must be strictly increasing teacher layer indices in [0, {num_teacher_layers}), got {layers}"
         )
-    return layers
+    return [int(i) for i in layers]
 
 
 def bert_to_distilbert_names(layers: Sequence[int]) -> dict[str, str]:

@@ -59,7 +59,10 @@ def check_int(name: str, value, low: int = 1, high: Optional[int] = None) -> int
         number = int(value)
         if low <= number and (high is None or number <= high):
             return number
-    wanted = "a positive int" if (low, high) == (1, None) else f"an int in [{low}, {high}]"
+    if high is None:
+        wanted = "a positive int" if low == 1 else f"an int >= {low}"
+    else:
+        wanted = f"an int in [{low}, {high}]"
     raise ValueError(f"{name} must be {wanted}, got {value!r}")
 
 

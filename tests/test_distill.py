@@ -214,6 +214,28 @@ def test_build_errors():
         build_student(tiny_teacher(position_embedding_type="relative_key"))
 
 
+def test_numpy_layer_indices_become_plain_ints():
+    """Layer lists of numpy integers (np.arange, an array's items) are taken as their ints, so the built student
+    and results.json see plain ints; floats and bools are refused, and an empty list is refused by build_student
+    instead of falling back to the default layers."""
+    assert check_layers(np.arange(0, 4, 2), NUM_TEACHER_LAYERS) == [0, 2]
+    layers = check_layers([np.int64(1), 3], NUM_TEACHER_LAYERS)
+    assert layers == [1, 3] and all(type(layer) is int for layer in layers)
+    for bad in ([1.0, 2], [True, 2]):
+        with pytest.raises(ValueError, match="strictly increasing"):
+            check_layers(bad, NUM_TEACHER_LAYERS)
+
+    config = DistillConfig(task="mrpc", model="t", output_dir="o", teacher="t", student_layers=np.array([1, 3]))
+    assert config.student_layers == [1, 3] and all(type(layer) is int for layer in config.student_layers)
+    assert json.loads(json.dumps(dataclasses.asdict(config)))["student_layers"] == [1, 3]
+    for bad, shown in ((np.array([0.5]), r"np.float64\(0.5\)"), ([True], "True"), ([-1], "-1")):
+        with pytest.raises(ValueError, match=f"student_layers must be an int >= 0, got {shown}"):
+            DistillConfig(task="mrpc", model="t", output_dir="o", teacher="t", student_layers=bad)
+    empty = DistillConfig(task="mrpc", model="t", output_dir="o", teacher="t", student_layers=[])
+    with pytest.raises(ValueError, match="strictly increasing"):
+        load_student(empty, tiny_teacher(), None, ("a", "b"))
+
+
 def test_seed_fixes_the_built_students_fresh_head():
     """--seed, not the process's RNG state before the run, decides the student's new head: seeds stay paired."""
     teacher = tiny_teacher()

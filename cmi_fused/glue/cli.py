@@ -124,11 +124,12 @@ def report(*lines: str) -> None:
         print("\n".join(lines))
 
 
-def config_from_args(args: argparse.Namespace, **overrides) -> TrainConfig:
-    """A :class:`TrainConfig` from parsed arguments (fields the parser lacks keep their defaults)."""
-    fields = {name: getattr(args, name) for name in TrainConfig.__dataclass_fields__ if hasattr(args, name)}
+def config_from_args(args: argparse.Namespace, config_class=TrainConfig, **overrides):
+    """A ``config_class`` (:class:`TrainConfig` or :class:`DistillConfig`) from parsed arguments and ``overrides``
+    (fields the parser lacks keep their defaults)."""
+    fields = {name: getattr(args, name) for name in config_class.__dataclass_fields__ if hasattr(args, name)}
     fields.update(overrides)
-    return build_config(TrainConfig, fields, args)
+    return build_config(config_class, fields, args)
 
 
 def build_config(config_class, fields: dict, args: argparse.Namespace):
@@ -154,11 +155,12 @@ def build_config(config_class, fields: dict, args: argparse.Namespace):
 
 def run_train(args: argparse.Namespace) -> None:
     config = config_from_args(args)  # a usage error before the slow imports
-    from .train import train
+    from .train import RESULTS_FILE, train
 
     results = train(config)
     best = ", ".join(f"{name} {value:.4f}" for name, value in results["best"].items())
-    report(f"{args.task}: best epoch {results['best_epoch']}: {best}; results in {args.output_dir}/results.json")
+    where = os.path.join(args.output_dir, RESULTS_FILE)
+    report(f"{args.task}: best epoch {results['best_epoch']}: {best}; results in {where}")
 
 
 def run_sweep_command(args: argparse.Namespace) -> None:
@@ -201,10 +203,8 @@ def register_sweep(subparsers) -> None:
 
 def distill_config_from_args(args: argparse.Namespace, **overrides) -> DistillConfig:
     """A :class:`DistillConfig` from parsed arguments; ``model`` is the student's weight source."""
-    fields = {name: getattr(args, name) for name in DistillConfig.__dataclass_fields__ if hasattr(args, name)}
-    fields.update(overrides)
-    fields["model"] = fields["student"] or fields["teacher"]
-    return build_config(DistillConfig, fields, args)
+    student, teacher = overrides.get("student", args.student), overrides.get("teacher", args.teacher)
+    return config_from_args(args, DistillConfig, model=student or teacher, **overrides)
 
 
 def run_distill_command(args: argparse.Namespace) -> None:

@@ -103,6 +103,10 @@ class DistillConfig(TrainConfig):
                 "student and student_layers exclude each other: give a ready student model, or the teacher layers "
                 "to build one from"
             )
+        if self.student_layers is not None:
+            # Plain ints (numpy's too, e.g. np.arange(0, 12, 2)), as results.json stores them; their order and the
+            # teacher's depth are checked when the student is built (check_layers).
+            self.student_layers = [check_int("student_layers", layer, low=0) for layer in self.student_layers]
         if self.cmi != "none":
             raise ValueError(f"cmi must be 'none' for distillation (the KD loss replaces it), got {self.cmi!r}")
         if self.resume:  # distill() would silently start over

@@ -84,7 +84,9 @@ def load_student(config: DistillConfig, teacher, tokenizer, label_names: tuple) 
     layers ``None``), or a DistilBERT built from the teacher's layers; either way with the task's label names."""
     set_seed(config.seed)  # the fresh classification head
     if config.student is None:
-        layers = config.student_layers or default_student_layers(teacher.config.num_hidden_layers)
+        layers = config.student_layers
+        if layers is None:
+            layers = default_student_layers(teacher.config.num_hidden_layers)
         return build_student(teacher, layers, **label_maps(label_names)), layers
     student, student_tokenizer = load_model_and_tokenizer(config.student, label_names)
     if student_tokenizer.get_vocab() != tokenizer.get_vocab():
