@@ -57,7 +57,7 @@ FORWARD_USES = [
     ("batch_stats", ("centroids_ptr", "stats_ptr", "lse_in_ptr", "row_kl_ptr"), dict(BATCH_STATS, LOG_CENTROIDS=False)),
     ("batch_kl", ("centroids_ptr", "accum_ptr", "lse_out_ptr"), dict(BATCH_KL, LOG_CENTROIDS=False)),
     ("batch_kl_table", ("stats_ptr", "accum_ptr", "lse_out_ptr"), dict(BATCH_KL, HAS_CENTROIDS=True, LOG_CENTROIDS=True)),
-]
+]  # fmt: skip
 # The backward's: given centroids, centroids from the statistics, the log-centroid table.
 BACKWARD_USES = [
     ("fixed", (), dict(HAS_CENTROIDS=True, LOG_CENTROIDS=False)),

@@ -190,7 +190,11 @@ def int32_addressable(matrix: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 
 def log_centroid_table(
-    centroids: Optional[torch.Tensor], stats: Optional[torch.Tensor], num_classes: int, dim: int, eps: float,
+    centroids: Optional[torch.Tensor],
+    stats: Optional[torch.Tensor],
+    num_classes: int,
+    dim: int,
+    eps: float,
     device: torch.device,
 ) -> torch.Tensor:
     """(C, R) fp32, columns [0, d): log max(G, eps) of the given centroids, or of S_c / n_c from ``stats``."""

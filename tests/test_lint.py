@@ -1,4 +1,5 @@
-"""The tree passes `ruff check` under the repository's ruff.toml (pyflakes, pycodestyle, isort, bugbear, simplify)."""
+"""The tree passes `ruff check` (pyflakes, pycodestyle, isort, bugbear, simplify) and `ruff format --check` under the
+repository's ruff.toml."""
 
 import subprocess
 import sys
@@ -9,10 +10,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_ruff_check_passes():
+@pytest.mark.parametrize(
+    "command",
+    [["check", "--output-format", "concise"], ["format", "--check"]],
+    ids=["check", "format"],
+)
+def test_ruff_passes(command):
+    """`ruff check --fix .` mends most check findings, `ruff format .` every format one."""
     pytest.importorskip("ruff", reason="ruff comes with the test extras: pip install -e '.[test]'")
     result = subprocess.run(
-        [sys.executable, "-m", "ruff", "check", "--no-cache", "--output-format", "concise", "."],
+        [sys.executable, "-m", "ruff", *command, "--no-cache", "."],
         cwd=ROOT,
         capture_output=True,
         text=True,

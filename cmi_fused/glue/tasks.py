@@ -78,7 +78,7 @@ TASKS = {
         tsv_labels_are_names=True,
         eval_files=(("matched", "dev_matched.tsv"), ("mismatched", "dev_mismatched.tsv")),
     ),
-}
+}  # fmt: skip
 
 
 def task_key(task: str) -> str:
