@@ -804,6 +804,13 @@ def test_output_dtypes_shapes_and_grad_paths(backend: str, dtype: torch.dtype, r
     assert result.class_counts.dtype == torch.float32 and result.class_counts.shape == (c,)
     assert not result.class_sums.requires_grad
     assert not result.class_counts.requires_grad
+    # README: on triton, views of one (C, R) statistics buffer, so class_sums is strided for C > 1 (C = 1 is one row).
+    assert result.class_sums.is_contiguous() == (backend == "torch")
+    assert result.class_sums.reshape(-1).shape == (c * d,)
+    if backend == "triton":
+        assert result.class_sums.untyped_storage().data_ptr() == result.class_counts.untyped_storage().data_ptr()
+        one_class = cmi_loss(features, torch.zeros_like(labels), 1, centroids[:1], backend=backend).class_sums
+        assert one_class.is_contiguous() and one_class.view(-1).shape == (d,)
     result.loss.sum().backward()
     assert features.grad is not None and features.grad.dtype == dtype and features.grad.shape == (n, d)
     assert centroids.grad is None, "the loss must not differentiate into the given centroids"
@@ -889,7 +896,8 @@ def test_outputs_fully_written_over_poisoned_memory(backend: str, centroid_mode:
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bad_value", [float("nan"), float("inf")], ids=["nan", "inf"])
 def test_non_finite_feature_row_gives_nan(backend: str, bad_value: float, request):
-    """As in PyTorch's softmax, a NaN or +inf in a row makes that row's KL NaN, and hence the mean."""
+    """As in PyTorch's softmax, a NaN or +inf in a row makes that row's KL NaN, and hence the mean, and its class's
+    sums; with per-batch centroids (made from those sums) every row of its class, and no other (README)."""
     gen = generator_for(request)
     n, d, c, bad_row = 8, 21, 3, 5
     features = torch.randn(n, d, generator=gen)
@@ -898,26 +906,32 @@ def test_non_finite_feature_row_gives_nan(backend: str, bad_value: float, reques
     labels = random_labels(n, c, gen, per_batch=False).to(DEVICE)
     centroids = random_centroids(c, d, gen).to(DEVICE)
 
-    rows = cmi_loss(features, labels, c, centroids, reduction="none", backend=backend).loss
+    result = cmi_loss(features, labels, c, centroids, reduction="none", backend=backend)
+    rows = result.loss
     assert torch.isnan(rows[bad_row])
     good = [row for row in range(n) if row != bad_row]
     ref_rows = reference_cmi(features[good], labels[good], c, centroids, reduction="none")[0]
     assert_rel_close(rows[good], ref_rows, 1e-5, "rows with finite features (fixed centroids)")
     assert torch.isnan(cmi_loss(features, labels, c, centroids, backend=backend).loss)
-    assert torch.isnan(cmi_loss(features, labels, c, reduction="none", backend=backend).loss[bad_row])
+    of_its_class = labels == labels[bad_row]
+    assert torch.isnan(result.class_sums[labels[bad_row]]).any()
+    assert torch.isfinite(result.class_sums[labels[labels != labels[bad_row]]]).all()
+    batch_rows = cmi_loss(features, labels, c, reduction="none", backend=backend).loss
+    assert torch.isnan(batch_rows[of_its_class]).all() and torch.isfinite(batch_rows[~of_its_class]).all()
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in the triton interpreter
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("centroid_mode", ["fixed", "batch"])
-def test_masked_first_chunk_leaves_the_class_sums_finite(backend: str, centroid_mode: str, request):
-    """A row whose first 4096 columns are all -inf (masked logits, d = 4100: chunked rows) has f = 0 there: only
-    its own KL is NaN (0 * -inf). The online log-sum-exp must not form exp(-inf - -inf) = NaN, which would spread
-    through the class sums to the centroid of every row of that class."""
+@pytest.mark.parametrize("d", [21, 4100], ids=["single-chunk", "two-chunk"])
+def test_masked_columns_leave_the_class_sums_finite(backend: str, centroid_mode: str, d: int, request):
+    """A row whose first d - 4 columns are -inf (masked logits; at d = 4100 the whole first chunk) has f = 0 there:
+    only its own KL is NaN (0 * -inf). The online log-sum-exp must not form exp(-inf - -inf) = NaN, which would
+    spread through the class sums to the centroid of every row of that class."""
     gen = generator_for(request)
-    n, d, c, masked_row = 6, 4100, 2, 0
+    n, c, masked_row = 6, 2, 0
     features = torch.randn(n, d, generator=gen)
-    features[masked_row, :4096] = float("-inf")
+    features[masked_row, : d - 4] = float("-inf")
     features = features.to(DEVICE)
     labels = torch.tensor([0, 0, 1, 0, 1, 1], device=DEVICE)
     centroids = random_centroids(c, d, gen).to(DEVICE) if centroid_mode == "fixed" else None
@@ -927,6 +941,12 @@ def test_masked_first_chunk_leaves_the_class_sums_finite(backend: str, centroid_
     assert torch.isnan(result.loss[masked_row])
     assert_rel_close(result.class_sums, ref_sums, 1e-5, "class_sums")
     assert_rel_close(result.loss[1:], ref_rows[1:], 1e-5, "the other rows, the masked row's class included")
+    # The README's way to mask: a large finite negative value gives f = 0 there and a finite KL.
+    features[masked_row, : d - 4] = -1e4
+    result = cmi_loss(features, labels, c, centroids, reduction="none", backend=backend)
+    ref_rows, ref_sums, _, _ = reference_cmi(features, labels, c, centroids, reduction="none")
+    assert_rel_close(result.loss, ref_rows, 1e-5, "rows, masked with -1e4")
+    assert_rel_close(result.class_sums, ref_sums, 1e-5, "class_sums, masked with -1e4")
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in the triton interpreter
@@ -940,6 +960,9 @@ def test_quotient_past_float32_is_an_inf(backend: str):
     result = cmi_loss(features, labels, 2, centroids, temperature=1e-9, reduction="none", backend=backend)
     assert torch.isnan(result.loss[0]) and torch.isnan(result.class_sums[0]).any()
     assert result.loss[1] == 0 and torch.isfinite(result.class_sums[1]).all()
+    if backend == "torch":  # float64 features are divided in float64 there: the quotient 1e39 is finite
+        result = cmi_loss(features.double(), labels, 2, centroids, temperature=1e-9, reduction="none", backend=backend)
+        assert torch.isfinite(result.loss).all() and torch.isfinite(result.class_sums).all()
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in the triton interpreter
@@ -963,7 +986,8 @@ def test_nan_centroid_entry_gives_nan_rows(backend: str, request):
 
 @contextlib.contextmanager
 def recorded_forward_launches():
-    """Yields the list of ``(grid, USE_ATOMICS)`` of every forward launch inside the block; each still runs.
+    """Yields the list of ``(grid, USE_ATOMICS, (features pointer, row stride, column stride))`` of every forward
+    launch inside the block; each still runs.
 
     The kernel is wrapped where the launcher looks it up (``kernels.cmi``), not by its ``run`` method, which the
     interpreters of triton 3.3-3.5 do not go through."""
@@ -975,7 +999,7 @@ def recorded_forward_launches():
     class RecordingKernel:
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                launches.append((tuple(grid), kwargs["USE_ATOMICS"]))
+                launches.append((tuple(grid), kwargs["USE_ATOMICS"], (args[0].data_ptr(), args[1], args[2])))
                 return kernel[grid](*args, **kwargs)
 
             return launch
@@ -999,25 +1023,28 @@ def test_triton_deterministic_runs_are_bit_identical(d, request):
             result = cmi_loss(features, labels, c, reduction="sum", backend="triton", deterministic=True)
             (grad,) = torch.autograd.grad(result.loss, features)
             runs.append((result.loss, result.class_sums, grad))
-    assert launches and all(grid[0] > 1 and not atomics for grid, atomics in launches), launches
+    assert launches and all(grid[0] > 1 and not atomics for grid, atomics, _ in launches), launches
     assert_sum_matches_reference(result, features, labels, c)
     for name, first, second in zip(("loss", "class_sums", "grad"), runs[0], runs[1], strict=True):
         assert torch.equal(first, second), f"{name} differs between two deterministic runs"
 
 
 @pytest.mark.parametrize(
-    "shape, num_classes, slots_by_default",
+    "shape, num_classes, dtype, default_slots",
     [
-        ((32, 768), 2, False),  # GLUE batch: the slots would outweigh the features, atomics
-        ((4096, 768), 2, True),
-        ((65536, 768), 10, True),
-        ((32768, 4096), 3, True),
-        ((16384, 768), 30522, False),  # vocabulary-sized centroids
+        ((32, 768), 2, torch.bfloat16, 1),  # GLUE batch: the slots would outweigh the features, atomics
+        ((256, 1024), 3, torch.bfloat16, 1),
+        ((256, 1024), 3, torch.float32, 42),  # twice the bytes, twice the budget
+        ((4096, 768), 2, torch.bfloat16, 501),
+        ((4096, 768), 2, torch.float32, 1003),
+        ((65536, 768), 10, torch.bfloat16, 534),
+        ((32768, 4096), 3, torch.bfloat16, 340),
+        ((16384, 768), 30522, torch.bfloat16, 1),  # vocabulary-sized centroids
     ],
 )
-def test_default_reduction_policy(shape, num_classes, slots_by_default):
+def test_default_reduction_policy(shape, num_classes, dtype, default_slots):
     """deterministic=None takes the fixed-order slots where enough fit in half of the features' bytes (and in
-    PARTIALS_MAX_BYTES), atomics elsewhere."""
+    PARTIALS_MAX_BYTES), atomics (1) elsewhere: the counts the README gives for an H100's 132 SMs."""
     pytest.importorskip("triton")
     from kernels.cmi import (
         PARTIALS_BUDGET_FRACTION,
@@ -1027,18 +1054,17 @@ def test_default_reduction_policy(shape, num_classes, slots_by_default):
         stats_row_len,
     )
 
-    features = torch.empty(shape, dtype=torch.bfloat16, device="meta")
+    features = torch.empty(shape, dtype=dtype, device="meta")
     programs = min(shape[0], 132 * PROGRAMS_PER_SM)  # an H100's persistent grid
     slots = accumulator_slots(features, num_classes, programs, "auto")
-    assert (slots > 1) == slots_by_default
+    assert slots == default_slots
+    slot_bytes = num_classes * stats_row_len(shape[1]) * 4
+    budget = min(features.numel() * features.element_size() // PARTIALS_BUDGET_FRACTION, PARTIALS_MAX_BYTES)
     if slots > 1:
-        budget = min(features.numel() * 2 // PARTIALS_BUDGET_FRACTION, PARTIALS_MAX_BYTES)
-        assert slots * num_classes * stats_row_len(shape[1]) * 4 <= budget
+        assert slots * slot_bytes <= budget
     assert accumulator_slots(features, num_classes, programs, "atomics") == 1
     # deterministic=True: as many slots as fit in the budget (one program per slot), at least one
     partials = accumulator_slots(features, num_classes, programs, "partials")
-    slot_bytes = num_classes * stats_row_len(shape[1]) * 4
-    budget = min(features.numel() * 2 // PARTIALS_BUDGET_FRACTION, PARTIALS_MAX_BYTES)
     assert 1 <= partials <= programs
     assert partials == 1 or partials * slot_bytes <= budget
     assert partials == programs or (partials + 1) * slot_bytes > budget, "partials leaves slots that fit unused"
@@ -1171,8 +1197,24 @@ def test_deterministic_keeps_one_slot_instead_of_atomics(centroid_mode, request)
     centroids = random_centroids(c, d, gen).to(DEVICE) if centroid_mode == "fixed" else None
     with recorded_forward_launches() as launches:
         result = cmi_loss(features, labels, c, centroids, reduction="sum", backend="triton", deterministic=True)
-    assert launches and all(grid == (1,) and not atomics for grid, atomics in launches), launches
+    assert launches and all(grid == (1,) and not atomics for grid, atomics, _ in launches), launches
     assert_sum_matches_reference(result, features, labels, c, centroids)
+
+
+@pytest.mark.parametrize("centroid_mode", ["fixed", "batch"])
+def test_row_slice_features_are_read_in_place(centroid_mode: str, request):
+    """``last_hidden_state[:, 0]`` (row stride L x d) reaches every forward launch as it is: its own storage and
+    strides, no contiguous copy (README)."""
+    pytest.importorskip("triton")
+    gen = generator_for(request)
+    hidden = torch.randn(6, 4, 7, generator=gen).to(DEVICE)
+    features = hidden[:, 0]
+    labels = torch.tensor([0, 1, 2, 0, 1, 2], device=DEVICE)
+    centroids = random_centroids(3, 7, gen).to(DEVICE) if centroid_mode == "fixed" else None
+    with recorded_forward_launches() as launches:
+        cmi_loss(features, labels, 3, centroids, backend="triton")
+    assert len(launches) == (1 if centroid_mode == "fixed" else 2)
+    assert all(read == (hidden.data_ptr(), 28, 1) for _, _, read in launches), launches
 
 
 def test_column_offsets_that_overflow_int32_get_contiguous_rows():
@@ -1224,8 +1266,16 @@ BAD_INPUTS = [
     ("eps_below_float32", dict(eps=1e-50), ValueError, "eps"),  # would round to 0: no floor under log G
     ("eps_beyond_float32", dict(eps=1e39), ValueError, "eps"),
     ("eps_string", dict(eps="1e-12"), ValueError, "eps"),
+    # Just past the README's ranges, T in about [2.9e-39, 8.5e37] and eps in about [1.2e-38, 3.4e38].
+    ("temperature_just_too_small", dict(temperature=2.9e-39), ValueError, "temperature"),
+    ("temperature_just_too_large", dict(temperature=8.6e37), ValueError, "temperature"),
+    ("eps_just_too_small", dict(eps=1.1e-38), ValueError, "eps"),
+    ("eps_just_too_large", dict(eps=3.5e38), ValueError, "eps"),
     # uint16/32/64 pass an is-integer test but torch has no CPU min/max/compare kernels for them.
+    ("uint16_labels", dict(labels=torch.tensor([0, 1, 2, 0, 1, 2], dtype=torch.uint16)), TypeError, "labels"),
     ("uint32_labels", dict(labels=torch.tensor([0, 1, 2, 0, 1, 2], dtype=torch.uint32)), TypeError, "labels"),
+    ("uint64_labels", dict(labels=torch.tensor([0, 1, 2, 0, 1, 2], dtype=torch.uint64)), TypeError, "labels"),
+    ("bool_labels", dict(labels=torch.tensor([0, 1, 1, 0, 1, 0], dtype=torch.bool)), TypeError, "labels"),
     ("unknown_reduction", dict(reduction="avg"), ValueError, "reduction"),
     ("unknown_backend", dict(backend="cuda"), ValueError, "backend"),
     # check_labels off: with it on, the label check would raise first, and its message names num_classes too
@@ -1254,6 +1304,50 @@ def test_bad_input_error_names_argument(change: dict, error: type, argument: str
             options[key] = value
     with pytest.raises(error, match=argument):
         cmi_loss(*arguments.values(), **options)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_argument_ranges_reach_their_edges(backend: str):
+    """T and eps just inside the README's ranges are accepted and give finite results (1/T and eps normal
+    float32)."""
+    arguments = valid_arguments()
+    for options in (dict(temperature=3e-39), dict(temperature=8.4e37), dict(eps=1.2e-38), dict(eps=3.4e38)):
+        features = arguments["features"] * 0 if "temperature" in options else arguments["features"]
+        result = cmi_loss(features, arguments["labels"], 3, backend=backend, **options)
+        assert torch.isfinite(result.loss) and torch.isfinite(result.class_sums).all(), options
+
+
+def test_temperature_and_the_rest_are_keyword_only():
+    """cmi_loss(features, labels, num_classes, centroids, *, temperature, ...): a fifth positional is refused."""
+    arguments = valid_arguments()
+    with pytest.raises(TypeError, match="positional"):
+        cmi_loss(*arguments.values(), 0.5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32, torch.uint8])
+def test_narrow_label_dtypes_match_int64(backend: str, dtype: torch.dtype, request):
+    """Labels of every accepted integer dtype give what int64 labels give, up to the dtype's largest label
+    (uint8: 255 with C = 256, int8: 127 with C = 128)."""
+    gen = generator_for(request)
+    num_classes = 256 if dtype == torch.uint8 else 128
+    features = torch.randn(6, 9, generator=gen).to(DEVICE)
+    labels = torch.tensor([num_classes - 1, 0, 3, num_classes - 1, 0, 3], device=DEVICE)
+    expected = cmi_loss(features, labels, num_classes, reduction="none", backend=backend)
+    result = cmi_loss(features, labels.to(dtype), num_classes, reduction="none", backend=backend)
+    for name in ("loss", "class_sums", "class_counts"):
+        assert torch.equal(getattr(result, name), getattr(expected, name)), name
+
+
+def test_validate_labels_checks_once_what_cmi_loss_checks():
+    """validate_labels(labels, C): a ValueError naming the first bad label found, nothing for valid or empty."""
+    from cmi_fused import validate_labels
+
+    for bad, shown in (([0, 3, 1], "3"), ([0, -1, 1], "-1")):
+        with pytest.raises(ValueError, match=rf"labels must lie in \[0, num_classes=3\); found label {shown}"):
+            validate_labels(torch.tensor(bad, device=DEVICE), 3)
+    assert validate_labels(torch.tensor([0, 2, 1], dtype=torch.uint8, device=DEVICE), 3) is None
+    assert validate_labels(torch.tensor([], dtype=torch.int64, device=DEVICE), 3) is None
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -1387,6 +1481,27 @@ def test_class_statistics_may_change_in_place_unless_the_gradient_reads_them(bac
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_given_centroids_changed_in_place_before_the_backward(backend: str, request):
+    """The triton backend saves the given centroids (below the log-table sizes): an in-place update between the
+    forward and the backward raises autograd's in-place error. The torch backend's backward reads only what its
+    forward computed from them, so its gradient stays the one of the forward's centroids (README)."""
+    gen = generator_for(request)
+    features = torch.randn(6, 7, generator=gen).to(DEVICE).requires_grad_(True)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2], device=DEVICE)
+    centroids = random_centroids(3, 7, gen).to(DEVICE)
+    ref_loss, _, _, ref_h = reference_cmi(features, labels, 3, centroids)
+    ref_loss.backward()
+    result = cmi_loss(features, labels, 3, centroids, backend=backend)
+    centroids.mul_(2)
+    if backend == "triton":
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            result.loss.backward()
+        return
+    result.loss.backward()
+    assert_rel_close(features.grad, ref_h.grad, 1e-5, "gradient against the forward's centroids")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("centroid_mode", ["fixed", "batch", "batch, log table"])
 @pytest.mark.parametrize("d", [30, 4500])  # one chunk per row, and two (the chunked forward, d > 4096)
 def test_unchecked_out_of_range_labels_give_nan_rows(backend: str, centroid_mode: str, d: int, request):
@@ -1413,7 +1528,9 @@ def test_unchecked_out_of_range_labels_give_nan_rows(backend: str, centroid_mode
     assert torch.equal(result.class_counts.double(), ref_counts)
     assert result.class_counts.sum().item() == n - len(bad_rows)
 
-    grad_rows = torch.randn(n, generator=gen).to(DEVICE)
+    grad_rows = torch.randn(n, generator=gen)
+    grad_rows[3], grad_rows[7] = float("nan"), float("inf")  # "whatever their grad_output"
+    grad_rows = grad_rows.to(DEVICE)
     result.loss.backward(grad_rows)
     ref_rows[good].mul(grad_rows[good].double()).sum().backward()
     assert torch.equal(features.grad[bad_rows], torch.zeros(len(bad_rows), d, device=DEVICE))
