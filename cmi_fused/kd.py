@@ -11,9 +11,10 @@ With student logits ``s``, teacher logits ``t``, labels ``y``, weight ``alpha`` 
 The ``T^2`` factor keeps the soft-target gradient on the scale of the hard-target one when ``T`` changes
 (Hinton et al., 2015). The teacher logits are detached: the teacher never receives a gradient. A class the teacher
 rules out (logit -inf, p_t = 0) adds 0 log 0 = 0 to KL_i, as ``F.kl_div`` counts it.
-Computed in float32 (float64 for float64 student logits). At large T both distributions near the uniform one and
-``log p_t - log p_s`` cancels: in float32 the loss value drifts (0.4% at T = 1e3, randn(16, 5) * 3 logits) while the
-gradient stays within 2e-5; pass float64 logits for such T.
+Computed in float32, or float64 when either logits are float64 (as PyTorch promotes a float32-float64 pair). At
+large T both distributions near the uniform one and ``log p_t - log p_s`` cancels: in float32 the loss value drifts
+(0.4% at T = 1e3, randn(16, 5) * 3 logits) while the gradient stays within 2e-5; pass float64 logits for such T
+(the student's or the teacher's: cached teacher logits are float32, so upcasting the student is enough).
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ def kd_loss(
         reduction=reduction,
         check_labels=check_labels,
     )
-    compute_dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    compute_dtype = torch.float64 if torch.float64 in (student_logits.dtype, teacher_logits.dtype) else torch.float32
     student = student_logits.to(compute_dtype)
     teacher = teacher_logits.detach().to(compute_dtype)
 
@@ -143,14 +144,22 @@ def kd_loss(
 
 
 class KDLoss(nn.Module):
-    """Module form of :func:`kd_loss` with fixed ``alpha``, ``temperature`` and ``reduction``."""
+    """Module form of :func:`kd_loss` with fixed ``alpha``, ``temperature``, ``reduction`` and ``check_labels``."""
 
-    def __init__(self, alpha: float = 0.5, temperature: float = 2.0, reduction: str = "mean"):
+    def __init__(
+        self,
+        alpha: float = 0.5,
+        temperature: float = 2.0,
+        reduction: str = "mean",
+        check_labels: Optional[bool] = None,
+    ):
         super().__init__()
         self.alpha = check_number("alpha", alpha, 0.0, 1.0)
         self.temperature = check_temperature(temperature)
         check_reduction(reduction)
         self.reduction = reduction
+        check_check_labels(check_labels)
+        self.check_labels = check_labels
 
     def forward(
         self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: Optional[torch.Tensor] = None
@@ -162,7 +171,11 @@ class KDLoss(nn.Module):
             alpha=self.alpha,
             temperature=self.temperature,
             reduction=self.reduction,
+            check_labels=self.check_labels,
         )
 
     def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, temperature={self.temperature}, reduction={self.reduction!r}"
+        return (
+            f"alpha={self.alpha}, temperature={self.temperature}, reduction={self.reduction!r}, "
+            f"check_labels={self.check_labels}"
+        )

@@ -19,6 +19,7 @@ from transformers import (  # noqa: E402
     AutoTokenizer,
     BertConfig,
     BertForSequenceClassification,
+    BertTokenizerFast,
     DataCollatorWithPadding,
     DistilBertConfig,
     DistilBertForSequenceClassification,
@@ -212,6 +213,46 @@ def test_build_errors():
         build_student(GPT2Model(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=10)))
     with pytest.raises(ValueError, match="absolute position embeddings"):
         build_student(tiny_teacher(position_embedding_type="relative_key"))
+
+
+def test_student_takes_the_teachers_settings():
+    """README "The student": activation, dropouts and labels come from the teacher; the head's dropout is
+    DistilBERT's seq_classif_dropout (0.2), not the teacher's classifier_dropout; a BertModel teacher gives the same
+    student as its BertForSequenceClassification; another layer_norm_eps is warned about (DistilBERT's is 1e-12)."""
+    labels = {"id2label": {0: "x", 1: "y", 2: "z"}, "label2id": {"x": 0, "y": 1, "z": 2}}
+    teacher = tiny_teacher(
+        hidden_act="relu", hidden_dropout_prob=0.17, attention_probs_dropout_prob=0.23, classifier_dropout=0.5, **labels
+    )
+    torch.manual_seed(0)
+    student = build_student(teacher, [0, 2])
+    config = student.config
+    assert (config.activation, config.dropout, config.attention_dropout) == ("relu", 0.17, 0.23)
+    assert config.id2label == {0: "x", 1: "y", 2: "z"} and config.seq_classif_dropout == 0.2
+    assert student.dropout.p == 0.2
+    torch.manual_seed(0)
+    from_base = build_student(teacher.bert, [0, 2])
+    for (name, param), (_, base_param) in zip(
+        student.distilbert.named_parameters(), from_base.distilbert.named_parameters(), strict=True
+    ):
+        assert torch.equal(param, base_param), name
+    with pytest.warns(UserWarning, match="teacher layer_norm_eps=1e-05 but DistilBERT uses 1e-12"):
+        loose = build_student(tiny_teacher(layer_norm_eps=1e-5), [0])
+    assert {module.eps for module in loose.modules() if isinstance(module, torch.nn.LayerNorm)} == {1e-12}
+
+
+def test_ready_student_needs_the_teachers_vocabulary(tmp_path):
+    """--student DIR: any sequence classifier with the teacher's vocabulary, given the task's labels; another
+    vocabulary is refused by name."""
+    student_dir = save_tiny_bert(tmp_path / "student")
+    config = DistillConfig(task="mrpc", model=student_dir, output_dir="o", teacher="t", student=student_dir)
+    same_vocabulary = AutoTokenizer.from_pretrained(student_dir)
+    student, layers = load_student(config, tiny_teacher(), same_vocabulary, ("a", "b"))
+    assert layers is None and student.config.id2label == {0: "a", 1: "b"}
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(list(same_vocabulary.get_vocab()) + ["extra"]) + "\n")
+    other_vocabulary = BertTokenizerFast(str(vocab))
+    with pytest.raises(ValueError, match="has another vocabulary than --teacher 't'"):
+        load_student(config, tiny_teacher(), other_vocabulary, ("a", "b"))
 
 
 def test_numpy_layer_indices_become_plain_ints():

@@ -157,6 +157,40 @@ def test_bad_tensors():
         KDLoss(alpha=-0.1)
     with pytest.raises(ValueError, match="temperature must lie in"):
         KDLoss(temperature=1e-40)
+    with pytest.raises(ValueError, match="check_labels"):
+        KDLoss(check_labels="yes")
+
+
+def test_module_passes_check_labels_on():
+    """KDLoss(check_labels=...) is kd_loss's check_labels: the default checks CPU labels, False lets a bad label
+    through as a NaN CE (as on CUDA by default)."""
+    student, teacher, labels = make_inputs(n=4, c=3, seed=5)
+    bad_labels = labels.clone()
+    bad_labels[1] = 3
+    with pytest.raises(ValueError, match="num_classes=3"):
+        KDLoss()(student, teacher, bad_labels)
+    unchecked = KDLoss(alpha=0.3, reduction="none", check_labels=False)
+    rows = unchecked(student, teacher, bad_labels)
+    assert rows.ce[1].isnan() and not rows.ce[[0, 2, 3]].isnan().any()
+    assert "check_labels=False" in repr(unchecked)
+
+
+@pytest.mark.parametrize("float64_side", ["student", "teacher"])
+def test_float64_logits_on_either_side_compute_in_float64(float64_side):
+    """At T = 1e3 float32 math is 0.4% off (module docstring); float64 logits on either side, as PyTorch promotes
+    a float32-float64 pair, give the float64 result, and the student's gradient keeps its dtype."""
+    student, teacher, labels = make_inputs(n=16, c=5, seed=0)
+    if float64_side == "student":
+        student = student.double()
+    else:
+        teacher = teacher.double()
+    student.requires_grad_(True)
+    result = kd_loss(student, teacher, labels, alpha=0.5, temperature=1e3)
+    expected = reference_rows(student.detach(), teacher, labels, 0.5, 1e3)[:, 0].mean()
+    assert result.loss.dtype == torch.float64
+    torch.testing.assert_close(result.loss, expected, rtol=1e-9, atol=0)
+    result.loss.backward()
+    assert student.grad.dtype == student.dtype
 
 
 @pytest.mark.parametrize("compiled", [False, True])

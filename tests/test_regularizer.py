@@ -1,6 +1,7 @@
 """CMIRegularizer: the four centroid modes against centroids computed by hand, normalisation, state."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -67,6 +68,15 @@ def test_eps_is_passed_on_as_the_floor_of_the_centroids():
     assert (means < eps).any(), "the floor must bite for this test to mean anything"
     loss = CMIRegularizer(C, D, "batch", temperature=T, eps=eps)(h, y)
     assert torch.allclose(loss.double(), hand_cmi(h, y, means.clamp_min(eps)), atol=1e-6)
+
+
+def test_a_large_eps_takes_the_cmi_below_0_by_at_most_d_eps_over_e():
+    """README: one row per class makes g = f, so only the eps floor moves the KL, below 0 (each floored entry adds
+    f log(f / eps) >= -eps / e): negative, and no lower than -d * eps / e."""
+    eps, dim = 0.05, 16
+    h = 2 * torch.randn(4, dim, generator=torch.Generator().manual_seed(0))
+    cmi = CMIRegularizer(4, dim, "batch", temperature=0.3, eps=eps)(h, torch.arange(4)).item()
+    assert -dim * eps / math.e <= cmi < -1e-3
 
 
 @pytest.mark.parametrize("mode", ["batch", "epoch", "ema"])
