@@ -399,7 +399,9 @@ def distill_args(teacher, glue_dir, output_dir):
 
 
 def test_distill_end_to_end(teachers, glue_dir, tmp_path):
+    """A distillation with --keep-checkpoints replaces an old run's checkpoints (checkpoint-99 here)."""
     out = tmp_path / "student"
+    (out / "checkpoint-99").mkdir(parents=True)
     main(
         [
             "distill",
@@ -409,6 +411,7 @@ def test_distill_end_to_end(teachers, glue_dir, tmp_path):
             "--kd-temperature",
             "3",
             "--cache-teacher-logits",
+            "--keep-checkpoints",
         ]
     )
     results = json.loads((out / "results.json").read_text())
@@ -422,7 +425,7 @@ def test_distill_end_to_end(teachers, glue_dir, tmp_path):
     assert results["best"] == results["history"][results["best_epoch"] - 1]["eval"]
     student = AutoModelForSequenceClassification.from_pretrained(out)
     assert isinstance(student, DistilBertForSequenceClassification) and student.config.n_layers == 2
-    assert not [name for name in os.listdir(out) if name.startswith("checkpoint-")]
+    assert sorted(path.name for path in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]
 
 
 def kd_trainer(teacher_dir, glue_dir, tmp_path, cache):

@@ -771,6 +771,8 @@ def test_bad_arguments_say_what_to_pass(tiny_bert, glue_dir, tmp_path, capsys):
         ("train", ["--cmi-lambda", "-1"], "--cmi-lambda must be >= 0 (the sign comes from cmi=min/max), got -1.0"),
         ("train", ["--warmup-ratio", "1"], "--warmup-ratio must be in [0, 1) (a fraction of the steps), got 1.0"),
         ("train", ["--max-seq-length", "0"], "--max-seq-length must be a positive int, got 0"),
+        ("train", ["--batch-size", "0"], "--batch-size must be a positive int, got 0"),
+        ("train", ["--eval-batch-size", "0"], "--eval-batch-size must be a positive int, got 0"),
         ("train", ["--temperature", "0"], "--temperature must be a finite number > 0, got 0.0"),
         ("train", ["--momentum", "1"], "--momentum must be a finite number in [0, 1), got 1.0"),
         ("train", ["--resume"], "--resume needs --keep-checkpoints (checkpoints with optimizer state) in --output-dir"),
@@ -901,6 +903,23 @@ def test_checkpoints_hold_the_regularizer_state_before_the_trainer_state(tiny_be
     os.remove(out / "checkpoint-8" / REGULARIZER_FILE)
     with pytest.raises(FileNotFoundError, match=f"checkpoint-8 has no {REGULARIZER_FILE}"):
         main(["train", *args, "--epochs", "3", "--resume"])
+
+
+def test_a_new_run_replaces_the_old_runs_checkpoints(tiny_bert, glue_dir, tmp_path):
+    """train without --resume replaces the run in --output-dir, checkpoints included: a 2-epoch run's checkpoint-8
+    must not outlive a 1-epoch run there (the Trainer's rotation would keep it, and a later --resume would continue
+    the old run). --resume where no checkpoint exists warns and trains from the start."""
+    out = tmp_path / "run"
+    args = [*common_args(tiny_bert, glue_dir, out), "--cmi", "min", "--keep-checkpoints"]
+    main(["train", *args, "--epochs", "2"])
+    assert {"checkpoint-4", "checkpoint-8"} <= set(os.listdir(out))
+    main(["train", *args, "--epochs", "1"])
+    assert sorted(path.name for path in out.glob("checkpoint-*")) == ["checkpoint-4"]
+    assert json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["num_train_epochs"] == 1
+    fresh = [*common_args(tiny_bert, glue_dir, tmp_path / "fresh"), "--cmi", "min", "--keep-checkpoints"]
+    with pytest.warns(UserWarning, match="--resume: no checkpoint in .*fresh.*, training from the start"):
+        main(["train", *fresh, "--epochs", "1", "--resume"])
+    assert [row["epoch"] for row in json.loads((tmp_path / "fresh" / "results.json").read_text())["history"]] == [1]
 
 
 def test_resume_continues_from_the_last_checkpoint_as_if_never_stopped(tiny_bert, glue_dir, tmp_path, monkeypatch):

@@ -65,6 +65,9 @@ class TrainConfig:
                 f"got {self.epochs!r}"
             )
         check_int("max_seq_length", self.max_seq_length)
+        check_int("batch_size", self.batch_size)
+        if self.eval_batch_size is not None:
+            check_int("eval_batch_size", self.eval_batch_size)
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1) (a fraction of the steps), got {self.warmup_ratio!r}")
         if self.resume and not self.keep_checkpoints:

@@ -385,7 +385,7 @@ def train(config: TrainConfig, data: GlueData | None = None) -> dict:
         capture=capture,
         cmi_weight=config.cmi_weight,
     )
-    checkpoint = get_last_checkpoint(config.output_dir) if config.resume else None
+    checkpoint = checkpoint_to_resume(trainer, config)
     if checkpoint is not None:
         state_file = os.path.join(checkpoint, REGULARIZER_FILE)
         if not os.path.isfile(state_file):
@@ -409,6 +409,27 @@ def train(config: TrainConfig, data: GlueData | None = None) -> dict:
     save_run(trainer, config.output_dir, results, config.keep_checkpoints)
     capture.handle.remove()
     return results
+
+
+def remove_old_checkpoints(trainer: Trainer, output_dir: str) -> None:
+    """A new run replaces the one in ``output_dir``, its ``checkpoint-*`` too (main process): the Trainer's rotation
+    would otherwise keep the old run's later checkpoints, and a --resume after this run would continue the old one."""
+    if trainer.is_world_process_zero():
+        for path in glob.glob(os.path.join(output_dir, "checkpoint-*")):
+            shutil.rmtree(path)
+
+
+def checkpoint_to_resume(trainer: Trainer, config: TrainConfig) -> str | None:
+    """With ``resume``: the last ``checkpoint-*`` in ``output_dir``, or ``None`` with a warning where there is none
+    (the first start of a job that always passes --resume). Without: ``None``, the old run's checkpoints removed."""
+    if not config.resume:
+        remove_old_checkpoints(trainer, config.output_dir)
+        return None
+    has_checkpoints = bool(glob.glob(os.path.join(config.output_dir, "checkpoint-*")))
+    checkpoint = get_last_checkpoint(config.output_dir) if has_checkpoints else None
+    if checkpoint is None:
+        warnings.warn(f"--resume: no checkpoint in {config.output_dir!r}, training from the start", stacklevel=2)
+    return checkpoint
 
 
 def save_run(trainer: Trainer, output_dir: str, results: dict, keep_checkpoints: bool) -> None:
