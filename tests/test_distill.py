@@ -428,6 +428,24 @@ def test_distill_end_to_end(teachers, glue_dir, tmp_path):
     assert sorted(path.name for path in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]
 
 
+@pytest.mark.parametrize("cache", [False, True], ids=["per-batch", "cached"])
+def test_alpha_0_never_runs_the_teacher(teachers, glue_dir, tmp_path, monkeypatch, cache):
+    """--alpha 0 is CE alone: no teacher forward at all (per batch or for the cache), and a KL of 0."""
+    teacher_forwards = []
+    forward = BertForSequenceClassification.forward
+
+    def counting_forward(self, *args, **kwargs):
+        teacher_forwards.append(self.training)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(BertForSequenceClassification, "forward", counting_forward)
+    out = tmp_path / "student"
+    main(["distill", *distill_args(teachers["max"], glue_dir, out), "--alpha", "0", "--epochs", "1",
+          *(["--cache-teacher-logits"] if cache else [])])  # fmt: skip
+    assert teacher_forwards == []
+    assert [row["train_kl"] for row in json.loads((out / "results.json").read_text())["history"]] == [0.0]
+
+
 def kd_trainer(teacher_dir, glue_dir, tmp_path, cache):
     data = load_task("mrpc", glue_dir)
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
