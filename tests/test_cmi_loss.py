@@ -559,6 +559,15 @@ def test_torch_func_differentiates_the_torch_backend(request):
     torch.testing.assert_close(by_func, by_autograd, rtol=1e-12, atol=0)
 
 
+def test_torch_func_is_refused_by_the_triton_backend():
+    """README "torch.func": the triton backend's autograd.Function keeps the ctx form, so torch.func refuses it with
+    an error instead of differentiating it wrongly."""
+    labels = torch.tensor([0, 1, 0, 1, 2, 2], device=DEVICE)
+    features = torch.randn(6, 5, device=DEVICE)
+    with pytest.raises(RuntimeError, match="setup_context"):
+        torch.func.grad(lambda h: cmi_loss(h, labels, 3, backend="triton").loss)(features)
+
+
 # What callers do with reduction="none" rows. sum/mean hand the backward an expanded gradient (row stride 0), which
 # the kernel must read with that stride; weighting in place (per-example weights) needs the returned tensor to be
 # the caller's own, not the one the backward saved.

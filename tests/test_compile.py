@@ -87,6 +87,24 @@ def test_fullgraph_compile_with_a_changing_temperature_and_eps(backend, dynamic)
         torch.testing.assert_close(*grads, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_compiled_step_skips_the_default_label_check(backend):
+    """check_labels=None checks CPU labels in eager mode, and is skipped while tracing (reading values would break
+    the graph): compiled, a label outside [0, C) gives its row a NaN KL instead of a ValueError (README)."""
+
+    def rows(features, labels):
+        return cmi_loss(features, labels, 3, reduction="none", backend=backend).loss
+
+    features = torch.randn(4, 6, device=DEVICE)
+    bad_labels = torch.tensor([0, 1, 3, 2], device=DEVICE)
+    if DEVICE == "cpu":
+        with pytest.raises(ValueError, match="labels"):
+            rows(features, bad_labels)
+    torch._dynamo.reset()
+    compiled = torch.compile(rows, fullgraph=True, dynamic=False, backend="aot_eager")(features, bad_labels)
+    assert compiled.isnan().tolist() == [False, False, True, False]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_autocast_accumulates_in_fp32(dtype):
     torch.manual_seed(5)
