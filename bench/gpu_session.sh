@@ -6,15 +6,16 @@
 #   2. issue 2: the test suite on CUDA tensors (bench/run_gpu_tests.sh; pytest-xdist workers when installed, since
 #      Triton and inductor compiles dominate a first CUDA run; the tests that need no GPU left to CI), for at most
 #      TEST_TIME_LIMIT s (default 200; 0 skips it, e.g. in a second call that only resumes the benchmark);
-#   3. issue 3: bench/run_gpu.sh, the issue's target shapes first, in the time left (it resumes: a second call
-#      with this call's results put back in bench/results measures only what is missing);
+#   3. issue 3: bench/run_gpu.sh, the e2e benchmark, then the issue's target shapes first, in the time left (it
+#      resumes: a second call with this call's results put back in bench/results measures only what is missing);
 #   4. bench.host_overhead (CPU only, about 10 s), if at least 30 s are left: the GPU host's Python speed, to split
 #      the wall rows into host path and launches (bench/NOTES.md item 4).
 #
 #   bench/gpu_session.sh            # inside `run` with timeout_s 600; carry .whl (datasets for the GLUE tests)
 #
-# A dry run on a CPU host (what tests/test_bench.py runs): TEST_PATHS=tests/test_kd.py BENCH_SHAPES=8x40:3:fp32
-# BENCH_ARGS="--no-e2e --providers eager fused noop" SESSION_LIMIT=300 bench/gpu_session.sh
+# A dry run on a CPU host (tests/test_bench.py runs it with one test of tests/test_host_overhead.py as TEST_PATHS):
+# CUDA_VISIBLE_DEVICES= TEST_PATHS=tests/test_kd.py BENCH_SHAPES=6x33:10:bf16 \
+#     BENCH_ARGS="--no-e2e --providers eager noop" bench/gpu_session.sh
 #
 # Everything ends by SESSION_LIMIT s (default 570, inside a 600 s call). What comes back in $OUT (the tool returns
 # at most 8 files): session.log (all output), pytest-gpu.log, pytest-gpu.xml, host-overhead.json and the bench's
