@@ -295,8 +295,8 @@ def training_set_cmi(teacher_dir: str, data_dir: Optional[str] = None, batch_siz
 
     ``CMI = mean_i KL(softmax(x_i / T) || g_{y_i})`` over the training rows (the run's task, data and
     ``max_train_samples``), ``x_i`` the run's feature (normalised as in training), ``g`` the saved
-    regulariser centroids when every class has one (``epoch``/``ema``/``frozen``), otherwise
-    (``batch`` centroids, ``--cmi none`` runs) the class means of ``softmax(x / T)`` over the training set.
+    regulariser centroids when every class has one (``epoch``/``ema``/``frozen``, ``--cmi none`` runs
+    too), otherwise (``batch`` centroids) the class means of ``softmax(x / T)`` over the training set.
     Returns the run's ``results.json`` with ``train_set_cmi`` and ``centroids_source`` added.
     """
     results_path = os.path.join(teacher_dir, RESULTS_FILE)

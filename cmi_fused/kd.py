@@ -14,7 +14,7 @@ rules out (logit -inf, p_t = 0) adds 0 log 0 = 0 to KL_i, as ``F.kl_div`` counts
 Computed in float32, or float64 when either logits are float64 (as PyTorch promotes a float32-float64 pair). At
 large T both distributions near the uniform one and ``log p_t - log p_s`` cancels: in float32 the loss value drifts
 (0.4% at T = 1e3, randn(16, 5) * 3 logits) while the gradient stays within 2e-5; pass float64 logits for such T
-(the student's or the teacher's: cached teacher logits are float32, so upcasting the student is enough).
+(the student's or the teacher's: cached teacher logits reach the loss as float32, so upcast the student's).
 """
 
 from __future__ import annotations

@@ -1318,12 +1318,18 @@ def test_bad_input_error_names_argument(change: dict, error: type, argument: str
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_argument_ranges_reach_their_edges(backend: str):
     """T and eps just inside the README's ranges are accepted and give finite results (1/T and eps normal
-    float32)."""
+    float32). Features of the size of T keep h / T near h: the same class sums and loss as h at T = 1, to fp32
+    rounding (1e-6 measured; at T = 3e-39 the features are subnormal floats). |h| <= 3 keeps h x 8.4e37 finite."""
     arguments = valid_arguments()
-    for options in (dict(temperature=3e-39), dict(temperature=8.4e37), dict(eps=1.2e-38), dict(eps=3.4e38)):
-        features = arguments["features"] * 0 if "temperature" in options else arguments["features"]
-        result = cmi_loss(features, arguments["labels"], 3, backend=backend, **options)
-        assert torch.isfinite(result.loss) and torch.isfinite(result.class_sums).all(), options
+    features, labels = arguments["features"].clamp(-3, 3), arguments["labels"]
+    at_one = cmi_loss(features, labels, 3, backend=backend)
+    for temperature in (3e-39, 8.4e37):
+        result = cmi_loss(features * temperature, labels, 3, temperature=temperature, backend=backend)
+        assert_rel_close(result.class_sums, at_one.class_sums, 1e-5, f"class_sums at T = {temperature}")
+        assert_rel_close(result.loss, at_one.loss, 1e-5, f"loss at T = {temperature}")
+    for eps in (1.2e-38, 3.4e38):
+        result = cmi_loss(features, labels, 3, eps=eps, backend=backend)
+        assert torch.isfinite(result.loss) and torch.isfinite(result.class_sums).all(), eps
 
 
 def test_temperature_and_the_rest_are_keyword_only():

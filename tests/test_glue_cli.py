@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 import warnings
+from unittest import mock
 
 import filelock
 import numpy as np
@@ -37,7 +38,7 @@ from cmi_fused import CMIRegularizer, cmi_loss
 from cmi_fused import regularizer as regularizer_module
 from cmi_fused.glue import train as glue_train
 from cmi_fused.glue.cli import build_parser, config_from_args, main, parse_list
-from cmi_fused.glue.config import TrainConfig
+from cmi_fused.glue.config import DistillConfig, TrainConfig
 from cmi_fused.glue.data import load_task, tokenize_split
 from cmi_fused.glue.metrics import glue_metrics
 from cmi_fused.glue.sweep import (
@@ -920,6 +921,40 @@ def test_a_new_run_replaces_the_old_runs_checkpoints(tiny_bert, glue_dir, tmp_pa
     with pytest.warns(UserWarning, match="--resume: no checkpoint in .*fresh.*, training from the start"):
         main(["train", *fresh, "--epochs", "1", "--resume"])
     assert [row["epoch"] for row in json.loads((tmp_path / "fresh" / "results.json").read_text())["history"]] == [1]
+
+
+def test_checkpoints_are_listed_not_globbed(tmp_path):
+    """run_checkpoints lists the Trainer's checkpoint-<step> folders: an output directory named with glob characters
+    finds its own (and only its own), and a stray file named checkpoint-* is not one."""
+    run, neighbour = tmp_path / "run[1]", tmp_path / "run1"
+    for folder in (run / "checkpoint-4", run / "checkpoint-8", neighbour / "checkpoint-4"):
+        folder.mkdir(parents=True)
+    (run / "checkpoint-notes.txt").write_text("not a checkpoint")
+    assert sorted(glue_train.run_checkpoints(str(run))) == [str(run / "checkpoint-4"), str(run / "checkpoint-8")]
+    assert glue_train.run_checkpoints(str(tmp_path / "missing")) == []
+    glue_train.remove_old_checkpoints(mock.Mock(is_world_process_zero=lambda: True), str(tmp_path / "run?"))
+    assert (neighbour / "checkpoint-4").is_dir() and (run / "checkpoint-4").is_dir()
+    glue_train.remove_old_checkpoints(mock.Mock(is_world_process_zero=lambda: True), str(run))
+    assert sorted(path.name for path in run.iterdir()) == ["checkpoint-notes.txt"]
+
+
+def test_weights_inside_the_runs_own_checkpoints_are_refused(tmp_path):
+    """A run replaces the checkpoints of --output-dir: it refuses to load --model (--teacher, --student) from one,
+    before anything loads; weights elsewhere in the directory, or a hub name, are fine. Sizes given as numpy
+    integers are stored as plain ints."""
+    out = tmp_path / "out"
+    (out / "checkpoint-8").mkdir(parents=True)
+    inside = str(out / "checkpoint-8")
+    with pytest.raises(ValueError, match=r"model .*checkpoint-8.* lies in checkpoint-8 of output_dir"):
+        TrainConfig("mrpc", inside, str(out))
+    with pytest.raises(ValueError, match="teacher .* lies in checkpoint-8"):
+        DistillConfig("mrpc", "t", str(out), teacher=inside)
+    with pytest.raises(ValueError, match="student .* lies in checkpoint-8"):
+        DistillConfig("mrpc", inside, str(out), teacher="t", student=inside)
+    TrainConfig("mrpc", str(out), str(out))  # the previous run's saved model: loaded before anything is removed
+    config = TrainConfig("mrpc", "m", str(tmp_path), batch_size=np.int64(8), max_seq_length=np.int32(64))
+    assert json.loads(json.dumps(dataclasses.asdict(config)))["batch_size"] == 8
+    assert type(config.batch_size) is int and type(config.max_seq_length) is int
 
 
 def test_resume_continues_from_the_last_checkpoint_as_if_never_stopped(tiny_bert, glue_dir, tmp_path, monkeypatch):

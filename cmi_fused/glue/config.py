@@ -7,6 +7,8 @@ a usage error without loading them.
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 from typing import Optional
 
 from ..options import check_int, check_number, check_temperature
@@ -14,6 +16,21 @@ from ..regularizer import CENTROID_MODES, NORMALIZATIONS
 
 CMI_SIGNS = {"none": 0.0, "min": 1.0, "max": -1.0}
 FEATURES = ("pooled", "cls")
+# The Trainer's checkpoint folders in an output directory (a run replaces those of the run before it).
+CHECKPOINT_NAME = re.compile(r"checkpoint-\d+")
+
+
+def check_not_in_a_checkpoint(name: str, path: Optional[str], output_dir: str) -> None:
+    """Refuse a local model ``path`` inside a ``checkpoint-*`` of ``output_dir``: the run removes those folders,
+    possibly while another torchrun rank still loads from it."""
+    if not path or not os.path.exists(path):
+        return  # a hub name, or a path the loader will report
+    inside = os.path.relpath(os.path.realpath(path), os.path.realpath(output_dir)).split(os.sep)[0]
+    if CHECKPOINT_NAME.fullmatch(inside):
+        raise ValueError(
+            f"{name} {path!r} lies in {inside} of output_dir {output_dir!r}, which this run replaces: "
+            "copy it out of output_dir first"
+        )
 
 
 @dataclasses.dataclass
@@ -64,14 +81,21 @@ class TrainConfig:
                 f"epochs must be a positive whole number (evaluation, checkpoints and the history are per epoch), "
                 f"got {self.epochs!r}"
             )
-        check_int("max_seq_length", self.max_seq_length)
-        check_int("batch_size", self.batch_size)
+        # Plain ints (numpy's are taken too), as results.json stores them.
+        self.max_seq_length = check_int("max_seq_length", self.max_seq_length)
+        self.batch_size = check_int("batch_size", self.batch_size)
         if self.eval_batch_size is not None:
-            check_int("eval_batch_size", self.eval_batch_size)
+            self.eval_batch_size = check_int("eval_batch_size", self.eval_batch_size)
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1) (a fraction of the steps), got {self.warmup_ratio!r}")
         if self.resume and not self.keep_checkpoints:
             raise ValueError("resume needs keep_checkpoints (checkpoints with optimizer state) in output_dir")
+        for name, path in self.weight_sources():
+            check_not_in_a_checkpoint(name, path, self.output_dir)
+
+    def weight_sources(self) -> list:
+        """``(option, path)`` of the weights the run loads."""
+        return [("model", self.model)]
 
     @property
     def cmi_weight(self) -> float:
@@ -110,9 +134,14 @@ class DistillConfig(TrainConfig):
             # Plain ints (numpy's too, e.g. np.arange(0, 12, 2)), as results.json stores them; their order and the
             # teacher's depth are checked when the student is built (check_layers).
             self.student_layers = [check_int("student_layers", layer, low=0) for layer in self.student_layers]
+            if not self.student_layers:
+                raise ValueError("student_layers must name at least one teacher layer, got []")
         if self.cmi != "none":
             raise ValueError(f"cmi must be 'none' for distillation (the KD loss replaces it), got {self.cmi!r}")
         if self.resume:  # distill() would silently start over
             raise ValueError("resume is not supported for distillation: start the run over")
         check_number("alpha", self.alpha, 0.0, 1.0)  # as KDLoss checks them, under this config's names
         check_temperature(self.kd_temperature, "kd_temperature")
+
+    def weight_sources(self) -> list:
+        return [("teacher", self.teacher), ("student", self.student)]

@@ -11,7 +11,6 @@ saved to the output directory with ``results.json``.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import os
 import shutil
@@ -36,7 +35,7 @@ from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_availab
 
 from ..distributed import all_reduce_sum
 from ..regularizer import CMIRegularizer
-from .config import TrainConfig
+from .config import CHECKPOINT_NAME, TrainConfig
 from .data import GlueData, load_task, tokenize_task
 from .metrics import task_metric_names
 
@@ -411,11 +410,20 @@ def train(config: TrainConfig, data: GlueData | None = None) -> dict:
     return results
 
 
+def run_checkpoints(output_dir: str) -> list[str]:
+    """The Trainer's ``checkpoint-<step>`` folders in ``output_dir`` (listed, not globbed: the directory's own name
+    may hold glob characters); none where it does not exist yet."""
+    if not os.path.isdir(output_dir):
+        return []
+    paths = [os.path.join(output_dir, name) for name in os.listdir(output_dir) if CHECKPOINT_NAME.fullmatch(name)]
+    return [path for path in paths if os.path.isdir(path)]
+
+
 def remove_old_checkpoints(trainer: Trainer, output_dir: str) -> None:
     """A new run replaces the one in ``output_dir``, its ``checkpoint-*`` too (main process): the Trainer's rotation
     would otherwise keep the old run's later checkpoints, and a --resume after this run would continue the old one."""
     if trainer.is_world_process_zero():
-        for path in glob.glob(os.path.join(output_dir, "checkpoint-*")):
+        for path in run_checkpoints(output_dir):
             shutil.rmtree(path)
 
 
@@ -425,8 +433,7 @@ def checkpoint_to_resume(trainer: Trainer, config: TrainConfig) -> str | None:
     if not config.resume:
         remove_old_checkpoints(trainer, config.output_dir)
         return None
-    has_checkpoints = bool(glob.glob(os.path.join(config.output_dir, "checkpoint-*")))
-    checkpoint = get_last_checkpoint(config.output_dir) if has_checkpoints else None
+    checkpoint = get_last_checkpoint(config.output_dir) if run_checkpoints(config.output_dir) else None
     if checkpoint is None:
         warnings.warn(f"--resume: no checkpoint in {config.output_dir!r}, training from the start", stacklevel=2)
     return checkpoint
@@ -437,7 +444,7 @@ def save_run(trainer: Trainer, output_dir: str, results: dict, keep_checkpoints:
     trainer.save_model(output_dir)  # every rank calls it; only the main process writes
     if trainer.is_world_process_zero():
         if not keep_checkpoints:
-            for path in glob.glob(os.path.join(output_dir, "checkpoint-*")):
+            for path in run_checkpoints(output_dir):
                 shutil.rmtree(path)
         with open(os.path.join(output_dir, RESULTS_FILE), "w") as handle:
             json.dump(results, handle, indent=2)
