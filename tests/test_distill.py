@@ -816,3 +816,15 @@ def test_a_teacher_with_another_number_of_labels_is_refused(tmp_path):
     ).save_pretrained(model_dir)
     with pytest.raises(ValueError, match="has 3 labels, the task has 2"):
         load_teacher(model_dir, get_task("mrpc"))
+
+
+def test_a_teacher_whose_head_orders_the_labels_otherwise_is_refused(tmp_path):
+    """As for --model (check_head_labels): a teacher head with the task's two label names in the other order would
+    teach the student swapped soft targets, so it is refused by name."""
+    model_dir = save_tiny_bert(tmp_path / "teacher")
+    names = list(reversed(get_task("mrpc").label_names))
+    AutoModelForSequenceClassification.from_pretrained(
+        model_dir, id2label=dict(enumerate(names)), label2id={name: k for k, name in enumerate(names)}
+    ).save_pretrained(model_dir)
+    with pytest.raises(ValueError, match="--teacher .*: its head orders the labels"):
+        load_teacher(model_dir, get_task("mrpc"))
