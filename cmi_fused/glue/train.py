@@ -434,7 +434,7 @@ def checkpoint_to_resume(trainer: Trainer, config: TrainConfig) -> str | None:
         remove_old_checkpoints(trainer, config.output_dir)
         return None
     checkpoint = get_last_checkpoint(config.output_dir) if run_checkpoints(config.output_dir) else None
-    if checkpoint is None:
+    if checkpoint is None and trainer.is_world_process_zero():  # once under torchrun
         warnings.warn(f"--resume: no checkpoint in {config.output_dir!r}, training from the start", stacklevel=2)
     return checkpoint
 
