@@ -932,9 +932,9 @@ def test_checkpoints_are_listed_not_globbed(tmp_path):
     (run / "checkpoint-notes.txt").write_text("not a checkpoint")
     assert sorted(glue_train.run_checkpoints(str(run))) == [str(run / "checkpoint-4"), str(run / "checkpoint-8")]
     assert glue_train.run_checkpoints(str(tmp_path / "missing")) == []
-    glue_train.remove_old_checkpoints(mock.Mock(is_world_process_zero=lambda: True), str(tmp_path / "run?"))
+    glue_train.remove_checkpoints(mock.Mock(is_world_process_zero=lambda: True), str(tmp_path / "run?"))
     assert (neighbour / "checkpoint-4").is_dir() and (run / "checkpoint-4").is_dir()
-    glue_train.remove_old_checkpoints(mock.Mock(is_world_process_zero=lambda: True), str(run))
+    glue_train.remove_checkpoints(mock.Mock(is_world_process_zero=lambda: True), str(run))
     assert sorted(path.name for path in run.iterdir()) == ["checkpoint-notes.txt"]
 
 

@@ -50,7 +50,7 @@ from .train import (
     history_from_log,
     label_maps,
     load_model_and_tokenizer,
-    remove_old_checkpoints,
+    remove_checkpoints,
     save_run,
     trained_task,
 )
@@ -147,7 +147,7 @@ def distill(
         teacher=None if config.cache_teacher_logits or config.alpha == 0 else teacher,
         kd=kd,
     )
-    remove_old_checkpoints(trainer, config.output_dir)  # a distillation starts over (resume is refused)
+    remove_checkpoints(trainer, config.output_dir)  # a distillation replaces the run there (resume is refused)
     trainer.train()
 
     results = build_results(

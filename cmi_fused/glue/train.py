@@ -419,9 +419,8 @@ def run_checkpoints(output_dir: str) -> list[str]:
     return [path for path in paths if os.path.isdir(path)]
 
 
-def remove_old_checkpoints(trainer: Trainer, output_dir: str) -> None:
-    """A new run replaces the one in ``output_dir``, its ``checkpoint-*`` too (main process): the Trainer's rotation
-    would otherwise keep the old run's later checkpoints, and a --resume after this run would continue the old one."""
+def remove_checkpoints(trainer: Trainer, output_dir: str) -> None:
+    """Remove the ``checkpoint-*`` folders of ``output_dir`` (main process)."""
     if trainer.is_world_process_zero():
         for path in run_checkpoints(output_dir):
             shutil.rmtree(path)
@@ -431,9 +430,11 @@ def checkpoint_to_resume(trainer: Trainer, config: TrainConfig) -> str | None:
     """With ``resume``: the last ``checkpoint-*`` in ``output_dir``, or ``None`` with a warning where there is none
     (the first start of a job that always passes --resume). Without: ``None``, the old run's checkpoints removed."""
     if not config.resume:
-        remove_old_checkpoints(trainer, config.output_dir)
+        # This run replaces the one in output_dir: the Trainer's rotation would otherwise keep the old run's later
+        # checkpoints, and a --resume after this run would continue the old one.
+        remove_checkpoints(trainer, config.output_dir)
         return None
-    checkpoint = get_last_checkpoint(config.output_dir) if run_checkpoints(config.output_dir) else None
+    checkpoint = get_last_checkpoint(config.output_dir) if os.path.isdir(config.output_dir) else None
     if checkpoint is None and trainer.is_world_process_zero():  # once under torchrun
         warnings.warn(f"--resume: no checkpoint in {config.output_dir!r}, training from the start", stacklevel=2)
     return checkpoint
@@ -442,9 +443,8 @@ def checkpoint_to_resume(trainer: Trainer, config: TrainConfig) -> str | None:
 def save_run(trainer: Trainer, output_dir: str, results: dict, keep_checkpoints: bool) -> None:
     """The best model and tokenizer and ``results.json`` in ``output_dir``; ``checkpoint-*`` removed unless kept."""
     trainer.save_model(output_dir)  # every rank calls it; only the main process writes
+    if not keep_checkpoints:
+        remove_checkpoints(trainer, output_dir)
     if trainer.is_world_process_zero():
-        if not keep_checkpoints:
-            for path in run_checkpoints(output_dir):
-                shutil.rmtree(path)
         with open(os.path.join(output_dir, RESULTS_FILE), "w") as handle:
             json.dump(results, handle, indent=2)
