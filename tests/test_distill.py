@@ -417,7 +417,7 @@ def test_distill_end_to_end(teachers, glue_dir, tmp_path):
     assert results["metric"] == "f1" and results["student_layers"] == [0, 3]
     assert results["config"]["alpha"] == 0.7 and results["config"]["kd_temperature"] == 3.0
     assert results["config"]["teacher"] == teachers["max"]
-    assert [row["epoch"] for row in results["history"]] == [1, 2]
+    assert [row["epoch"] for row in results["history"]] == [1, 2] and results["train_runtime"] > 0
     for row in results["history"]:
         assert set(row) == {"epoch", "train_ce", "train_kl", "eval"}
         assert row["train_ce"] > 0 and row["train_kl"] >= 0
@@ -747,8 +747,12 @@ def test_distill_sweep_table(teachers, glue_dir, tmp_path, monkeypatch):
         model = AutoModelForSequenceClassification.from_pretrained(config.teacher)
         expected = teacher_logits_for(model, tokenize_split(train, tokenizer, config.max_seq_length), tokenizer, 8)
         torch.testing.assert_close(logits.cpu(), expected, rtol=1e-5, atol=1e-5)
+    for run in summary["runs"]:
+        results = json.loads((tmp_path / run["output_dir"] / "results.json").read_text())
+        assert run["history"] == results["history"] and run["train_runtime"] == results["train_runtime"]
     table = (out / "sweep.md").read_text()
     assert "| arm |" in table and "machine:" in table and summary["arms"][1]["arm"] in table
+    assert "| arm | `train_ce` | `train_kl` | `train_runtime` (s) |" in table
     # A second call reads the finished runs instead of training again.
     finished = out / "teacher_1" / "alpha_0.5_T_4" / "seed_0" / "results.json"
     mtime = os.path.getmtime(finished)

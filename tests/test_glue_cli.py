@@ -43,6 +43,7 @@ from cmi_fused.glue.data import load_task, tokenize_split
 from cmi_fused.glue.metrics import glue_metrics
 from cmi_fused.glue.sweep import (
     format_sweep_markdown,
+    format_training_markdown,
     reuse_or_run,
     reuse_or_run_each,
     run_dir,
@@ -124,7 +125,8 @@ def test_train_writes_results_and_the_best_checkpoint(tiny_bert, glue_dir, tmp_p
         ]
     )
     results = json.loads((out / "results.json").read_text())
-    assert set(results) == {"task", "config", "metric", "best_epoch", "best", "history"}
+    assert set(results) == {"task", "config", "metric", "best_epoch", "best", "history", "train_runtime"}
+    assert results["train_runtime"] > 0
     assert results["task"] == "mrpc" and results["metric"] == "f1"
     assert results["config"]["cmi"] == "min" and results["config"]["cmi_lambda"] == 0.5
     saved_config = json.loads((out / "config.json").read_text())  # the task's label names, as run_glue.py sets them
@@ -262,6 +264,7 @@ def test_sweep_summarises_paired_seeds(tiny_bert, glue_dir, tmp_path):
         results = json.loads((tmp_path / run["output_dir"] / "results.json").read_text())
         assert results["config"]["cmi"] == ("none" if run["lambda"] == 0 else "min")
         assert results["config"]["seed"] == run["seed"]
+        assert run["history"] == results["history"] and run["train_runtime"] == results["train_runtime"]
         best[(run["lambda"], run["seed"])] = results["best"]["f1"]
     assert sorted(best) == [(0.0, 0), (0.0, 1), (0.5, 0), (0.5, 1)]
     baseline, regularised = summary["lambdas"]
@@ -270,6 +273,7 @@ def test_sweep_summarises_paired_seeds(tiny_bert, glue_dir, tmp_path):
     assert regularised["paired_diffs"] == pytest.approx([best[(0.5, s)] - best[(0.0, s)] for s in (0, 1)])
     markdown = (out / "sweep.md").read_text()
     assert "cmi-glue sweep" in markdown and "| 0.5 | 2 |" in markdown
+    assert "| lambda | `train_ce` | `train_cmi` | `train_runtime` (s) |" in markdown
     # A second call reads the finished runs instead of training again: same results, files untouched.
     finished = out / "lambda_0.5" / "seed_1" / "results.json"
     mtime = os.path.getmtime(finished)
@@ -282,12 +286,17 @@ def test_sweep_summarises_paired_seeds(tiny_bert, glue_dir, tmp_path):
     assert json.loads((out / "sweep.json").read_text())["lambdas"] == summary["lambdas"]
 
 
+def fake_history(*f1s: float) -> list:
+    """A results.json history of one epoch per F1 (the training terms are not what these tests check)."""
+    return [{"epoch": epoch, "train_ce": 0.5, "train_cmi": 0.1, "eval": {"f1": f1}} for epoch, f1 in enumerate(f1s, 1)]
+
+
 def test_sweep_summarises_each_runs_best_epoch_not_its_last(glue_dir, tmp_path):
     """The value of a run is its best epoch's metric (the checkpoint kept), even where a later epoch is worse."""
 
     def fake_train(config, data):
         best, last = 0.9 - 0.1 * config.seed, 0.1 * config.seed + (0.2 if config.cmi_lambda else 0.0)
-        history = [{"epoch": 1, "eval": {"f1": best}}, {"epoch": 2, "eval": {"f1": last}}]
+        history = fake_history(best, last)
         return {"config": dataclasses.asdict(config), "best_epoch": 1, "best": history[0]["eval"], "history": history}
 
     base = TrainConfig("mrpc", "m", str(tmp_path / "sweep"), data_dir=glue_dir, cmi="min")
@@ -308,7 +317,8 @@ def test_sweeps_side_by_side_share_their_runs(glue_dir, tmp_path, monkeypatch):
     trained = []
 
     def result(config, value):
-        return {"config": dataclasses.asdict(config), "best_epoch": 1, "best": {"f1": value}, "history": []}
+        history = fake_history(value)
+        return {"config": dataclasses.asdict(config), "best_epoch": 1, "best": {"f1": value}, "history": history}
 
     def fake_train(config, data):
         trained.append((config.cmi_lambda, config.seed))
@@ -371,7 +381,7 @@ def test_only_rank_0_writes_the_sweep_files(glue_dir, tmp_path, monkeypatch):
     """Under torchrun every rank runs the sweep; sweep.json and sweep.md come from rank 0 alone."""
 
     def fake_train(config, data):
-        history = [{"epoch": 1, "eval": {"f1": 0.5 + 0.1 * config.seed}}]
+        history = fake_history(0.5 + 0.1 * config.seed)
         return {"config": dataclasses.asdict(config), "best_epoch": 1, "best": history[0]["eval"], "history": history}
 
     base = TrainConfig("mrpc", "m", str(tmp_path / "sweep"), data_dir=glue_dir, cmi="min")
@@ -1025,6 +1035,26 @@ def test_sweep_table_rows_hand_values():
     lines = format_sweep_markdown("t", "f1", rows, "lambda", "CE").splitlines()
     assert "| 0.0 | 3 | 50.00, 50.00, 50.00 | 50.00 | 50.00 ± 0.00 | — | — | — | — |" in lines
     assert "| 0.1 | 3 | 60.00, 70.00, 40.00 | 60.00 | 56.67 ± 15.28 | +10.00 | -10.00 .. +20.00 | 2/3 | 1.00 |" in lines
+
+
+def test_sweep_training_table_hand_values():
+    """sweep.md's second table: per arm, each training term of the last epoch (min .. max over the seeds) and the
+    median train_runtime; n/a where a run's results.json predates train_runtime."""
+
+    def run(arm, train_ce, train_cmi, train_runtime):
+        first_epoch = {"epoch": 1, "train_ce": 9.0, "train_cmi": 9.0, "eval": {}}
+        last_epoch = {"epoch": 2, "train_ce": train_ce, "train_cmi": train_cmi, "eval": {}}
+        return {"lambda": arm, "history": [first_epoch, last_epoch], "train_runtime": train_runtime}
+
+    runs = [run(0.0, 0.5, 0.3, 10.0), run(0.5, 0.6, 0.05, 11.0), run(0.0, 0.4, 0.35, 30.0), run(0.0, 0.45, 0.2, 12.0)]
+    runs.append(run(0.5, 0.7, 0.04, None))
+    lines = format_training_markdown(runs, "lambda", "lambda", ("train_ce", "train_cmi")).splitlines()
+    assert lines[-4:] == [
+        "| lambda | `train_ce` | `train_cmi` | `train_runtime` (s) |",
+        "|---|---|---|---|",
+        "| 0.0 | 0.400 .. 0.500 | 0.200 .. 0.350 | 12 |",
+        "| 0.5 | 0.600 .. 0.700 | 0.040 .. 0.050 | n/a |",
+    ]
 
 
 def test_sweep_defaults_are_the_documented_grid():

@@ -32,6 +32,7 @@ from .config import DistillConfig
 from .data import GlueData, load_task, tokenize_split, tokenize_task
 from .sweep import (
     format_sweep_markdown,
+    format_training_markdown,
     machine_description,
     reuse_or_run_each,
     schedule_text,
@@ -148,11 +149,10 @@ def distill(
         kd=kd,
     )
     remove_checkpoints(trainer, config.output_dir)  # a distillation replaces the run there (resume is refused)
-    trainer.train()
+    train_output = trainer.train()
 
-    results = build_results(
-        config, data.task.metric, distill_history(trainer.state.log_history, eval_metric_names(data))
-    )
+    history = distill_history(trainer.state.log_history, eval_metric_names(data))
+    results = build_results(config, data.task.metric, history, train_output.metrics["train_runtime"])
     results["student_layers"] = layers
     save_run(trainer, config.output_dir, results, config.keep_checkpoints)
     return results
@@ -240,6 +240,8 @@ def run_distill_sweep(
                     "best_epoch": results["best_epoch"],
                     "best": results["best"],
                     "output_dir": config.output_dir,
+                    "history": results["history"],
+                    "train_runtime": results.get("train_runtime"),  # absent from results.json written before it
                 }
             )
     rows = summarize_arms({arm: values[arm] for arm in arm_order}, arm_order[0])
@@ -266,9 +268,9 @@ def run_distill_sweep(
         f"{schedule_text(base)}, max_train_samples {base.max_train_samples}, max_eval_samples {base.max_eval_samples}",
     ]
     title = f"{base.task}: knowledge distillation sweep"
-    write_sweep(
-        base.output_dir, summary, format_sweep_markdown(title, data.task.metric, rows, "arm", arm_order[0], notes)
-    )
+    markdown = format_sweep_markdown(title, data.task.metric, rows, "arm", arm_order[0], notes)
+    markdown += format_training_markdown(runs, "arm", "arm", ("train_ce", "train_kl"))
+    write_sweep(base.output_dir, summary, markdown)
     return summary
 
 

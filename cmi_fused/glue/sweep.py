@@ -178,6 +178,33 @@ def format_sweep_markdown(
     return "\n".join(lines) + "\n"
 
 
+def format_training_markdown(runs: list, arm_key: str, arm_header: str, terms: Sequence[str]) -> str:
+    """A markdown table, one row per arm (first-seen order) of ``runs`` (each with its ``results.json``'s
+    ``history`` and ``train_runtime``): every training term of the last epoch, min .. max over the arm's seeds, and
+    the median ``train_runtime`` in seconds (``n/a`` if a run's ``results.json`` predates that key)."""
+    by_arm = {}
+    for run in runs:
+        by_arm.setdefault(run[arm_key], []).append(run)
+    lines = [
+        "",
+        "Training, last epoch: each term's min .. max over the seeds (epoch means); `train_runtime`: median seconds of "
+        "a run (training and its evaluations).",
+        "",
+        f"| {arm_header} | " + " | ".join(f"`{term}`" for term in terms) + " | `train_runtime` (s) |",
+        "|---" * (len(terms) + 2) + "|",
+    ]
+    for arm, arm_runs in by_arm.items():
+        last_epochs = [run["history"][-1] for run in arm_runs]
+        cells = []
+        for term in terms:
+            values = [epoch[term] for epoch in last_epochs]
+            cells.append(f"{min(values):.3f} .. {max(values):.3f}")
+        runtimes = [run["train_runtime"] for run in arm_runs]
+        cells.append("n/a" if None in runtimes else f"{statistics.median(runtimes):.0f}")
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_sweep(output_dir: str, summary: dict, markdown: str) -> None:
     """Write ``sweep.json`` and ``sweep.md`` into ``output_dir`` (once under ``torchrun``: rank 0)."""
     if not is_main_process():
@@ -249,6 +276,8 @@ def run_sweep(
                 "best_epoch": results["best_epoch"],
                 "best": results["best"],
                 "output_dir": config.output_dir,
+                "history": results["history"],
+                "train_runtime": results.get("train_runtime"),  # absent from results.json written before it
             }
         )
     rows = summarize_arms(values, 0.0)
@@ -268,5 +297,7 @@ def run_sweep(
         f"T {base.temperature:g}, max_train_samples {base.max_train_samples}, max_eval_samples {base.max_eval_samples}"
     )
     title = f"{base.task}: CE vs {base.cmi.capitalize()}-CMI sweep"
-    write_sweep(base.output_dir, summary, format_sweep_markdown(title, metric, rows, "lambda", "CE", notes))
+    markdown = format_sweep_markdown(title, metric, rows, "lambda", "CE", notes)
+    markdown += format_training_markdown(runs, "lambda", "lambda", ("train_ce", "train_cmi"))
+    write_sweep(base.output_dir, summary, markdown)
     return summary

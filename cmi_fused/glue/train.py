@@ -277,8 +277,9 @@ def best_epoch_of(history: list, metric: str) -> dict:
     return best
 
 
-def build_results(config: TrainConfig, metric: str, history: list) -> dict:
-    """The ``results.json`` document."""
+def build_results(config: TrainConfig, metric: str, history: list, train_runtime: float) -> dict:
+    """The ``results.json`` document. ``train_runtime``: the Trainer's, seconds of the ``train()`` call that ended the
+    run (training and the per-epoch evaluations; a resumed run counts from its resume)."""
     best = best_epoch_of(history, metric)
     return {
         "task": config.task,
@@ -287,6 +288,7 @@ def build_results(config: TrainConfig, metric: str, history: list) -> dict:
         "best_epoch": best["epoch"],
         "best": dict(best["eval"]),
         "history": history,
+        "train_runtime": train_runtime,
     }
 
 
@@ -396,10 +398,10 @@ def train(config: TrainConfig, data: GlueData | None = None) -> dict:
         trainer.regularizer.load_state_dict(torch.load(state_file, map_location="cpu"))
     elif config.centroids == "frozen":
         trainer.freeze_centroids(train_dataset)
-    trainer.train(resume_from_checkpoint=checkpoint)
+    train_output = trainer.train(resume_from_checkpoint=checkpoint)
 
     history = history_from_log(trainer.state.log_history, metric_names)
-    results = build_results(config, metric, history)
+    results = build_results(config, metric, history, train_output.metrics["train_runtime"])
     if trainer.is_world_process_zero():
         best_checkpoint = trainer.state.best_model_checkpoint
         shutil.copyfile(
