@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import numbers
 import os
 import warnings
 from typing import Optional, Sequence
@@ -51,7 +50,7 @@ from .glue.tasks import task_key
 from .glue.train import REGULARIZER_FILE, RESULTS_FILE, FeatureCapture, trained_task
 from .kd import KDLoss
 from .loss import cmi_loss
-from .options import check_int
+from .options import check_int, is_integer
 from .regularizer import CMIRegularizer
 
 # DistilBERT hard-codes its LayerNorm eps (transformers' modeling_distilbert.py).
@@ -99,7 +98,7 @@ def check_layers(layers: Sequence[int], num_teacher_layers: int) -> list[int]:
     layers = list(layers)
     if (
         not layers
-        or any(isinstance(i, bool) or not isinstance(i, numbers.Integral) for i in layers)
+        or not all(is_integer(i) for i in layers)
         or any(i < 0 or i >= num_teacher_layers for i in layers)
         or any(a >= b for a, b in zip(layers, layers[1:], strict=False))
     ):

@@ -52,10 +52,15 @@ class CMIOptions:
     deterministic: Optional[bool] = None
 
 
+def is_integer(value) -> bool:
+    """Python's or numpy's integers, not bools (an int subclass that no one means as a count or an index)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def check_int(name: str, value, low: int = 1, high: Optional[int] = None) -> int:
-    """``value`` as an int: an integer (Python's or numpy's, not a bool) in [low, high]; else a ``ValueError``
-    naming it. The int() keeps numpy integers out of kernel arguments and buffer shapes."""
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+    """``value`` as an int: an integer (:func:`is_integer`) in [low, high]; else a ``ValueError`` naming it. The int()
+    keeps numpy integers out of kernel arguments and buffer shapes."""
+    if is_integer(value):
         number = int(value)
         if low <= number and (high is None or number <= high):
             return number
