@@ -1048,7 +1048,7 @@ def test_sweep_training_table_hand_values():
 
     runs = [run(0.0, 0.5, 0.3, 10.0), run(0.5, 0.6, 0.05, 11.0), run(0.0, 0.4, 0.35, 30.0), run(0.0, 0.45, 0.2, 12.0)]
     runs.append(run(0.5, 0.7, 0.04, None))
-    lines = format_training_markdown(runs, "lambda", "lambda", ("train_ce", "train_cmi")).splitlines()
+    lines = format_training_markdown(runs, "lambda", ("train_ce", "train_cmi")).splitlines()
     assert lines[-4:] == [
         "| lambda | `train_ce` | `train_cmi` | `train_runtime` (s) |",
         "|---|---|---|---|",

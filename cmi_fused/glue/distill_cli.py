@@ -35,6 +35,7 @@ from .sweep import (
     format_training_markdown,
     machine_description,
     reuse_or_run_each,
+    run_record,
     schedule_text,
     summarize_arms,
     value_label,
@@ -237,11 +238,7 @@ def run_distill_sweep(
                     "alpha": config.alpha,
                     "kd_temperature": config.kd_temperature,
                     "seed": config.seed,
-                    "best_epoch": results["best_epoch"],
-                    "best": results["best"],
-                    "output_dir": config.output_dir,
-                    "history": results["history"],
-                    "train_runtime": results.get("train_runtime"),  # absent from results.json written before it
+                    **run_record(results, config.output_dir),
                 }
             )
     rows = summarize_arms({arm: values[arm] for arm in arm_order}, arm_order[0])
@@ -269,7 +266,7 @@ def run_distill_sweep(
     ]
     title = f"{base.task}: knowledge distillation sweep"
     markdown = format_sweep_markdown(title, data.task.metric, rows, "arm", arm_order[0], notes)
-    markdown += format_training_markdown(runs, "arm", "arm", ("train_ce", "train_kl"))
+    markdown += format_training_markdown(runs, "arm", ("train_ce", "train_kl"))
     write_sweep(base.output_dir, summary, markdown)
     return summary
 

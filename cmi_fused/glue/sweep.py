@@ -178,10 +178,21 @@ def format_sweep_markdown(
     return "\n".join(lines) + "\n"
 
 
-def format_training_markdown(runs: list, arm_key: str, arm_header: str, terms: Sequence[str]) -> str:
-    """A markdown table, one row per arm (first-seen order) of ``runs`` (each with its ``results.json``'s
-    ``history`` and ``train_runtime``): every training term of the last epoch, min .. max over the arm's seeds, and
-    the median ``train_runtime`` in seconds (``n/a`` if a run's ``results.json`` predates that key)."""
+def run_record(results: dict, output_dir: str) -> dict:
+    """What ``sweep.json`` keeps of a run's ``results.json`` (after the keys that place the run in the sweep)."""
+    return {
+        "best_epoch": results["best_epoch"],
+        "best": results["best"],
+        "output_dir": output_dir,
+        "history": results["history"],
+        "train_runtime": results.get("train_runtime"),  # absent from results.json written before it
+    }
+
+
+def format_training_markdown(runs: list, arm_key: str, terms: Sequence[str]) -> str:
+    """A markdown table of ``runs`` (records of :func:`run_record`), one row per arm (``run[arm_key]``, first-seen
+    order): every training term of the last epoch, min .. max over the arm's seeds, and the median ``train_runtime``
+    in seconds (``n/a`` if a run's ``results.json`` predates that key)."""
     by_arm = {}
     for run in runs:
         by_arm.setdefault(run[arm_key], []).append(run)
@@ -190,7 +201,7 @@ def format_training_markdown(runs: list, arm_key: str, arm_header: str, terms: S
         "Training, last epoch: each term's min .. max over the seeds (epoch means); `train_runtime`: median seconds of "
         "a run (training and its evaluations).",
         "",
-        f"| {arm_header} | " + " | ".join(f"`{term}`" for term in terms) + " | `train_runtime` (s) |",
+        f"| {arm_key} | " + " | ".join(f"`{term}`" for term in terms) + " | `train_runtime` (s) |",
         "|---" * (len(terms) + 2) + "|",
     ]
     for arm, arm_runs in by_arm.items():
@@ -269,17 +280,7 @@ def run_sweep(
     values, runs, metric = {}, [], data.task.metric
     for config, results in zip(configs, reuse_or_run_each(jobs), strict=True):
         values.setdefault(config.cmi_lambda, {})[config.seed] = results["best"][metric]
-        runs.append(
-            {
-                "lambda": config.cmi_lambda,
-                "seed": config.seed,
-                "best_epoch": results["best_epoch"],
-                "best": results["best"],
-                "output_dir": config.output_dir,
-                "history": results["history"],
-                "train_runtime": results.get("train_runtime"),  # absent from results.json written before it
-            }
-        )
+        runs.append({"lambda": config.cmi_lambda, "seed": config.seed, **run_record(results, config.output_dir)})
     rows = summarize_arms(values, 0.0)
     summary = {
         "task": base.task,
@@ -298,6 +299,6 @@ def run_sweep(
     )
     title = f"{base.task}: CE vs {base.cmi.capitalize()}-CMI sweep"
     markdown = format_sweep_markdown(title, metric, rows, "lambda", "CE", notes)
-    markdown += format_training_markdown(runs, "lambda", "lambda", ("train_ce", "train_cmi"))
+    markdown += format_training_markdown(runs, "lambda", ("train_ce", "train_cmi"))
     write_sweep(base.output_dir, summary, markdown)
     return summary
