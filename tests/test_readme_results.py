@@ -1,7 +1,8 @@
-"""The README's GLUE results tables quote the committed sweep files, ``bench/results/glue/<task>/sweep.json``: every
-median, paired difference, win count, tie count and sign-test p of the metric table as ``sweep.md`` rounds it (metric
+"""The README's GLUE results tables quote the committed sweep files, ``bench/results/glue/<sweep>/sweep.json``: every
+median, paired difference, win count, tie count and sign-test p of the metric tables as ``sweep.md`` rounds it (metric
 x 100, two decimals), and every last-epoch training range (min .. max over the seeds, two decimals) of the training
-table. A rerun that changes a sweep file fails here until the README says so."""
+tables. Each sweep file has its metric row, and each one that keeps its runs' histories has its training rows. A rerun
+that changes a sweep file fails here until the README says so."""
 
 from __future__ import annotations
 
@@ -12,9 +13,22 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-TABLE_HEADER = "| task (metric x 100, median of 6 seeds) | CE | Min-CMI lambda 0.05 | Min-CMI lambda 0.5 |"
-TRAINING_HEADER = "| task: last epoch, min .. max over the 6 seeds | CE | Min-CMI lambda 0.05 | Min-CMI lambda 0.5 |"
-SWEEP_OF_ROW = {"CoLA": "cola", "MRPC": "mrpc", "SST-2": "sst2"}
+RESULTS = REPO_ROOT / "bench/results/glue"
+# The subset sweeps: CE and both lambdas. README row label (before " (<metric>)") -> sweep folder.
+SUBSET_HEADER = "| task (metric x 100, median of 6 seeds) | CE | Min-CMI lambda 0.05 | Min-CMI lambda 0.5 |"
+SUBSET_TRAINING_HEADER = (
+    "| task: last epoch, min .. max over the 6 seeds | CE | Min-CMI lambda 0.05 | Min-CMI lambda 0.5 |"
+)
+SUBSET_SWEEPS = {"CoLA": "cola", "MRPC": "mrpc", "SST-2": "sst2", "SST-2, epoch centroids": "sst2-epoch"}
+SUBSET_LAMBDAS = (0.0, 0.05, 0.5)
+# The follow-ups on more data: CE and one lambda, named in the row label ("..., lambda 0.5").
+FOLLOW_UP_HEADER = "| follow-up (metric x 100, median of 6 seeds) | CE | Min-CMI |"
+FOLLOW_UP_TRAINING_HEADER = "| follow-up: last epoch, min .. max over the 6 seeds | CE | Min-CMI |"
+FOLLOW_UP_SWEEPS = {
+    "SST-2, first 5000 rows": "sst2-5k",
+    "CoLA, full training set": "cola-full",
+    "MRPC, full training set": "mrpc-full",
+}
 TRAINING_TERMS = ("train_cmi", "train_ce")
 # "6.23 (paired Δ median +1.02, 4/6 seeds better, sign test p 0.69)" or its short form "80.79 (Δ +0.17, 3/6; 2 ties,
 # p 0.62)"; the README writes minus signs as U+2212.
@@ -37,48 +51,95 @@ def readme_table_rows(header: str) -> dict:
     return rows
 
 
-def committed_sweep(label: str) -> dict:
-    return json.loads((REPO_ROOT / "bench/results/glue" / SWEEP_OF_ROW[label] / "sweep.json").read_text())
+def metric_rows(header: str) -> dict:
+    """The metric table's rows keyed by their label without the metric's name: "CoLA (Matthews corr.)" -> "CoLA"."""
+    return {label.rsplit(" (", 1)[0]: cells for label, cells in readme_table_rows(header).items()}
+
+
+def committed_sweep(folder: str) -> dict:
+    return json.loads((RESULTS / folder / "sweep.json").read_text())
+
+
+def has_histories(folder: str) -> bool:
+    return all("history" in run for run in committed_sweep(folder)["runs"])
+
+
+def follow_up_lambda(label: str) -> float:
+    return float(re.fullmatch(r".*, lambda (\d+(?:\.\d+)?)", label)[1])
 
 
 def percent(value: float, sign: bool = False) -> str:
     return f"{100 * value:{'+' if sign else ''}.2f}".replace("-", "−")
 
 
-def test_the_tables_have_a_row_per_committed_sweep():
-    metric_rows = readme_table_rows(TABLE_HEADER)
-    assert sorted(label.split(" ")[0] for label in metric_rows) == sorted(SWEEP_OF_ROW)
-    training_rows = readme_table_rows(TRAINING_HEADER)
-    assert sorted(training_rows) == sorted(f"{label} `{term}`" for label in SWEEP_OF_ROW for term in TRAINING_TERMS)
+def assert_arm_cell(cell: str, arm: dict, where: str) -> None:
+    match = ARM_CELL.fullmatch(cell)
+    assert match, f"{where}: cannot read the cell {cell!r}"
+    ties = len(arm["paired_diffs"]) - arm["wins"] - arm["losses"]
+    assert match["median"] == percent(arm["median"]), where
+    assert match["diff"] == percent(arm["diff_median"], sign=True), where
+    assert (int(match["wins"]), int(match["seeds"])) == (arm["wins"], len(arm["seeds"])), where
+    assert int(match["ties"] or 0) == ties, where
+    assert match["p"] == f"{arm['sign_test_p']:.2f}", where
 
 
-@pytest.mark.parametrize("label", sorted(SWEEP_OF_ROW))
-def test_the_readme_table_quotes_the_sweep_file(label):
-    arms = {arm["arm"]: arm for arm in committed_sweep(label)["lambdas"]}
-    assert sorted(arms) == [0.0, 0.05, 0.5]
-    (ce_cell, *arm_cells) = next(
-        cells for row, cells in readme_table_rows(TABLE_HEADER).items() if row.startswith(label)
-    )
+def training_ranges(folder: str, term: str, lambdas) -> list:
+    runs = committed_sweep(folder)["runs"]
+    ranges = []
+    for cmi_lambda in lambdas:
+        last_epochs = [run["history"][-1][term] for run in runs if run["lambda"] == cmi_lambda]
+        assert len(last_epochs) == 6
+        ranges.append(f"{min(last_epochs):.2f} .. {max(last_epochs):.2f}")
+    return ranges
+
+
+def test_every_committed_sweep_has_its_rows():
+    folders = sorted(path.parent.name for path in RESULTS.glob("*/sweep.json"))
+    assert folders == sorted([*SUBSET_SWEEPS.values(), *FOLLOW_UP_SWEEPS.values()])
+    assert sorted(metric_rows(SUBSET_HEADER)) == sorted(SUBSET_SWEEPS)
+    follow_ups = {label.rsplit(", lambda ", 1)[0] for label in metric_rows(FOLLOW_UP_HEADER)}
+    assert follow_ups == set(FOLLOW_UP_SWEEPS)
+    for header, sweeps in ((SUBSET_TRAINING_HEADER, SUBSET_SWEEPS), (FOLLOW_UP_TRAINING_HEADER, FOLLOW_UP_SWEEPS)):
+        with_histories = [label for label, folder in sweeps.items() if has_histories(folder)]
+        expected = [f"{label} `{term}`" for label in with_histories for term in TRAINING_TERMS]
+        assert sorted(readme_table_rows(header)) == sorted(expected)
+
+
+@pytest.mark.parametrize("label", sorted(SUBSET_SWEEPS))
+def test_the_subset_table_quotes_the_sweep_file(label):
+    arms = {arm["arm"]: arm for arm in committed_sweep(SUBSET_SWEEPS[label])["lambdas"]}
+    assert tuple(sorted(arms)) == SUBSET_LAMBDAS
+    ce_cell, *arm_cells = metric_rows(SUBSET_HEADER)[label]
     assert ce_cell == percent(arms[0.0]["median"])
-    for cell, arm in zip(arm_cells, (arms[0.05], arms[0.5]), strict=True):
-        match = ARM_CELL.fullmatch(cell)
-        assert match, f"{label}: cannot read the cell {cell!r}"
-        ties = len(arm["paired_diffs"]) - arm["wins"] - arm["losses"]
-        assert match["median"] == percent(arm["median"])
-        assert match["diff"] == percent(arm["diff_median"], sign=True)
-        assert (int(match["wins"]), int(match["seeds"])) == (arm["wins"], len(arm["seeds"]))
-        assert int(match["ties"] or 0) == ties
-        assert match["p"] == f"{arm['sign_test_p']:.2f}"
+    for cell, cmi_lambda in zip(arm_cells, SUBSET_LAMBDAS[1:], strict=True):
+        assert_arm_cell(cell, arms[cmi_lambda], f"{label}, lambda {cmi_lambda}")
 
 
-@pytest.mark.parametrize("label", sorted(SWEEP_OF_ROW))
-def test_the_readme_training_table_quotes_the_sweep_file(label):
-    rows = readme_table_rows(TRAINING_HEADER)
-    runs = committed_sweep(label)["runs"]
+@pytest.mark.parametrize("label", sorted(FOLLOW_UP_SWEEPS))
+def test_the_follow_up_table_quotes_the_sweep_file(label):
+    rows = {row.rsplit(", lambda ", 1)[0]: (row, cells) for row, cells in metric_rows(FOLLOW_UP_HEADER).items()}
+    row, (ce_cell, arm_cell) = rows[label]
+    arms = {arm["arm"]: arm for arm in committed_sweep(FOLLOW_UP_SWEEPS[label])["lambdas"]}
+    assert sorted(arms) == [0.0, follow_up_lambda(row)], f"{row}: the sweep's lambdas are {sorted(arms)}"
+    assert ce_cell == percent(arms[0.0]["median"])
+    assert_arm_cell(arm_cell, arms[follow_up_lambda(row)], row)
+
+
+@pytest.mark.parametrize("label", sorted(SUBSET_SWEEPS))
+def test_the_subset_training_table_quotes_the_sweep_file(label):
+    if not has_histories(SUBSET_SWEEPS[label]):
+        pytest.skip(f"{SUBSET_SWEEPS[label]}/sweep.json predates the runs' histories")
+    rows = readme_table_rows(SUBSET_TRAINING_HEADER)
     for term in TRAINING_TERMS:
-        quoted = []
-        for cmi_lambda in (0.0, 0.05, 0.5):
-            last_epochs = [run["history"][-1][term] for run in runs if run["lambda"] == cmi_lambda]
-            assert len(last_epochs) == 6
-            quoted.append(f"{min(last_epochs):.2f} .. {max(last_epochs):.2f}")
-        assert rows[f"{label} `{term}`"] == quoted
+        assert rows[f"{label} `{term}`"] == training_ranges(SUBSET_SWEEPS[label], term, SUBSET_LAMBDAS)
+
+
+@pytest.mark.parametrize("label", sorted(FOLLOW_UP_SWEEPS))
+def test_the_follow_up_training_table_quotes_the_sweep_file(label):
+    folder = FOLLOW_UP_SWEEPS[label]
+    if not has_histories(folder):
+        pytest.skip(f"{folder}/sweep.json predates the runs' histories")
+    cmi_lambda = next(arm["arm"] for arm in committed_sweep(folder)["lambdas"] if arm["arm"] != 0.0)
+    rows = readme_table_rows(FOLLOW_UP_TRAINING_HEADER)
+    for term in TRAINING_TERMS:
+        assert rows[f"{label} `{term}`"] == training_ranges(folder, term, (0.0, cmi_lambda))
