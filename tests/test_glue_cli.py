@@ -6,6 +6,7 @@ import functools
 import json
 import operator
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -42,8 +43,10 @@ from cmi_fused.glue.config import DistillConfig, TrainConfig
 from cmi_fused.glue.data import load_task, tokenize_split
 from cmi_fused.glue.metrics import glue_metrics
 from cmi_fused.glue.sweep import (
+    cpu_model,
     format_sweep_markdown,
     format_training_markdown,
+    machine_description,
     reuse_or_run,
     reuse_or_run_each,
     run_dir,
@@ -430,6 +433,24 @@ def test_run_directories_of_different_lambdas_differ():
 def test_sweep_notes_give_the_schedule():
     assert schedule_text(TrainConfig("mrpc", "m", "o", epochs=1)) == "1 epoch, batch 32, lr 2e-05, max_seq_length 128"
     assert schedule_text(TrainConfig("mrpc", "m", "o", batch_size=8)).startswith("5 epochs, batch 8,")
+
+
+def test_machine_line_names_the_cpu_and_torchs_cpu_kernels():
+    """Sweep files record what a CPU run's rounding depends on: the CPU model and torch's CPU kernel ISA."""
+    cpuinfo = (
+        "processor\t: 0\nvendor_id\t: X\nmodel name\t: Test CPU 9000\nprocessor\t: 1\nmodel name\t: Test CPU 9000\n"
+    )
+    with mock.patch("builtins.open", mock.mock_open(read_data=cpuinfo)):
+        assert cpu_model() == "Test CPU 9000"
+    with (
+        mock.patch("builtins.open", side_effect=OSError("no /proc")),
+        mock.patch("platform.processor", return_value=""),
+    ):
+        assert cpu_model() == platform.machine()
+    with mock.patch("torch.cuda.is_available", return_value=False):
+        line = machine_description()
+    capability = torch.backends.cpu.get_cpu_capability()
+    assert line.startswith(f"CPU only ({platform.machine()}, {cpu_model()}, torch CPU kernels {capability}), ")
 
 
 def test_summarize_arms_hand_values():

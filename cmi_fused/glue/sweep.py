@@ -92,12 +92,26 @@ def run_lock(output_dir: str) -> filelock.FileLock:
     return filelock.FileLock(lock_path)
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux: the first ``model name`` of /proc/cpuinfo), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            names = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else platform.processor() or platform.machine()
+
+
 def machine_description() -> str:
-    """One line: CPU or GPU model, cores, torch threads, torch version."""
+    """One line: GPU or CPU model, cores, torch threads, torch version. On the CPU it names the instruction set of
+    torch's CPU kernels (AVX2, AVX512, ...): the same run on CPUs whose kernels differ can round differently."""
     if torch.cuda.is_available():
         device = f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
     else:
-        device = f"CPU only ({platform.processor() or platform.machine()})"
+        device = (
+            f"CPU only ({platform.machine()}, {cpu_model()}, "
+            f"torch CPU kernels {torch.backends.cpu.get_cpu_capability()})"
+        )
     return (
         f"{device}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
         f"torch intra-op threads: {torch.get_num_threads()}, {platform.system()} {platform.release()}"
