@@ -29,6 +29,8 @@ FOLLOW_UP_SWEEPS = {
     "CoLA, full training set": "cola-full",
     "MRPC, full training set": "mrpc-full",
 }
+TRAINING_TABLES = ((SUBSET_TRAINING_HEADER, SUBSET_SWEEPS), (FOLLOW_UP_TRAINING_HEADER, FOLLOW_UP_SWEEPS))
+RESULT_FOLDERS = {*SUBSET_SWEEPS.values(), *FOLLOW_UP_SWEEPS.values()}
 TRAINING_TERMS = ("train_cmi", "train_ce")
 # "6.23 (paired Δ median +1.02, 4/6 seeds better, sign test p 0.69)" or its short form "80.79 (Δ +0.17, 3/6; 2 ties,
 # p 0.62)"; the README writes minus signs as U+2212.
@@ -95,11 +97,11 @@ def training_ranges(folder: str, term: str, lambdas) -> list:
 
 def test_every_committed_sweep_has_its_rows():
     folders = sorted(path.parent.name for path in RESULTS.glob("*/sweep.json"))
-    assert folders == sorted([*SUBSET_SWEEPS.values(), *FOLLOW_UP_SWEEPS.values()])
+    assert folders == sorted(RESULT_FOLDERS)
     assert sorted(metric_rows(SUBSET_HEADER)) == sorted(SUBSET_SWEEPS)
     follow_ups = {label.rsplit(", lambda ", 1)[0] for label in metric_rows(FOLLOW_UP_HEADER)}
     assert follow_ups == set(FOLLOW_UP_SWEEPS)
-    for header, sweeps in ((SUBSET_TRAINING_HEADER, SUBSET_SWEEPS), (FOLLOW_UP_TRAINING_HEADER, FOLLOW_UP_SWEEPS)):
+    for header, sweeps in TRAINING_TABLES:
         with_histories = [label for label, folder in sweeps.items() if has_histories(folder)]
         expected = [f"{label} `{term}`" for label in with_histories for term in TRAINING_TERMS]
         assert sorted(readme_table_rows(header)) == sorted(expected)
@@ -125,21 +127,18 @@ def test_the_follow_up_table_quotes_the_sweep_file(label):
     assert_arm_cell(arm_cell, arms[follow_up_lambda(row)], row)
 
 
-@pytest.mark.parametrize("label", sorted(SUBSET_SWEEPS))
-def test_the_subset_training_table_quotes_the_sweep_file(label):
-    if not has_histories(SUBSET_SWEEPS[label]):
-        pytest.skip(f"{SUBSET_SWEEPS[label]}/sweep.json predates the runs' histories")
-    rows = readme_table_rows(SUBSET_TRAINING_HEADER)
-    for term in TRAINING_TERMS:
-        assert rows[f"{label} `{term}`"] == training_ranges(SUBSET_SWEEPS[label], term, SUBSET_LAMBDAS)
-
-
-@pytest.mark.parametrize("label", sorted(FOLLOW_UP_SWEEPS))
-def test_the_follow_up_training_table_quotes_the_sweep_file(label):
-    folder = FOLLOW_UP_SWEEPS[label]
+@pytest.mark.parametrize(
+    ("header", "label", "folder"),
+    [
+        pytest.param(header, label, folder, id=folder)
+        for header, sweeps in TRAINING_TABLES
+        for label, folder in sweeps.items()
+    ],
+)
+def test_the_training_tables_quote_the_sweep_file(header, label, folder):
     if not has_histories(folder):
         pytest.skip(f"{folder}/sweep.json predates the runs' histories")
-    cmi_lambda = next(arm["arm"] for arm in committed_sweep(folder)["lambdas"] if arm["arm"] != 0.0)
-    rows = readme_table_rows(FOLLOW_UP_TRAINING_HEADER)
+    lambdas = sorted(arm["arm"] for arm in committed_sweep(folder)["lambdas"])
+    rows = readme_table_rows(header)
     for term in TRAINING_TERMS:
-        assert rows[f"{label} `{term}`"] == training_ranges(folder, term, (0.0, cmi_lambda))
+        assert rows[f"{label} `{term}`"] == training_ranges(folder, term, lambdas)
