@@ -6,6 +6,7 @@ that changes a sweep file fails here until the README says so."""
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -58,6 +59,7 @@ def metric_rows(header: str) -> dict:
     return {label.rsplit(" (", 1)[0]: cells for label, cells in readme_table_rows(header).items()}
 
 
+@functools.cache  # read once: every test below reads the same few files
 def committed_sweep(folder: str) -> dict:
     return json.loads((RESULTS / folder / "sweep.json").read_text())
 
@@ -66,8 +68,15 @@ def has_histories(folder: str) -> bool:
     return all("history" in run for run in committed_sweep(folder)["runs"])
 
 
-def follow_up_lambda(label: str) -> float:
-    return float(re.fullmatch(r".*, lambda (\d+(?:\.\d+)?)", label)[1])
+def follow_up_rows() -> dict:
+    """The follow-up metric table as ``{label: (lambda, cells)}``: "SST-2, first 5000 rows, lambda 0.5" ->
+    "SST-2, first 5000 rows" and 0.5."""
+    rows = {}
+    for row, cells in metric_rows(FOLLOW_UP_HEADER).items():
+        match = re.fullmatch(r"(?P<label>.*), lambda (?P<cmi_lambda>\d+(?:\.\d+)?)", row)
+        assert match, f"the follow-up row {row!r} names no lambda"
+        rows[match["label"]] = (float(match["cmi_lambda"]), cells)
+    return rows
 
 
 def percent(value: float, sign: bool = False) -> str:
@@ -99,8 +108,7 @@ def test_every_committed_sweep_has_its_rows():
     folders = sorted(path.parent.name for path in RESULTS.glob("*/sweep.json"))
     assert folders == sorted(RESULT_FOLDERS)
     assert sorted(metric_rows(SUBSET_HEADER)) == sorted(SUBSET_SWEEPS)
-    follow_ups = {label.rsplit(", lambda ", 1)[0] for label in metric_rows(FOLLOW_UP_HEADER)}
-    assert follow_ups == set(FOLLOW_UP_SWEEPS)
+    assert sorted(follow_up_rows()) == sorted(FOLLOW_UP_SWEEPS)
     for header, sweeps in TRAINING_TABLES:
         with_histories = [label for label, folder in sweeps.items() if has_histories(folder)]
         expected = [f"{label} `{term}`" for label in with_histories for term in TRAINING_TERMS]
@@ -119,12 +127,11 @@ def test_the_subset_table_quotes_the_sweep_file(label):
 
 @pytest.mark.parametrize("label", sorted(FOLLOW_UP_SWEEPS))
 def test_the_follow_up_table_quotes_the_sweep_file(label):
-    rows = {row.rsplit(", lambda ", 1)[0]: (row, cells) for row, cells in metric_rows(FOLLOW_UP_HEADER).items()}
-    row, (ce_cell, arm_cell) = rows[label]
+    cmi_lambda, (ce_cell, arm_cell) = follow_up_rows()[label]
     arms = {arm["arm"]: arm for arm in committed_sweep(FOLLOW_UP_SWEEPS[label])["lambdas"]}
-    assert sorted(arms) == [0.0, follow_up_lambda(row)], f"{row}: the sweep's lambdas are {sorted(arms)}"
+    assert sorted(arms) == [0.0, cmi_lambda], f"{label}, lambda {cmi_lambda}: the sweep's lambdas are {sorted(arms)}"
     assert ce_cell == percent(arms[0.0]["median"])
-    assert_arm_cell(arm_cell, arms[follow_up_lambda(row)], row)
+    assert_arm_cell(arm_cell, arms[cmi_lambda], f"{label}, lambda {cmi_lambda}")
 
 
 @pytest.mark.parametrize(
