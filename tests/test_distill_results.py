@@ -1,0 +1,113 @@
+"""The distillation write-ups, ``bench/results/glue/distill/<name>_minilm.md``, quote the committed files beside them.
+
+- The student table is :func:`format_sweep_markdown` of ``<name>_students.json``'s arms, row labels aside (the
+  write-up names the arms in words).
+- Each teacher row quotes its run's record: the dev metric of its best epoch (and accuracy in brackets where given),
+  the last epoch's training CE / CMI, and, for the runs ``select-teacher`` ranked (``<name>_selection.json``), the
+  training-set CMI and the ratio. A teacher row names its run as ``<sweep>/lambda_<l>/seed_<s>``: a run of the Max-CMI
+  sweep ``<name>_teachers.json`` or of the committed lambda sweep ``../<sweep>/sweep.json``. The Max-CMI sweeps in
+  ``TEACHERS_WITHOUT_HISTORIES`` predate the runs' histories: their training cells are not checked.
+
+A rerun that changes a file fails here until the write-up says so."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from cmi_fused.glue.sweep import format_sweep_markdown
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+GLUE_RESULTS = REPO_ROOT / "bench/results/glue"
+DISTILL_RESULTS = GLUE_RESULTS / "distill"
+WRITE_UPS = sorted(path.name.removesuffix("_students.json") for path in DISTILL_RESULTS.glob("*_students.json"))
+# Max-CMI teacher sweeps whose runs keep no history (they predate it): rerun one and its name leaves this set.
+TEACHERS_WITHOUT_HISTORIES = {"mrpc-full", "sst2-5k"}
+# "86.91 (80.88)": the task's metric, then accuracy where the metric is another one.
+METRIC_CELL = re.compile(r"(?P<metric>\d+\.\d\d)(?: \((?P<accuracy>\d+\.\d\d)\))?")
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def table_rows(markdown: str, header_start: str) -> list:
+    """The cells of each row of the first table whose header line starts with ``header_start``."""
+    lines = markdown.splitlines()
+    start = next(index for index, line in enumerate(lines) if line.startswith(header_start)) + 2
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def write_up(name: str) -> str:
+    return (DISTILL_RESULTS / f"{name}_minilm.md").read_text(encoding="utf-8")
+
+
+def teacher_record(name: str, run: str) -> dict:
+    """The record of ``run`` (``<sweep>/lambda_<l>/seed_<s>``) in the teacher sweep or in the lambda sweep it names."""
+    output_dir = f"runs/{run}"
+    sweep_files = [DISTILL_RESULTS / f"{name}_teachers.json", GLUE_RESULTS / run.split("/")[0] / "sweep.json"]
+    for sweep_file in sweep_files:
+        if sweep_file.exists():
+            for record in read_json(sweep_file)["runs"]:
+                if record["output_dir"] == output_dir:
+                    return record
+    raise AssertionError(f"{name}: no committed sweep holds the teacher {run}")
+
+
+def two_decimals(value: float) -> str:
+    return f"{100 * value:.2f}"
+
+
+def test_every_students_file_has_its_write_up():
+    assert WRITE_UPS, "no distillation sweep is committed"
+    for name in WRITE_UPS:
+        assert (DISTILL_RESULTS / f"{name}_minilm.md").exists(), name
+
+
+@pytest.mark.parametrize("name", sorted(TEACHERS_WITHOUT_HISTORIES))
+def test_teachers_without_histories_are_still_without(name):
+    runs = read_json(DISTILL_RESULTS / f"{name}_teachers.json")["runs"]
+    assert not any("history" in run for run in runs), f"{name}_teachers.json has histories now: check its teacher rows"
+
+
+@pytest.mark.parametrize("name", WRITE_UPS)
+def test_the_student_table_quotes_the_students_file(name):
+    students = read_json(DISTILL_RESULTS / f"{name}_students.json")
+    generated = format_sweep_markdown("", students["metric"], students["arms"], "arm", "the first arm")
+    written_rows = table_rows(write_up(name), "| arm | seeds | per seed |")
+    expected_rows = table_rows(generated, "| arm | seeds | per seed |")
+    assert len(written_rows) == len(expected_rows), f"{name}: the write-up has another number of arms"
+    for written, expected in zip(written_rows, expected_rows, strict=True):
+        assert written[1:] == expected[1:], f"{name}, {written[0]}"
+
+
+@pytest.mark.parametrize("name", WRITE_UPS)
+def test_the_teacher_table_quotes_the_teacher_runs(name):
+    metric = read_json(DISTILL_RESULTS / f"{name}_students.json")["metric"]
+    ranked = {run["run"]: run for run in read_json(DISTILL_RESULTS / f"{name}_selection.json")["runs"]}
+    rows = table_rows(write_up(name), "| teacher |")
+    assert len(rows) == 1 + len(ranked), f"{name}: one CE teacher and every ranked Max-CMI teacher"
+    for label, _cmi, _cmi_lambda, metric_cell, training_cell, train_set_cmi, ratio in rows:
+        run = label.strip("`")
+        record = teacher_record(name, run)
+        match = METRIC_CELL.fullmatch(metric_cell)
+        assert match, f"{name}, {run}: cannot read the cell {metric_cell!r}"
+        assert match["metric"] == two_decimals(record["best"][metric]), f"{name}, {run}"
+        if match["accuracy"]:
+            assert match["accuracy"] == two_decimals(record["best"]["accuracy"]), f"{name}, {run}"
+        if f"runs/{run}" in ranked:
+            assert train_set_cmi == f"{ranked[f'runs/{run}']['train_set_cmi']:.4f}", f"{name}, {run}"
+            assert ratio == f"{ranked[f'runs/{run}']['ratio']:.3f}", f"{name}, {run}"
+        if "history" in record:
+            last_epoch = record["history"][-1]
+            assert training_cell == f"{last_epoch['train_ce']:.3f} / {last_epoch['train_cmi']:.3f}", f"{name}, {run}"
+        else:
+            assert name in TEACHERS_WITHOUT_HISTORIES, f"{name}, {run}: its sweep file keeps no history"
