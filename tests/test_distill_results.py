@@ -1,12 +1,14 @@
 """The distillation write-ups, ``bench/results/glue/distill/<name>_minilm.md``, quote the committed files beside them.
 
-- The student table is :func:`format_sweep_markdown` of ``<name>_students.json``'s arms, row labels aside (the
-  write-up names the arms in words).
+- The student table is :func:`format_sweep_markdown` of ``<name>_students.json``'s arms, and the student training
+  table :func:`format_training_markdown` of its runs, row labels aside (the write-up names the arms in words).
 - Each teacher row quotes its run's record: the dev metric of its best epoch (and accuracy in brackets where given),
   the last epoch's training CE / CMI, and, for the runs ``select-teacher`` ranked (``<name>_selection.json``), the
   training-set CMI and the ratio. A teacher row names its run as ``<sweep>/lambda_<l>/seed_<s>``: a run of the Max-CMI
-  sweep ``<name>_teachers.json`` or of the committed lambda sweep ``../<sweep>/sweep.json``. The Max-CMI sweeps in
-  ``TEACHERS_WITHOUT_HISTORIES`` predate the runs' histories: their training cells are not checked.
+  sweep ``<name>_teachers.json`` or of the committed lambda sweep ``../<sweep>/sweep.json``.
+
+The distillation sweeps in ``WITHOUT_HISTORIES`` predate the runs' histories: their write-ups have no student training
+table and their Max-CMI teachers' training cells are not checked.
 
 A rerun that changes a file fails here until the write-up says so."""
 
@@ -18,14 +20,17 @@ from pathlib import Path
 
 import pytest
 
-from cmi_fused.glue.sweep import format_sweep_markdown
+from cmi_fused.glue.sweep import format_sweep_markdown, format_training_markdown
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GLUE_RESULTS = REPO_ROOT / "bench/results/glue"
 DISTILL_RESULTS = GLUE_RESULTS / "distill"
 WRITE_UPS = sorted(path.name.removesuffix("_students.json") for path in DISTILL_RESULTS.glob("*_students.json"))
-# Max-CMI teacher sweeps whose runs keep no history (they predate it): rerun one and its name leaves this set.
-TEACHERS_WITHOUT_HISTORIES = {"mrpc-full", "sst2-5k"}
+# Distillation sweeps (teachers and students) whose runs keep no history, as they predate it: rerun one and its name
+# leaves this set.
+WITHOUT_HISTORIES = {"mrpc-full"}
+STUDENT_TABLE = "| arm | seeds | per seed |"
+STUDENT_TRAINING_TABLE = "| arm | `train_ce` | `train_kl` |"
 # "86.91 (80.88)": the task's metric, then accuracy where the metric is another one.
 METRIC_CELL = re.compile(r"(?P<metric>\d+\.\d\d)(?: \((?P<accuracy>\d+\.\d\d)\))?")
 
@@ -35,9 +40,12 @@ def read_json(path: Path) -> dict:
 
 
 def table_rows(markdown: str, header_start: str) -> list:
-    """The cells of each row of the first table whose header line starts with ``header_start``."""
+    """The cells of each row of the first table whose header line starts with ``header_start`` ([] if none)."""
     lines = markdown.splitlines()
-    start = next(index for index, line in enumerate(lines) if line.startswith(header_start)) + 2
+    starts = [index for index, line in enumerate(lines) if line.startswith(header_start)]
+    if not starts:
+        return []
+    start = starts[0] + 2
     rows = []
     for line in lines[start:]:
         if not line.startswith("|"):
@@ -62,6 +70,13 @@ def teacher_record(name: str, run: str) -> dict:
     raise AssertionError(f"{name}: no committed sweep holds the teacher {run}")
 
 
+def assert_rows_quote(name: str, written_rows: list, expected_rows: list) -> None:
+    """The write-up's rows have the generated rows' cells after the label, in the same order."""
+    assert len(written_rows) == len(expected_rows), f"{name}: the write-up has another number of arms"
+    for written, expected in zip(written_rows, expected_rows, strict=True):
+        assert written[1:] == expected[1:], f"{name}, {written[0]}"
+
+
 def two_decimals(value: float) -> str:
     return f"{100 * value:.2f}"
 
@@ -72,21 +87,29 @@ def test_every_students_file_has_its_write_up():
         assert (DISTILL_RESULTS / f"{name}_minilm.md").exists(), name
 
 
-@pytest.mark.parametrize("name", sorted(TEACHERS_WITHOUT_HISTORIES))
-def test_teachers_without_histories_are_still_without(name):
-    runs = read_json(DISTILL_RESULTS / f"{name}_teachers.json")["runs"]
-    assert not any("history" in run for run in runs), f"{name}_teachers.json has histories now: check its teacher rows"
+@pytest.mark.parametrize("name", sorted(WITHOUT_HISTORIES))
+@pytest.mark.parametrize("sweep", ["teachers", "students"])
+def test_sweeps_without_histories_are_still_without(name, sweep):
+    runs = read_json(DISTILL_RESULTS / f"{name}_{sweep}.json")["runs"]
+    assert not any("history" in run for run in runs), f"{name}_{sweep}.json has histories now: check its write-up"
 
 
 @pytest.mark.parametrize("name", WRITE_UPS)
 def test_the_student_table_quotes_the_students_file(name):
     students = read_json(DISTILL_RESULTS / f"{name}_students.json")
     generated = format_sweep_markdown("", students["metric"], students["arms"], "arm", "the first arm")
-    written_rows = table_rows(write_up(name), "| arm | seeds | per seed |")
-    expected_rows = table_rows(generated, "| arm | seeds | per seed |")
-    assert len(written_rows) == len(expected_rows), f"{name}: the write-up has another number of arms"
-    for written, expected in zip(written_rows, expected_rows, strict=True):
-        assert written[1:] == expected[1:], f"{name}, {written[0]}"
+    assert_rows_quote(name, table_rows(write_up(name), STUDENT_TABLE), table_rows(generated, STUDENT_TABLE))
+
+
+@pytest.mark.parametrize("name", WRITE_UPS)
+def test_the_student_training_table_quotes_the_students_file(name):
+    written_rows = table_rows(write_up(name), STUDENT_TRAINING_TABLE)
+    if name in WITHOUT_HISTORIES:
+        assert not written_rows, f"{name}: its students keep no history to quote"
+        return
+    runs = read_json(DISTILL_RESULTS / f"{name}_students.json")["runs"]
+    generated = format_training_markdown(runs, "arm", ("train_ce", "train_kl"))
+    assert_rows_quote(name, written_rows, table_rows(generated, STUDENT_TRAINING_TABLE))
 
 
 @pytest.mark.parametrize("name", WRITE_UPS)
@@ -110,4 +133,4 @@ def test_the_teacher_table_quotes_the_teacher_runs(name):
             last_epoch = record["history"][-1]
             assert training_cell == f"{last_epoch['train_ce']:.3f} / {last_epoch['train_cmi']:.3f}", f"{name}, {run}"
         else:
-            assert name in TEACHERS_WITHOUT_HISTORIES, f"{name}, {run}: its sweep file keeps no history"
+            assert name in WITHOUT_HISTORIES, f"{name}, {run}: its sweep file keeps no history"
