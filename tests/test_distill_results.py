@@ -14,13 +14,13 @@ A rerun that changes a file fails here until the write-up says so."""
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import pytest
 
 from cmi_fused.glue.sweep import format_sweep_markdown, format_training_markdown
+from results_tables import markdown_table_rows, percent, read_json
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GLUE_RESULTS = REPO_ROOT / "bench/results/glue"
@@ -33,25 +33,6 @@ STUDENT_TABLE = "| arm | seeds | per seed |"
 STUDENT_TRAINING_TABLE = "| arm | `train_ce` | `train_kl` |"
 # "86.91 (80.88)": the task's metric, then accuracy where the metric is another one.
 METRIC_CELL = re.compile(r"(?P<metric>\d+\.\d\d)(?: \((?P<accuracy>\d+\.\d\d)\))?")
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def table_rows(markdown: str, header_start: str) -> list:
-    """The cells of each row of the first table whose header line starts with ``header_start`` ([] if none)."""
-    lines = markdown.splitlines()
-    starts = [index for index, line in enumerate(lines) if line.startswith(header_start)]
-    if not starts:
-        return []
-    start = starts[0] + 2
-    rows = []
-    for line in lines[start:]:
-        if not line.startswith("|"):
-            break
-        rows.append([cell.strip() for cell in line.strip("|").split("|")])
-    return rows
 
 
 def write_up(name: str) -> str:
@@ -77,10 +58,6 @@ def assert_rows_quote(name: str, written_rows: list, expected_rows: list) -> Non
         assert written[1:] == expected[1:], f"{name}, {written[0]}"
 
 
-def two_decimals(value: float) -> str:
-    return f"{100 * value:.2f}"
-
-
 def test_every_students_file_has_its_write_up():
     assert WRITE_UPS, "no distillation sweep is committed"
     for name in WRITE_UPS:
@@ -98,34 +75,35 @@ def test_sweeps_without_histories_are_still_without(name, sweep):
 def test_the_student_table_quotes_the_students_file(name):
     students = read_json(DISTILL_RESULTS / f"{name}_students.json")
     generated = format_sweep_markdown("", students["metric"], students["arms"], "arm", "the first arm")
-    assert_rows_quote(name, table_rows(write_up(name), STUDENT_TABLE), table_rows(generated, STUDENT_TABLE))
+    written_rows = markdown_table_rows(write_up(name), STUDENT_TABLE)
+    assert_rows_quote(name, written_rows, markdown_table_rows(generated, STUDENT_TABLE))
 
 
 @pytest.mark.parametrize("name", WRITE_UPS)
 def test_the_student_training_table_quotes_the_students_file(name):
-    written_rows = table_rows(write_up(name), STUDENT_TRAINING_TABLE)
+    written_rows = markdown_table_rows(write_up(name), STUDENT_TRAINING_TABLE)
     if name in WITHOUT_HISTORIES:
         assert not written_rows, f"{name}: its students keep no history to quote"
         return
     runs = read_json(DISTILL_RESULTS / f"{name}_students.json")["runs"]
     generated = format_training_markdown(runs, "arm", ("train_ce", "train_kl"))
-    assert_rows_quote(name, written_rows, table_rows(generated, STUDENT_TRAINING_TABLE))
+    assert_rows_quote(name, written_rows, markdown_table_rows(generated, STUDENT_TRAINING_TABLE))
 
 
 @pytest.mark.parametrize("name", WRITE_UPS)
 def test_the_teacher_table_quotes_the_teacher_runs(name):
     metric = read_json(DISTILL_RESULTS / f"{name}_students.json")["metric"]
     ranked = {run["run"]: run for run in read_json(DISTILL_RESULTS / f"{name}_selection.json")["runs"]}
-    rows = table_rows(write_up(name), "| teacher |")
+    rows = markdown_table_rows(write_up(name), "| teacher |")
     assert len(rows) == 1 + len(ranked), f"{name}: one CE teacher and every ranked Max-CMI teacher"
     for label, _cmi, _cmi_lambda, metric_cell, training_cell, train_set_cmi, ratio in rows:
         run = label.strip("`")
         record = teacher_record(name, run)
         match = METRIC_CELL.fullmatch(metric_cell)
         assert match, f"{name}, {run}: cannot read the cell {metric_cell!r}"
-        assert match["metric"] == two_decimals(record["best"][metric]), f"{name}, {run}"
+        assert match["metric"] == percent(record["best"][metric]), f"{name}, {run}"
         if match["accuracy"]:
-            assert match["accuracy"] == two_decimals(record["best"]["accuracy"]), f"{name}, {run}"
+            assert match["accuracy"] == percent(record["best"]["accuracy"]), f"{name}, {run}"
         if f"runs/{run}" in ranked:
             assert train_set_cmi == f"{ranked[f'runs/{run}']['train_set_cmi']:.4f}", f"{name}, {run}"
             assert ratio == f"{ranked[f'runs/{run}']['ratio']:.3f}", f"{name}, {run}"

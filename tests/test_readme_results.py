@@ -6,12 +6,12 @@ the README says so."""
 
 from __future__ import annotations
 
-import functools
-import json
 import re
 from pathlib import Path
 
 import pytest
+
+from results_tables import markdown_table_rows, percent, read_json
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS = REPO_ROOT / "bench/results/glue"
@@ -43,15 +43,9 @@ ARM_CELL = re.compile(
 
 def readme_table_rows(header: str) -> dict:
     """``{row label: [cells after the label]}`` of the README table under ``header``."""
-    lines = (REPO_ROOT / "README.md").read_text(encoding="utf-8").splitlines()
-    start = lines.index(header) + 2  # past the header and its |---| line
-    rows = {}
-    for line in lines[start:]:
-        if not line.startswith("|"):
-            break
-        label, *cells = [cell.strip() for cell in line.strip("|").split("|")]
-        rows[label] = cells
-    return rows
+    rows = markdown_table_rows((REPO_ROOT / "README.md").read_text(encoding="utf-8"), header)
+    assert rows, f"the README has no table under {header!r}"
+    return {label: cells for label, *cells in rows}
 
 
 def metric_rows(header: str) -> dict:
@@ -59,9 +53,8 @@ def metric_rows(header: str) -> dict:
     return {label.rsplit(" (", 1)[0]: cells for label, cells in readme_table_rows(header).items()}
 
 
-@functools.cache  # read once: every test below reads the same few files
 def committed_sweep(folder: str) -> dict:
-    return json.loads((RESULTS / folder / "sweep.json").read_text())
+    return read_json(RESULTS / folder / "sweep.json")
 
 
 def follow_up_rows() -> dict:
@@ -73,10 +66,6 @@ def follow_up_rows() -> dict:
         assert match, f"the follow-up row {row!r} names no lambda"
         rows[match["label"]] = (float(match["cmi_lambda"]), cells)
     return rows
-
-
-def percent(value: float, sign: bool = False) -> str:
-    return f"{100 * value:{'+' if sign else ''}.2f}".replace("-", "−")
 
 
 def assert_arm_cell(cell: str, arm: dict, where: str) -> None:
