@@ -7,9 +7,6 @@
   training-set CMI and the ratio. A teacher row names its run as ``<sweep>/lambda_<l>/seed_<s>``: a run of the Max-CMI
   sweep ``<name>_teachers.json`` or of the committed lambda sweep ``../<sweep>/sweep.json``.
 
-The distillation sweeps in ``WITHOUT_HISTORIES`` predate the runs' histories: their write-ups have no student training
-table and their Max-CMI teachers' training cells are not checked.
-
 A rerun that changes a file fails here until the write-up says so."""
 
 from __future__ import annotations
@@ -26,9 +23,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 GLUE_RESULTS = REPO_ROOT / "bench/results/glue"
 DISTILL_RESULTS = GLUE_RESULTS / "distill"
 WRITE_UPS = sorted(path.name.removesuffix("_students.json") for path in DISTILL_RESULTS.glob("*_students.json"))
-# Distillation sweeps (teachers and students) whose runs keep no history, as they predate it: rerun one and its name
-# leaves this set.
-WITHOUT_HISTORIES = {"mrpc-full"}
 STUDENT_TABLE = "| arm | seeds | per seed |"
 STUDENT_TRAINING_TABLE = "| arm | `train_ce` | `train_kl` |"
 # "86.91 (80.88)": the task's metric, then accuracy where the metric is another one.
@@ -64,13 +58,6 @@ def test_every_students_file_has_its_write_up():
         assert (DISTILL_RESULTS / f"{name}_minilm.md").exists(), name
 
 
-@pytest.mark.parametrize("name", sorted(WITHOUT_HISTORIES))
-@pytest.mark.parametrize("sweep", ["teachers", "students"])
-def test_sweeps_without_histories_are_still_without(name, sweep):
-    runs = read_json(DISTILL_RESULTS / f"{name}_{sweep}.json")["runs"]
-    assert not any("history" in run for run in runs), f"{name}_{sweep}.json has histories now: check its write-up"
-
-
 @pytest.mark.parametrize("name", WRITE_UPS)
 def test_the_student_table_quotes_the_students_file(name):
     students = read_json(DISTILL_RESULTS / f"{name}_students.json")
@@ -82,9 +69,6 @@ def test_the_student_table_quotes_the_students_file(name):
 @pytest.mark.parametrize("name", WRITE_UPS)
 def test_the_student_training_table_quotes_the_students_file(name):
     written_rows = markdown_table_rows(write_up(name), STUDENT_TRAINING_TABLE)
-    if name in WITHOUT_HISTORIES:
-        assert not written_rows, f"{name}: its students keep no history to quote"
-        return
     runs = read_json(DISTILL_RESULTS / f"{name}_students.json")["runs"]
     generated = format_training_markdown(runs, "arm", ("train_ce", "train_kl"))
     assert_rows_quote(name, written_rows, markdown_table_rows(generated, STUDENT_TRAINING_TABLE))
@@ -107,8 +91,6 @@ def test_the_teacher_table_quotes_the_teacher_runs(name):
         if f"runs/{run}" in ranked:
             assert train_set_cmi == f"{ranked[f'runs/{run}']['train_set_cmi']:.4f}", f"{name}, {run}"
             assert ratio == f"{ranked[f'runs/{run}']['ratio']:.3f}", f"{name}, {run}"
-        if "history" in record:
-            last_epoch = record["history"][-1]
-            assert training_cell == f"{last_epoch['train_ce']:.3f} / {last_epoch['train_cmi']:.3f}", f"{name}, {run}"
-        else:
-            assert name in WITHOUT_HISTORIES, f"{name}, {run}: its sweep file keeps no history"
+        assert "history" in record, f"{name}, {run}: its sweep file keeps no history"
+        last_epoch = record["history"][-1]
+        assert training_cell == f"{last_epoch['train_ce']:.3f} / {last_epoch['train_cmi']:.3f}", f"{name}, {run}"
