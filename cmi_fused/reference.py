@@ -8,14 +8,15 @@ It runs everywhere, is the eager baseline of the benchmarks and the readable sta
     KL_i   = sum_j f_ij (log f_ij - log max(G_{y_i j}, eps))
     loss   = mean_i KL_i | sum_i KL_i | KL (reduction)
 
-Autograd differentiates it; with detached per-batch centroids that is also the exact gradient of the un-detached
-expression, because sum_j G_cj = 1 makes the centroid's own contribution vanish (where every G_cj > eps: an entry
-floored at eps leaves that sum). Only to first order: a second derivative holds the per-batch centroids constant
-too, so it lacks the Hessian's term through dG/dh (keeping G in the graph would make it exact, at 2-3x the fwd+bwd
-time: 4096x768 and 16384x768 on the dev CPU). A refusal would need grad mode in the backward to mean
-create_graph=True, which torch.func's first derivatives break, so the README says it instead.
-Rows whose label is outside [0, C) (possible on CUDA without ``check_labels``) are never used as an
-index: they get a NaN KL and add nothing to the class sums and counts.
+Autograd differentiates it; with detached per-batch centroids that is also the exact gradient of the un-detached mean
+and sum (and of any upstream gradient constant within each class), because sum_j G_cj = 1 makes the centroid's own
+contribution vanish (where every G_cj > eps: an entry floored at eps leaves that sum). Only to first order: a second
+derivative holds the per-batch centroids constant too, so it lacks the Hessian's term through dG/dh (keeping G in the
+graph would make it exact, at 2-3x the fwd+bwd time: 4096x768 and 16384x768 on the dev CPU). A refusal would need grad
+mode in the backward to mean create_graph=True, which torch.func's first derivatives break, so the README says it
+instead.
+Rows whose label is outside [0, C) (possible wherever the label check is off: ``check_labels=False``, CUDA tensors or
+torch.compile by default) are never used as an index: they get a NaN KL and add nothing to the class sums and counts.
 """
 
 from __future__ import annotations

@@ -245,14 +245,20 @@ class CMIRegularizer(nn.Module):
             return None
         return self.centroids
 
-    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The CMI term (scalar float32) of ``features`` (N, d) with class ``labels`` (N,)."""
+    def _check_batch(self, features, labels) -> None:
+        """``features`` a float (N, dim) tensor and ``labels`` an integer (N,) tensor beside it, checked before they
+        touch any state: normalisation's float result would hide integer features from cmi_loss's own check, and a
+        wrong width could broadcast into the buffers."""
+        check_float_tensor(features)
         if features.dim() != 2 or features.shape[-1] != self.dim:
             raise ValueError(f"features must have shape (N, dim={self.dim}), got {tuple(features.shape)}")
-        check_float_tensor(features)  # as cmi_loss checks it, which center_l2's float result would otherwise hide
-        # The labels are checked before _centroids_for counts them.
         check_label_tensor(labels, features.shape[0], features.device, "features")
-        maybe_validate_labels(labels, self.num_classes, None)
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The CMI term of ``features`` (N, d) with class ``labels`` (N,): a scalar, float32 (float64 for float64
+        features on the torch backend)."""
+        self._check_batch(features, labels)
+        maybe_validate_labels(labels, self.num_classes, None)  # before _centroids_for counts them
         update = self.training and self.mode != "frozen"
         centroids = self._centroids_for(labels)
         if update and self.mode == "ema" and centroids is not None:
@@ -326,7 +332,8 @@ class CMIRegularizer(nn.Module):
                     "freeze(batches) with center_l2 needs a re-iterable (list, DataLoader), not an iterator"
                 )
             feature_sum, count = torch.zeros_like(self.feature_mean), torch.zeros((), device=self.feature_mean.device)
-            for features, _ in batches:
+            for features, labels in batches:
+                self._check_batch(features, labels)
                 feature_sum += features.detach().float().sum(0).to(feature_sum.device)
                 count += features.shape[0]
             feature_sum, count = all_reduce_sum(feature_sum, count)
@@ -336,6 +343,7 @@ class CMIRegularizer(nn.Module):
         class_sums = torch.zeros_like(self.centroids)
         class_counts = torch.zeros_like(self.epoch_class_counts)
         for features, labels in batches:
+            self._check_batch(features, labels)
             features = features.to(class_sums.device)
             result = cmi_loss(
                 self.normalize(features, feature_mean),
@@ -344,6 +352,7 @@ class CMIRegularizer(nn.Module):
                 temperature=self.temperature,
                 eps=self.eps,
                 backend=self.backend,
+                check_labels=True,  # one pass, not a training step: the range check's sync costs nothing here
             )
             class_sums += result.class_sums
             class_counts += result.class_counts

@@ -9,9 +9,10 @@ f_i = softmax(z_i), z_i = h_i / T. Since d f_j / d z_k = f_j (delta_jk - f_k):
                     = f_k (log f_k - a_k - KL_i)                      (sum_j f_j = 1)
     d KL_i / d h_ik = f_ik (log f_ik - log max(G_{y_i k}, eps) - KL_i) / T
 
-For per-batch centroids G_c = S_c / n_c this is also the gradient of the un-detached loss: the centroid's own
-term is -sum_{i in c} sum_j f_ij d(log G_cj) = -n_c sum_j dG_cj = -n_c d(sum_j G_cj) = 0. That needs every
-G_cj > eps: an entry floored at eps has no derivative and leaves the sum (a difference of the order of eps).
+For per-batch centroids G_c = S_c / n_c this is also the gradient of the un-detached mean or sum (any upstream
+gradient that is the same for every row of a class): the centroid's own term is
+-sum_{i in c} sum_j f_ij d(log G_cj) = -n_c sum_j dG_cj = -n_c d(sum_j G_cj) = 0. That needs every G_cj > eps: an
+entry floored at eps has no derivative and leaves the sum (a difference of the order of eps).
 
 The reduction is folded in: the caller's gradient enters as ``grad_scale * grad_loss[i * stride_grad]`` with
 ``grad_loss`` the per-row gradient (reduction "none") or the scalar gradient of the reduced loss (stride 0;

@@ -1519,12 +1519,15 @@ def test_given_centroids_changed_in_place_before_the_backward(backend: str, requ
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("centroid_mode", ["fixed", "batch", "batch, log table"])
 @pytest.mark.parametrize("d", [30, 4500])  # one chunk per row, and two (the chunked forward, d > 4096)
-def test_unchecked_out_of_range_labels_give_nan_rows(backend: str, centroid_mode: str, d: int, request):
+@pytest.mark.parametrize("deterministic", [False, True])  # atomics into one slot, and per-program slots
+def test_unchecked_out_of_range_labels_give_nan_rows(
+    backend: str, centroid_mode: str, d: int, deterministic: bool, request
+):
     """check_labels=False: rows labelled -1 or C never index memory; their KL is NaN, every other row and the
     class sums/counts equal those of the valid rows alone. Those rows pass no gradient back, whatever their
     grad_output (zero, not NaN: dropping them from the loss, as for an ignore label, leaves a clean step)."""
     gen = generator_for(request)
-    n, c = 12, 3
+    n, c = 40, 3
     features = make_features(n, d, torch.float32, "contiguous", gen).requires_grad_(True)
     labels = random_labels(n, c, gen, per_batch=True)
     bad_rows = [3, 7, 11]
@@ -1534,7 +1537,21 @@ def test_unchecked_out_of_range_labels_give_nan_rows(backend: str, centroid_mode
     if centroid_mode == "batch, log table":
         request.getfixturevalue("log_table_forced")
 
-    result = cmi_loss(features, labels, c, centroids, reduction="none", backend=backend, check_labels=False)
+    if backend == "triton":
+        from kernels.cmi import forward_grid
+
+        _, slots, atomics = forward_grid(features, c, "partials" if deterministic else "atomics")
+        assert (slots > 1 and not atomics) if deterministic else atomics
+    result = cmi_loss(
+        features,
+        labels,
+        c,
+        centroids,
+        reduction="none",
+        backend=backend,
+        check_labels=False,
+        deterministic=deterministic,
+    )
     ref_rows, ref_sums, ref_counts, ref_h = reference_cmi(features, labels, c, centroids, reduction="none")
     good = [row for row in range(n) if row not in bad_rows]
     assert torch.isnan(result.loss[bad_rows]).all()

@@ -79,10 +79,12 @@ def test_a_large_eps_takes_the_cmi_below_0_by_at_most_d_eps_over_e():
     assert -dim * eps / math.e <= cmi < -1e-3
 
 
-@pytest.mark.parametrize("mode", ["batch", "epoch", "ema"])
+@pytest.mark.parametrize("mode", ["batch", "epoch", "ema", "frozen"])
 def test_end_epoch_counts_epochs_in_every_mode(mode):
     """The ``epoch`` buffer counts finished epochs whatever the centroid mode (a resumed run reads it back)."""
     reg = CMIRegularizer(C, D, mode, temperature=T)
+    if mode == "frozen":
+        reg.freeze(make_batches(2, seed=0))
     for epoch in range(1, 3):
         for h, y in make_batches(2, seed=epoch):
             reg(h, y)
@@ -476,16 +478,39 @@ def test_state_stays_float32_when_the_model_is_cast(cast):
     assert all(buffer.device.type == "meta" for buffer in model.reg.buffers())
 
 
-def test_wrong_feature_width_is_reported():
-    with pytest.raises(ValueError, match="dim=5"):
-        CMIRegularizer(C, D)(torch.randn(4, 6), torch.zeros(4, dtype=torch.long))
+def call(reg: CMIRegularizer, how: str, features, labels):
+    """``reg(features, labels)`` or ``reg.freeze([(features, labels)])``: both must check the batch."""
+    return reg(features, labels) if how == "forward" else reg.freeze([(features, labels)])
 
 
 @pytest.mark.parametrize("normalization", ["none", "center_l2"])
-def test_integer_features_are_refused_with_every_normalisation(normalization):
-    reg = CMIRegularizer(C, D, "batch", normalization=normalization)
+@pytest.mark.parametrize("how", ["forward", "freeze"])
+@pytest.mark.parametrize("width", [1, 6])
+def test_wrong_feature_width_is_reported(how, normalization, width):
+    """Width 1 used to broadcast into freeze()'s (C, dim) sums and centroids without a word."""
+    reg = CMIRegularizer(C, D, "frozen" if how == "freeze" else "batch", normalization=normalization)
+    with pytest.raises(ValueError, match="dim=5"):
+        call(reg, how, torch.randn(6, width), torch.arange(6) % C)
+    assert not reg.centroid_valid.any() and not bool(reg.feature_mean_valid)
+
+
+@pytest.mark.parametrize("normalization", ["none", "center_l2"])
+@pytest.mark.parametrize("how", ["forward", "freeze"])
+def test_integer_features_are_refused_with_every_normalisation(how, normalization):
+    reg = CMIRegularizer(C, D, "frozen" if how == "freeze" else "batch", normalization=normalization)
     with pytest.raises(TypeError, match="floating-point"):
-        reg(torch.ones(4, D, dtype=torch.long), torch.zeros(4, dtype=torch.long))
+        call(reg, how, torch.ones(6, D, dtype=torch.long), torch.arange(6) % C)
+    with pytest.raises(TypeError, match="features must be a torch.Tensor, got list"):
+        call(reg, how, torch.ones(6, D).tolist(), torch.arange(6) % C)
+
+
+def test_freeze_refuses_bad_labels():
+    reg = CMIRegularizer(C, D, "frozen")
+    with pytest.raises(ValueError, match="labels"):
+        reg.freeze([(torch.randn(6, D), torch.tensor([0, 1, 2, 0, 1, C]))])
+    with pytest.raises(ValueError, match="labels must have shape \\(6,\\)"):
+        reg.freeze([(torch.randn(6, D), torch.arange(5) % C)])
+    assert not reg.centroid_valid.any()
 
 
 def test_out_of_range_labels_do_not_count_as_a_class_when_choosing_centroids():
