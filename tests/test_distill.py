@@ -655,7 +655,7 @@ def test_select_teacher_command(teachers, tmp_path, capsys):
     # lambda 0 baseline, the lowest CMI) is left out and reported, and named on its own it is kept (above). A
     # distillation run there (results.json, no regulariser state) is skipped, and named on its own it gets an
     # error that says what to pass.
-    parent = tmp_path / "runs"
+    parent = tmp_path / "runs[1]"  # a name, not a glob pattern: it used to find no runs and stand for one
     for name in ("none", "max"):
         shutil.copytree(teachers[name], parent / name)
     distilled = parent / "distill" / "seed_0"

@@ -4,6 +4,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import math
 import operator
 import os
 import platform
@@ -169,7 +170,8 @@ def test_trainer_keeps_the_epoch_with_the_highest_metric(tmp_path):
 
 
 def test_best_epoch_tie_goes_to_the_first_epoch():
-    """As the Trainer keeps it: a later epoch must beat the best so far, not equal it."""
+    """As the Trainer keeps it (test_saved_model_and_regularizer_state_are_the_best_epochs trains through a tie): a
+    later epoch must beat the best so far, not equal it."""
     history = [{"epoch": epoch, "eval": {"f1": f1}} for epoch, f1 in ((1, 0.5), (2, 0.8), (3, 0.8))]
     assert best_epoch_of(history, "f1")["epoch"] == 2
 
@@ -187,10 +189,12 @@ def test_training_settings_reach_the_trainer(tmp_path):
     assert parse_list(float)("0,0.5,") == [0.0, 0.5]
 
 
-def test_saved_model_and_regularizer_state_are_the_best_epochs(tiny_bert, glue_dir, tmp_path):
-    """Epoch 1 is the best (metrics made to fall): the model and the regulariser state saved are epoch 1's, also
-    with --keep-checkpoints, which keeps the last checkpoint (epoch 2) too (without it only the best is left)."""
-    scores = iter([0.9, 0.1])
+@pytest.mark.parametrize("scores", [(0.9, 0.1), (0.5, 0.5)])  # falling, and tied: a later epoch must beat the best
+def test_saved_model_and_regularizer_state_are_the_best_epochs(scores, tiny_bert, glue_dir, tmp_path):
+    """Epoch 1 is the best (metrics made to fall, or to tie): the model and the regulariser state saved are epoch
+    1's, also with --keep-checkpoints, which keeps the last checkpoint (epoch 2) too (without it only the best is
+    left)."""
+    scores = iter(scores)
 
     def falling_metrics(eval_prediction):
         value = next(scores)
@@ -794,13 +798,21 @@ def test_bad_arguments_say_what_to_pass(tiny_bert, glue_dir, tmp_path, capsys):
     assert "expected a positive whole number of epochs, got '2.5'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="epochs must be a positive whole number"):
         TrainConfig("mrpc", "m", str(tmp_path / "x"), epochs=2.5)
-    with pytest.raises(ValueError, match="cmi_lambda must be >= 0"):  # the library names the field
-        TrainConfig("mrpc", "m", str(tmp_path / "x"), cmi="min", cmi_lambda=-1)
+    for cmi_lambda in (-1, math.inf, math.nan):
+        with pytest.raises(ValueError, match="cmi_lambda must be a finite number >= 0"):  # the library names the field
+            TrainConfig("mrpc", "m", str(tmp_path / "x"), cmi="min", cmi_lambda=cmi_lambda)
     with pytest.raises(ValueError, match="temperature must be"):  # so do arguments from another parser
         config_from_args(argparse.Namespace(task="mrpc", model="m", output_dir="o", temperature=0.0))
     # A setting the config refuses is a usage error of the command, naming the option, before anything loads.
     refused = [
-        ("train", ["--cmi-lambda", "-1"], "--cmi-lambda must be >= 0 (the sign comes from cmi=min/max), got -1.0"),
+        ("train", ["--cmi-lambda", "-1"], "--cmi-lambda must be a finite number >= 0 (the sign comes from "
+         "cmi=min/max), got -1.0"),
+        ("train", ["--cmi-lambda", "inf"], "--cmi-lambda must be a finite number >= 0 (the sign comes from "
+         "cmi=min/max), got inf"),
+        ("train", ["--max-train-samples", "0"], "--max-train-samples must be a positive int, got 0"),
+        ("train", ["--max-eval-samples", "0"], "--max-eval-samples must be a positive int, got 0"),
+        ("train", ["--seed", "-1"], "--seed must be an int in [0, 4294967295], got -1"),
+        ("distill", ["--seed", str(2**32)], "--seed must be an int in [0, 4294967295], got 4294967296"),
         ("train", ["--warmup-ratio", "1"], "--warmup-ratio must be in [0, 1) (a fraction of the steps), got 1.0"),
         ("train", ["--max-seq-length", "0"], "--max-seq-length must be a positive int, got 0"),
         ("train", ["--batch-size", "0"], "--batch-size must be a positive int, got 0"),
@@ -815,6 +827,9 @@ def test_bad_arguments_say_what_to_pass(tiny_bert, glue_dir, tmp_path, capsys):
         ("distill-sweep", ["--alphas", "0,2"], "argument --alphas: alpha must be a finite number in [0, 1], got 2.0"),
         ("distill-sweep", ["--kd-temperatures", "0"], "argument --kd-temperatures: KD temperature must be a finite "
          "number > 0, got 0.0"),
+        ("sweep", ["--seeds", "0,-1"], "argument --seeds: seed must be an int in [0, 4294967295], got -1"),
+        ("sweep", ["--seeds", ""], "argument --seeds: expected at least one int, got ''"),
+        ("distill-sweep", ["--alphas", " , "], "argument --alphas: expected at least one float, got ' , '"),
     ]  # fmt: skip
     for command, extra, message in refused:
         model = ["--teacher", tiny_bert] if command.startswith("distill") else ["--model", tiny_bert]
@@ -823,6 +838,10 @@ def test_bad_arguments_say_what_to_pass(tiny_bert, glue_dir, tmp_path, capsys):
             main([*args, *extra])
         assert exit_info.value.code == 2
         assert f"cmi-glue {command}: error: {message}\n" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # select-teacher has no config: its parser checks the count
+        main(["select-teacher", "--runs", str(tmp_path / "x"), "--batch-size", "0"])
+    assert exit_info.value.code == 2
+    assert "argument --batch-size: expected a positive int, got '0'" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 

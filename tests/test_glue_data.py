@@ -248,6 +248,32 @@ def test_short_row_and_bad_label_name_the_line(tmp_path):
         load_task("cola", str(tmp_path))
 
 
+@pytest.mark.parametrize("task", ["mrpc", "cola", "qqp"])
+def test_a_row_with_an_extra_tab_names_the_line(task, tmp_path):
+    """A tab inside the last text column (MRPC, CoLA) used to cut the sentence without a word; QQP skips short rows
+    only, never long ones."""
+    write_task(tmp_path, task)
+    path = tmp_path / FIXTURES[task][0] / "train.tsv"
+    lines = path.read_text(encoding="utf-8").splitlines()
+    first_row = 0 if task == "cola" else 1
+    lines[first_row] += "\tthat ."
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(
+        GlueDataError, match=f"train.tsv:{first_row + 1}: expected [0-9]+ tab-separated columns .* a tab"
+    ):
+        load_task(task, str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "content, message", [("", "is empty"), ("index\tsentence1\tsentence2\tlabel\n\n", "holds no examples")]
+)
+def test_a_file_without_examples_is_refused(content, message, tmp_path):
+    write_task(tmp_path, "rte")
+    (tmp_path / "RTE" / "dev.tsv").write_text(content)
+    with pytest.raises(GlueDataError, match=f"RTE/dev.tsv {message}"):
+        load_task("rte", str(tmp_path))
+
+
 def test_byte_order_mark_before_the_header_is_ignored(tmp_path):
     write_task(tmp_path, "mrpc")
     for name in ("train.tsv", "dev.tsv"):

@@ -90,7 +90,8 @@ def test_pure_distillation_without_labels_and_module_form():
 
 def test_fullgraph_compile_matches_eager():
     """kd_loss compiles without graph breaks: like cmi_loss, the default label check is skipped while tracing
-    (``int(labels.max())`` would break the graph; cross-entropy still rejects a bad label at run time)."""
+    (``int(labels.max())`` would break the graph; a bad label then gets a NaN CE:
+    test_unchecked_bad_labels_give_a_nan_ce)."""
     student, teacher, labels = make_inputs(n=9, c=4, seed=4)
     student.requires_grad_(True)
 

@@ -24,9 +24,9 @@ import torch
 
 from ..cli_help import DefaultsHelpFormatter
 from ..distributed import is_main_process, process_group_initialized
-from ..options import check_number, check_temperature
+from ..options import check_int, check_number, check_temperature
 from ..regularizer import CENTROID_MODES, NORMALIZATIONS
-from .config import CMI_SIGNS, FEATURES, DistillConfig, TrainConfig
+from .config import CMI_SIGNS, FEATURES, MAX_SEED, DistillConfig, TrainConfig
 from .tasks import TASKS
 
 
@@ -39,6 +39,8 @@ def parse_list(kind, check=None):
             values = [kind(item) for item in text.split(",") if item.strip()]
         except ValueError as error:
             raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}: {text!r}") from error
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected at least one {kind.__name__}, got {text!r}")
         for value in values if check is not None else ():
             try:
                 check(value)
@@ -47,6 +49,17 @@ def parse_list(kind, check=None):
         return values
 
     return parse
+
+
+parse_seeds = parse_list(int, functools.partial(check_int, "seed", low=0, high=MAX_SEED))
+
+
+def positive_int(text: str) -> int:
+    """An argparse type for a count that has no config to check it (``select-teacher --batch-size``)."""
+    try:
+        return check_int("value", int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
 
 
 def parse_layers(text: str) -> list[int]:
@@ -197,7 +210,7 @@ def register_sweep(subparsers) -> None:
         default="0,0.05,0.1,0.2,0.5,1",
         help="comma-separated, each >= 0 (the sign comes from --cmi)",
     )
-    parser.add_argument("--seeds", type=parse_list(int), default="0,1,2", help="comma-separated")
+    parser.add_argument("--seeds", type=parse_seeds, default="0,1,2", help="comma-separated")
     parser.set_defaults(func=run_sweep_command)
 
 
@@ -298,7 +311,7 @@ def register_select_teacher(subparsers) -> None:
         "CMI term (their CE baselines, --cmi none, are left out)",
     )
     parser.add_argument("--data-dir", help="GLUE TSV root; default: the one each run was trained with")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=positive_int, default=64)
     parser.add_argument("--json", help="also write the selection to this JSON file")
     parser.set_defaults(func=run_select_teacher_command)
 
@@ -323,7 +336,7 @@ def register_distill_sweep(subparsers) -> None:
         default="2",
         help="comma-separated, each > 0",
     )
-    parser.add_argument("--seeds", type=parse_list(int), default="0,1,2", help="comma-separated")
+    parser.add_argument("--seeds", type=parse_seeds, default="0,1,2", help="comma-separated")
     parser.set_defaults(func=run_distill_sweep_command)
 
 

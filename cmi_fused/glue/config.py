@@ -7,6 +7,7 @@ a usage error without loading them.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from typing import Optional
@@ -16,6 +17,8 @@ from ..regularizer import CENTROID_MODES, NORMALIZATIONS
 
 CMI_SIGNS = {"none": 0.0, "min": 1.0, "max": -1.0}
 FEATURES = ("pooled", "cls")
+# Seeds numpy takes (transformers.set_seed seeds numpy with it too).
+MAX_SEED = 2**32 - 1
 # The Trainer's checkpoint folders in an output directory (a run replaces those of the run before it).
 CHECKPOINT_NAME = re.compile(r"checkpoint-\d+")
 
@@ -74,8 +77,10 @@ class TrainConfig:
             raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
         check_temperature(self.temperature)  # as CMIRegularizer checks them, before anything loads
         check_number("momentum", self.momentum, 0.0, 1.0, high_open=True)
-        if not self.cmi_lambda >= 0:
-            raise ValueError(f"cmi_lambda must be >= 0 (the sign comes from cmi=min/max), got {self.cmi_lambda!r}")
+        if not 0 <= self.cmi_lambda < math.inf:
+            raise ValueError(
+                f"cmi_lambda must be a finite number >= 0 (the sign comes from cmi=min/max), got {self.cmi_lambda!r}"
+            )
         if not (self.epochs > 0 and float(self.epochs).is_integer()):
             raise ValueError(
                 f"epochs must be a positive whole number (evaluation, checkpoints and the history are per epoch), "
@@ -84,8 +89,10 @@ class TrainConfig:
         # Plain ints (numpy's are taken too), as results.json stores them.
         self.max_seq_length = check_int("max_seq_length", self.max_seq_length)
         self.batch_size = check_int("batch_size", self.batch_size)
-        if self.eval_batch_size is not None:
-            self.eval_batch_size = check_int("eval_batch_size", self.eval_batch_size)
+        for name in ("eval_batch_size", "max_train_samples", "max_eval_samples"):
+            if getattr(self, name) is not None:
+                setattr(self, name, check_int(name, getattr(self, name)))
+        self.seed = check_int("seed", self.seed, 0, MAX_SEED)
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1) (a fraction of the steps), got {self.warmup_ratio!r}")
         if self.resume and not self.keep_checkpoints:

@@ -36,10 +36,6 @@ class GlueData:
     num_labels: int
     compute_metrics: Callable
 
-    @property
-    def has_text_b(self) -> bool:
-        return "text_b" in self.train.column_names
-
 
 def _column_index(header: list | None, column, path: str) -> int:
     if isinstance(column, int):
@@ -63,7 +59,9 @@ def read_glue_tsv(path: str, task: GlueTask) -> datasets.Dataset:
     # utf-8-sig: a leading byte-order mark (the MRPC files of some GLUE downloads) is not part of the first header.
     with open(path, encoding="utf-8-sig", newline="") as handle:
         rows = list(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
-    header = rows.pop(0) if task.has_header and rows else None
+    if not rows:
+        raise GlueDataError(f"{path} is empty; is this the {task.dir_name} file of the official GLUE TSV layout?")
+    header = rows.pop(0) if task.has_header else None
     text_indices = [_column_index(header, column, path) for column in task.tsv_text_columns]
     label_index = _column_index(header, task.tsv_label_column, path)
     needed = max(text_indices + [label_index]) + 1
@@ -83,6 +81,11 @@ def read_glue_tsv(path: str, task: GlueTask) -> datasets.Dataset:
                 f"{path}:{line_number}: expected at least {needed} tab-separated columns for {task.name}, "
                 f"got {len(row)}; is this the {task.dir_name} file of the official GLUE TSV layout?"
             )
+        if len(row) > needed:  # a tab inside a sentence: its text would be cut, or the next column's taken
+            raise GlueDataError(
+                f"{path}:{line_number}: expected {needed} tab-separated columns for {task.name}, got {len(row)}; "
+                "a field holds a tab, which the GLUE TSV layout cannot carry"
+            )
         raw_label = row[label_index].strip()
         columns["label"].append(_parse_label(raw_label, task, path, line_number))
         columns["text_a"].append(row[text_indices[0]])
@@ -90,6 +93,8 @@ def read_glue_tsv(path: str, task: GlueTask) -> datasets.Dataset:
             columns["text_b"].append(row[text_indices[1]])
     if skipped:
         warnings.warn(f"{path}: skipped {skipped} rows with fewer than {needed} tab-separated columns", stacklevel=2)
+    if not columns["label"]:
+        raise GlueDataError(f"{path} holds no examples (only a header or blank lines)")
     return datasets.Dataset.from_dict(columns)
 
 

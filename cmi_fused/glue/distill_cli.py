@@ -286,7 +286,8 @@ def teacher_candidates(paths: Sequence[str]) -> tuple[list, list]:
         if not os.path.isfile(os.path.join(path, RESULTS_FILE)):
             found = sorted(
                 os.path.dirname(p)
-                for p in glob.glob(os.path.join(path, "**", RESULTS_FILE), recursive=True)
+                # escaped: a directory named like "sweep[1]" is a name, not a pattern
+                for p in glob.glob(os.path.join(glob.escape(path), "**", RESULTS_FILE), recursive=True)
                 if os.path.isfile(os.path.join(os.path.dirname(p), REGULARIZER_FILE))
             )
         if not found:

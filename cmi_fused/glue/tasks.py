@@ -14,7 +14,8 @@ class GlueTask:
 
     ``tsv_text_columns`` / ``tsv_label_column``: header names, or column indices for header-less files.
     ``tsv_labels_are_names``: the TSV holds each label by name (one of ``label_names``, whose index is the id).
-    ``eval_files``: evaluation split name -> TSV file name; the split names are also the Hugging Face splits.
+    ``eval_files``: evaluation split name -> TSV file name; the split names are the Hugging Face splits, or their
+    short forms (MNLI's ``matched`` for ``validation_matched``: ``data.HF_EVAL_SPLITS``).
     ``skip_short_rows``: rows with too few columns are skipped with a warning instead of an error (QQP, whose
     official files have a few such rows; Hugging Face's ``QqpProcessor`` skipped them too).
     ``label_names``: the label of each id, as Hugging Face's GLUE datasets name them (the models' ``id2label``).
