@@ -44,8 +44,22 @@ LOG_TABLE_TYPES = dict(
     centroids_ptr="*bf16", stride_cent_row="i32", stride_cent_col="i32", stats_ptr="*fp32", stride_stats_row="i32",
     table_ptr="*fp32", stride_table_row="i32", dim="i32", eps="fp32",
 )  # fmt: skip
-# With LOG_CENTROIDS the centroid pointer is the fp32 log-centroid table.
+# With LOG_CENTROIDS the centroid pointer is the fp32 log-centroid table. Given centroids are read in the dtype the
+# caller passes (the launchers convert nothing): fp32 from CMIRegularizer's buffers and the benchmark, or the
+# features' bf16; each is its own specialisation.
 TABLE_POINTER = {"centroids_ptr": "*fp32"}
+CENTROID_DTYPES = ("fp32", "bf16")
+
+
+def centroid_variants(types: dict, flags: dict) -> list:
+    """``(centroids, types)`` per specialisation of the centroid pointer: the table, the statistics (no pointer), or
+    each dtype of given centroids."""
+    if flags.get("LOG_CENTROIDS"):
+        return [("table", dict(types, **TABLE_POINTER))]
+    if not flags["HAS_CENTROIDS"]:
+        return [("stats", types)]
+    return [(dtype, dict(types, centroids_ptr=f"*{dtype}")) for dtype in CENTROID_DTYPES]
+
 
 # The forward's uses (see kernels/cmi_forward.py), as (name, pointers passed as None, constexpr flags).
 FIXED = dict(HAS_LSE=False, HAS_CENTROIDS=True, COMPUTE_KL=True, ACCUMULATE=True)
@@ -124,33 +138,29 @@ def report(arch: int) -> list[dict]:
             if atomics and not flags["ACCUMULATE"]:
                 continue
             flags = dict(flags, USE_ATOMICS=atomics, BLOCK_D=block, SINGLE_CHUNK=single)
-            types = dict(FORWARD_TYPES, **TABLE_POINTER) if flags["LOG_CENTROIDS"] else FORWARD_TYPES
-            compiled = _compile(cmi_forward_kernel, types, none_args, flags, arch, layout)
-            rows.append(
-                dict(
-                    kernel="forward" if single else "forward_chunked",
-                    use=use,
-                    layout=layout,
-                    atomics=atomics,
-                    block_d=block,
-                    **_resources(compiled),
-                )
-            )
+            kernel = "forward" if single else "forward_chunked"
+            for centroids, types in centroid_variants(FORWARD_TYPES, flags):
+                compiled = _compile(cmi_forward_kernel, types, none_args, flags, arch, layout)
+                rows.append(_row(kernel, use, centroids, layout, atomics, block, compiled))
         for (use, none_args, flags), block in itertools.product(BACKWARD_USES, BLOCKS):
-            types = dict(BACKWARD_TYPES, **TABLE_POINTER) if flags["LOG_CENTROIDS"] else BACKWARD_TYPES
-            compiled = _compile(cmi_backward_kernel, types, none_args, dict(flags, BLOCK_D=block), arch, layout)
-            rows.append(
-                dict(kernel="backward", use=use, layout=layout, atomics=False, block_d=block, **_resources(compiled))
-            )
+            for centroids, types in centroid_variants(BACKWARD_TYPES, flags):
+                compiled = _compile(cmi_backward_kernel, types, none_args, dict(flags, BLOCK_D=block), arch, layout)
+                rows.append(_row("backward", use, centroids, layout, False, block, compiled))
         for block, has_centroids in itertools.product(BLOCKS, (True, False)):
             none_args = () if has_centroids else ("centroids_ptr",)
             flags = dict(HAS_CENTROIDS=has_centroids, BLOCK_D=block)
-            compiled = _compile(cmi_log_centroids_kernel, LOG_TABLE_TYPES, none_args, flags, arch, layout)
-            use = "fixed" if has_centroids else "batch"
-            rows.append(
-                dict(kernel="log_table", use=use, layout=layout, atomics=False, block_d=block, **_resources(compiled))
-            )
+            for centroids, types in centroid_variants(LOG_TABLE_TYPES, flags):
+                compiled = _compile(cmi_log_centroids_kernel, types, none_args, flags, arch, layout)
+                use = "fixed" if has_centroids else "batch"
+                rows.append(_row("log_table", use, centroids, layout, False, block, compiled))
     return rows
+
+
+def _row(kernel, use, centroids, layout, atomics, block, compiled) -> dict:
+    return dict(
+        kernel=kernel, use=use, centroids=centroids, layout=layout, atomics=atomics, block_d=block,
+        **_resources(compiled),
+    )  # fmt: skip
 
 
 def main(argv=None) -> int:
@@ -165,11 +175,14 @@ def main(argv=None) -> int:
         print(json.dumps(rows))
         return 0
     print(f"sm_{args.arch}, triton {triton.__version__}")
-    print("| kernel | use | layout | atomics | BLOCK_D | registers | local (spill) bytes | stack | shared |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(
+        "| kernel | use | centroids | layout | atomics | BLOCK_D | registers | local (spill) bytes | stack | shared |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(
-            f"| {row['kernel']} | {row['use']} | {row['layout']} | {row['atomics']} | {row['block_d']} "
+            f"| {row['kernel']} | {row['use']} | {row['centroids']} | {row['layout']} | {row['atomics']} "
+            f"| {row['block_d']} "
             f"| {row.get('reg')} | {row.get('local')} | {row.get('stack')} | {row.get('shared')} |"
         )
     return 0

@@ -38,8 +38,10 @@ def test_every_specialisation_compiles_without_spills(arch):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(result.stdout.strip().splitlines()[-1])
-    # (16 single-chunk + 8 chunked forward + 6 backward + 4 log-table) x (aligned, generic) layouts
-    assert len(rows) == 68
+    # (16 single-chunk + 8 chunked forward + 6 backward + 4 log-table) x (aligned, generic) layouts, the 10 of them
+    # that read given centroids (fixed forwards, backward and log table) once for fp32 and once for bf16 centroids
+    assert len(rows) == 88
+    assert {row["centroids"] for row in rows if row["use"] == "fixed"} == {"fp32", "bf16"}
     for row in rows:
         assert row["reg"] > 0, row
         if row["layout"] == "aligned" and row["kernel"] != "forward_chunked":
