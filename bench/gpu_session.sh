@@ -104,7 +104,7 @@ print(f"error rows: {len(errors)}")
 units = [tuple(s[:4]) for s in results["skipped"]] + [(r["N"], r["d"], r["C"], r["dtype"]) for r in errors]
 missing = " ".join(dict.fromkeys(f"{n}x{d}:{c}:{dtype}" for n, d, c, dtype in units))
 print(f"not measured: BENCH_SHAPES=\"{missing}\"" if missing else "every requested shape measured")
-for check in report.target_checks(results) if results.get("cuda") else []:
+for check in report.target_checks(results) if report.measured_on_gpu(results) else []:
     print(f"  {check['criterion']} | {check['shape']} | {check['verdict']}")
 PY
 done

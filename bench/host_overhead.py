@@ -82,7 +82,14 @@ def steps(n_rows: int, dim: int, num_classes: int, dtype: torch.dtype) -> dict[s
     def step(provider, centroids_or_none):
         # python -m bench's loss of that provider (check_labels=False: the default on CUDA tensors)
         loss_fn = make_loss_fn(provider, num_classes)
-        return lambda: loss_fn(features, labels, centroids_or_none).backward()
+
+        def run():
+            # cleared as python -m bench's step clears it: no gradient-accumulating add in the time (it added the
+            # same ~10 us to every provider, pulling fused / no-op towards 1)
+            features.grad = None
+            loss_fn(features, labels, centroids_or_none).backward()
+
+        return run
 
     return {
         "noop": step("noop", centroids),

@@ -11,6 +11,7 @@ import torch
 
 pytest.importorskip("triton")
 
+import bench.host_overhead
 import kernels.cmi
 from bench.host_overhead import KERNELS, launches_stubbed, main, measure, steps, table
 
@@ -76,3 +77,21 @@ def test_table_ratio_is_min_over_the_noop_min():
         {"provider": "noop", "min_us": 1.0, "median_us": 3.0, "ratio_to_noop": 1.0},
         {"provider": "fused fixed", "min_us": 2.0, "median_us": 9.0, "ratio_to_noop": 2.0},
     ]
+
+
+def test_every_step_starts_without_a_gradient(monkeypatch):
+    """As python -m bench's step: a gradient left from the step before would add an accumulating add to the time."""
+    starts_clear = []
+
+    def recording_loss_fn(provider, num_classes):
+        def loss(features, labels, centroids):
+            starts_clear.append(features.grad is None)
+            return features.float().sum()
+
+        return loss
+
+    monkeypatch.setattr(bench.host_overhead, "make_loss_fn", recording_loss_fn)
+    for step in steps(4, 8, 2, torch.float32).values():
+        step()
+        step()
+    assert starts_clear == [True] * 8
