@@ -9,6 +9,9 @@
   that distribution's version takes our ``kernels`` for it and fails on import, deep inside the fixtures below.
 * A clear stop when the Triton interpreter cannot run with the installed numpy (triton < 3.7 with numpy >= 2.4),
   instead of every kernel test failing with the same TypeError from inside triton.
+* The session's seed of the op suite's random inputs (``CMI_TEST_SEED``): new in every session, so each run draws
+  fresh inputs; printed at the end, and ``CMI_TEST_SEED=<seed>`` repeats a run. Set in the environment here, before
+  pytest-xdist starts its workers, so they all use it.
 """
 
 import atexit
@@ -23,6 +26,7 @@ from packaging.utils import canonicalize_name
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("CMI_TEST_SEED", str(int.from_bytes(os.urandom(4), "little")))
 if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
     inductor_cache = tempfile.mkdtemp(prefix="cmi-fused-inductor-")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache
@@ -56,3 +60,8 @@ def log_table_forced(monkeypatch):
 
     monkeypatch.setattr(kernels.cmi, "LOG_TABLE_MIN_ROWS", 1)
     monkeypatch.setattr(kernels.cmi, "LOG_TABLE_ROWS_PER_CLASS", 0)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The seed last, where a failure report ends (``-q`` shows it too)."""
+    terminalreporter.write_line(f"random inputs of the op suite: CMI_TEST_SEED={os.environ['CMI_TEST_SEED']}")
