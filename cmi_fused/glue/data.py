@@ -65,6 +65,7 @@ def read_glue_tsv(path: str, task: GlueTask) -> datasets.Dataset:
     text_indices = [_column_index(header, column, path) for column in task.tsv_text_columns]
     label_index = _column_index(header, task.tsv_label_column, path)
     needed = max(text_indices + [label_index]) + 1
+    most = len(header) if header is not None else needed  # a header names every column a row may have
     columns = {"text_a": [], "label": []}
     if len(text_indices) == 2:
         columns["text_b"] = []
@@ -81,9 +82,9 @@ def read_glue_tsv(path: str, task: GlueTask) -> datasets.Dataset:
                 f"{path}:{line_number}: expected at least {needed} tab-separated columns for {task.name}, "
                 f"got {len(row)}; is this the {task.dir_name} file of the official GLUE TSV layout?"
             )
-        if len(row) > needed:  # a tab inside a sentence: its text would be cut, or the next column's taken
+        if len(row) > most:  # a tab inside a sentence: its text would be cut, or the next column's taken
             raise GlueDataError(
-                f"{path}:{line_number}: expected {needed} tab-separated columns for {task.name}, got {len(row)}; "
+                f"{path}:{line_number}: expected {most} tab-separated columns for {task.name}, got {len(row)}; "
                 "a field holds a tab, which the GLUE TSV layout cannot carry"
             )
         raw_label = row[label_index].strip()
