@@ -30,23 +30,23 @@ from kernels.cmi_log_centroids import cmi_log_centroids_kernel
 
 FORWARD_TYPES = dict(
     features_ptr="*bf16", stride_feat_row="i32", stride_feat_col="i32", labels_ptr="*i64", stride_label="i32",
-    centroids_ptr="*bf16", stride_cent_row="i32", stride_cent_col="i32", stats_ptr="*fp32", stride_stats_row="i32",
+    stride_cent_row="i32", stride_cent_col="i32", stats_ptr="*fp32", stride_stats_row="i32",
     accum_ptr="*fp32", stride_accum_row="i32", lse_in_ptr="*fp32", lse_out_ptr="*fp32", row_kl_ptr="*fp32", n_rows="i32", dim="i32",
     num_classes="i32", inv_temperature="fp32", eps="fp32",
 )  # fmt: skip
 BACKWARD_TYPES = dict(
     features_ptr="*bf16", stride_feat_row="i32", stride_feat_col="i32", labels_ptr="*i64", stride_label="i32",
-    centroids_ptr="*bf16", stride_cent_row="i32", stride_cent_col="i32", stats_ptr="*fp32", stride_stats_row="i32",
+    stride_cent_row="i32", stride_cent_col="i32", stats_ptr="*fp32", stride_stats_row="i32",
     lse_ptr="*fp32", row_kl_ptr="*fp32", grad_loss_ptr="*fp32", stride_grad="i32", grad_scale="fp32", grad_features_ptr="*bf16",
     dim="i32", num_classes="i32", inv_temperature="fp32", eps="fp32",
 )  # fmt: skip
 LOG_TABLE_TYPES = dict(
-    centroids_ptr="*bf16", stride_cent_row="i32", stride_cent_col="i32", stats_ptr="*fp32", stride_stats_row="i32",
+    stride_cent_row="i32", stride_cent_col="i32", stats_ptr="*fp32", stride_stats_row="i32",
     table_ptr="*fp32", stride_table_row="i32", dim="i32", eps="fp32",
 )  # fmt: skip
-# With LOG_CENTROIDS the centroid pointer is the fp32 log-centroid table. Given centroids are read in the dtype the
-# caller passes (the launchers convert nothing): fp32 from CMIRegularizer's buffers and the benchmark, or the
-# features' bf16; each is its own specialisation.
+# The centroid pointer's type is not in the tables above: centroid_variants gives it per specialisation. With
+# LOG_CENTROIDS it is the fp32 log-centroid table. Given centroids are read in the dtype the caller passes (the
+# launchers convert nothing): fp32 from CMIRegularizer's buffers and the benchmark, or the features' bf16.
 TABLE_POINTER = {"centroids_ptr": "*fp32"}
 CENTROID_DTYPES = ("fp32", "bf16")
 
