@@ -106,8 +106,10 @@ DEFAULT_SHAPES = (
     cmi_op.Shape(8192, 4096, 1000),
     cmi_op.Shape(65536, 768, 100),
 )
-# 64 rows: slots on the interpreter's 4 programs, so that budget_1/16 and atomics launch differently from main
-QUICK_SHAPES = (cmi_op.Shape(64, 40, 3, "fp32"),)
+# One tiny shape per device at which budget_1/16 and atomics launch differently from main: 64 rows give main slots
+# on the interpreter's 4 programs; a GPU's grid (a program per row up to 8 per SM) puts 64 rows on atomics, while
+# 256 rows give main 35 slots and the two variants atomics.
+QUICK_SHAPES = {"cpu": (cmi_op.Shape(64, 40, 3, "fp32"),), "cuda": (cmi_op.Shape(256, 40, 3, "fp32"),)}
 QUICK_VARIANTS = ("main", "budget_1/16", "atomics", "warps_2")
 
 
@@ -265,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
         + "\n".join(f"  {variant.name}: {variant.question}" for variant in VARIANTS),
         formatter_class=TuneHelpFormatter,
     )
-    parser.add_argument("--quick", action="store_true", help="CPU smoke run: one tiny shape, wall time")
+    parser.add_argument("--quick", action="store_true", help="smoke run: one tiny shape (in CI: on the CPU, wall time)")
     parser.add_argument("--output-dir", default=os.environ.get("OUT") or "bench/results")
     parser.add_argument("--shapes", nargs="+", type=cmi_op.parse_shape, metavar="NxD:C[:DTYPE]")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS_BY_NAME), help="default: all")
@@ -286,7 +288,7 @@ def main(argv=None) -> int:
     variants = [VARIANTS_BY_NAME[name] for name in names]
     if "main" not in names:
         variants.insert(0, VARIANTS_BY_NAME["main"])
-    shapes = args.shapes or (QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
+    shapes = args.shapes or (QUICK_SHAPES[device.type] if args.quick else DEFAULT_SHAPES)
     budget = cmi_op.Budget.quick() if args.quick else cmi_op.Budget(device_ms=100.0)
     if args.quick:
         torch.set_num_threads(1)

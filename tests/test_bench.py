@@ -473,7 +473,9 @@ def test_e2e_config_failing_while_timed_keeps_the_others(monkeypatch):
     monkeypatch.setattr(e2e, "make_train_step", make_train_step)
     settings = dataclasses.replace(e2e.E2ESettings.quick(), rounds=3)
     logged = []
-    section = e2e.run_e2e(settings, torch.device("cpu"), fused_error=None, log=logged.append)
+    # cmi_fused on the host's device: a GPU host runs the fused op on CUDA tensors only (no interpreter there)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    section = e2e.run_e2e(settings, device, fused_error=None, log=logged.append)
     assert section["errors"] == {"cmi_eager": "OutOfMemoryError in round 2: CUDA out of memory (simulated)"}
     configs = {entry["config"]: entry for entry in section["configs"]}
     assert list(configs) == ["plain", "cmi_fused"]

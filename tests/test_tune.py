@@ -78,13 +78,28 @@ def test_quick_run_writes_a_row_per_variant_round_and_pass(tmp_path):
     results = json.loads(json_path.read_text())
     rows = [row for row in results["rows"] if not row.get("skipped")]
     variants = {row["variant"] for row in rows}
-    assert variants == {"main", "budget_1/16", "atomics", "warps_2"}  # each launches differently at 64x40 C=3
+    assert variants == {"main", "budget_1/16", "atomics", "warps_2"}  # each launches differently at the quick shape
     assert len(rows) == len(variants) * 2 * 2  # rounds x passes, one shape and mode
     assert all(row.get("error") is None and row["ms"] > 0 for row in rows), rows
     markdown = json_path.with_suffix(".md").read_text()
     assert all(f"| {name} |" in markdown for name in variants)
     # named after the device it ran on (the CPU in CI, the GPU where there is one)
     assert os.path.basename(json_path).startswith("tune-" + slug(results["device"]) + "-")
+
+
+@pytest.mark.parametrize("device_type, sms", [("cpu", None), ("cuda", 132), ("cuda", 108), ("cuda", 16)])
+def test_every_quick_variant_launches_unlike_main_at_the_devices_quick_shape(device_type, sms, monkeypatch):
+    """The quick run measures all four variants on the interpreter and on a GPU (H100/H200: 132 SMs, A100: 108), whose
+    grid is emulated here: one program per row, up to PROGRAMS_PER_SM per SM (kernels.cmi._forward_programs)."""
+    if sms is not None:
+        monkeypatch.setattr(
+            kernels.cmi, "_forward_programs", lambda f: min(f.shape[0], sms * kernels.cmi.PROGRAMS_PER_SM)
+        )
+    (shape,) = tune.QUICK_SHAPES[device_type]
+    features = torch.empty(shape.n_rows, shape.dim)
+    main_grid = launch_grid(VARIANTS_BY_NAME["main"], features, shape.num_classes)
+    for name in tune.QUICK_VARIANTS[1:]:
+        assert launch_grid(VARIANTS_BY_NAME[name], features, shape.num_classes) != main_grid, name
 
 
 def test_a_variant_with_mains_launch_is_not_measured(tmp_path, monkeypatch):
@@ -138,8 +153,9 @@ def test_tune_measures_the_fused_op_with_the_variants_deterministic(monkeypatch)
         return real(*args, **kw)
 
     monkeypatch.setattr(tune, "cmi_loss", recording_cmi_loss)
-    shape, device = cmi_op.Shape(8, 40, 3, "fp32"), torch.device("cpu")
-    inputs = cmi_op.make_inputs(shape, "fixed", 1, device, torch.Generator().manual_seed(0))
+    # the device tune runs on: the fused op takes CPU tensors only in the interpreter, which a GPU host does not set
+    shape, device = cmi_op.Shape(8, 40, 3, "fp32"), torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    inputs = cmi_op.make_inputs(shape, "fixed", 1, device, torch.Generator(device=device).manual_seed(0))
     budget = cmi_op.Budget.quick()
     assert tune.measure(tune.VARIANTS_BY_NAME["atomics"], shape, "fwd", "wall", inputs, device, budget) > 0
     assert kwargs and all(kw["deterministic"] is False and kw["backend"] == "triton" for kw in kwargs)
