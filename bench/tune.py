@@ -117,12 +117,12 @@ def launch_grid(variant: Variant, features: torch.Tensor, num_classes: int) -> d
     """The forward grid the op launches for ``features`` under ``variant``: programs, slots, table, warps."""
     import kernels.cmi
     import kernels.cmi_forward
-    from cmi_fused.fused import ACCUMULATE_MODES
+    from cmi_fused.fused import accumulate_mode
 
     n_rows, dim = features.shape
     with variant.applied():
         programs, slots, atomics = kernels.cmi.forward_grid(
-            features, num_classes, ACCUMULATE_MODES[variant.deterministic]
+            features, num_classes, accumulate_mode(variant.deterministic)
         )
         return {
             "programs": programs,

@@ -10,7 +10,15 @@ from kernels.cmi import CMIFunction
 
 from .options import KERNEL_DTYPES, CMIOptions, CMIOutput
 
-ACCUMULATE_MODES = {None: "auto", True: "partials", False: "atomics"}
+
+def accumulate_mode(deterministic: Optional[bool]) -> str:
+    """The forward's class-sum accumulation for ``cmi_loss(deterministic=...)``: ``True`` the fixed-order slots
+    ("partials"), ``False`` fp32 atomics, ``None`` the slots under ``torch.use_deterministic_algorithms(True)`` (as
+    PyTorch's own ops then take their deterministic algorithm; torch.compile guards on the flag) and otherwise
+    slots or atomics by shape ("auto")."""
+    if deterministic is None:
+        return "partials" if torch.are_deterministic_algorithms_enabled() else "auto"
+    return "partials" if deterministic else "atomics"
 
 
 def cmi_loss_triton(
@@ -30,7 +38,7 @@ def cmi_loss_triton(
         options.num_classes,
         options.temperature,
         options.eps,
-        ACCUMULATE_MODES[options.deterministic],
+        accumulate_mode(options.deterministic),
         options.reduction,
     )
     dim = features.shape[1]

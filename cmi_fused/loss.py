@@ -40,8 +40,8 @@ def cmi_loss(
             features where triton is installed, torch otherwise).
         deterministic: class-sum reduction of the triton backend. ``None`` (default): per-program
             partial sums reduced in a fixed order (bit-identical across runs) whenever they fit in the
-            partials budget, fp32 atomics otherwise (vocabulary-sized C). ``True``: always partials.
-            ``False``: always atomics.
+            partials budget, fp32 atomics otherwise (vocabulary-sized C); always partials under
+            ``torch.use_deterministic_algorithms(True)``. ``True``: always partials. ``False``: always atomics.
         check_labels: check that labels lie in ``[0, C)``. ``None`` (default): only for CPU tensors,
             where it costs no device synchronisation; ``True`` also on CUDA (one sync); ``False``: never.
 

@@ -1261,6 +1261,42 @@ def test_deterministic_keeps_one_slot_instead_of_atomics(centroid_mode, request)
     assert_sum_matches_reference(result, features, labels, c, centroids)
 
 
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool):
+    """torch.use_deterministic_algorithms(enabled) inside the block, the setting as it was after it."""
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(enabled)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_deterministic_algorithms_make_the_default_deterministic(compiled, request):
+    """deterministic=None follows torch.use_deterministic_algorithms, as PyTorch's own ops do: atomics at a shape
+    where one slot fits, and with the flag on the slots (one program owning the one slot), also in a compiled graph
+    (dynamo guards on the flag). An explicit deterministic=False keeps the atomics under the flag."""
+    gen = generator_for(request)
+    n, d, c = 8, 40, 50  # one (C, R) slot is 9.6 KB, over half of the features' 1.3 KB: "auto" takes atomics
+    features = make_features(n, d, torch.float32, "contiguous", gen)
+    labels = random_labels(n, c, gen, per_batch=True).to(DEVICE)
+
+    def loss(deterministic):
+        return cmi_loss(features, labels, c, reduction="sum", backend="triton", deterministic=deterministic)
+
+    if compiled:
+        torch._dynamo.reset()
+        loss = torch.compile(loss, fullgraph=True, dynamic=False)
+    atomics_used = {}
+    for flag, deterministic in [(False, None), (True, None), (True, False), (False, None)]:
+        with deterministic_algorithms(flag), recorded_forward_launches() as launches:
+            result = loss(deterministic)
+        assert_sum_matches_reference(result, features, labels, c)
+        atomics_used[flag, deterministic] = {atomics for _, atomics, _ in launches}  # of both phases
+    assert atomics_used == {(False, None): {True}, (True, None): {False}, (True, False): {True}}
+
+
 @pytest.mark.parametrize("centroid_mode", ["fixed", "batch"])
 def test_row_slice_features_are_read_in_place(centroid_mode: str, request):
     """``last_hidden_state[:, 0]`` (row stride L x d) reaches every forward launch as it is: its own storage and

@@ -404,7 +404,9 @@ def test_only_rank_0_writes_the_sweep_files(glue_dir, tmp_path, monkeypatch):
 def test_every_setting_that_changes_what_a_run_computes_blocks_reuse(tmp_path):
     """A finished run is reused only when nothing but where and how it runs differs (README): every other
     TrainConfig field, the sample limits included, is compared."""
-    where_and_how = {"output_dir", "data_dir", "eval_batch_size", "keep_checkpoints", "resume", "disable_tqdm"}
+    where_and_how = {
+        "output_dir", "data_dir", "eval_batch_size", "keep_checkpoints", "resume", "disable_tqdm", "full_determinism"
+    }  # fmt: skip
     changed = {
         "task": "rte", "model": "other-model", "cmi": "max", "cmi_lambda": 0.7, "centroids": "ema", "feature": "cls",
         "temperature": 0.3, "normalization": "center_l2", "momentum": 0.5, "epochs": 7.0, "batch_size": 3,
@@ -424,7 +426,8 @@ def test_every_setting_that_changes_what_a_run_computes_blocks_reuse(tmp_path):
     for name, value in changed.items():
         with pytest.raises(ValueError, match=rf"\b{name}: "):
             reuse_or_run(dataclasses.replace(base, **{name: value}), never)
-    for name, value in {"data_dir": "/elsewhere", "eval_batch_size": 99, "keep_checkpoints": True}.items():
+    for name, value in {"data_dir": "/elsewhere", "eval_batch_size": 99, "keep_checkpoints": True,
+                        "full_determinism": True}.items():  # fmt: skip
         assert reuse_or_run(dataclasses.replace(base, **{name: value}), never) == finished
 
 
@@ -1007,16 +1010,35 @@ def test_weights_inside_the_runs_own_checkpoints_are_refused(tmp_path):
     assert type(config.batch_size) is int and type(config.max_seq_length) is int
 
 
-def test_resume_continues_from_the_last_checkpoint_as_if_never_stopped(tiny_bert, glue_dir, tmp_path, monkeypatch):
+@pytest.fixture
+def full_determinism_undone():
+    """What --full-determinism (the Trainer's enable_full_determinism) sets for the whole process, the environment
+    variables and PyTorch's deterministic flags, as it was after the test."""
+    flags = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    cudnn = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    try:
+        with mock.patch.dict(os.environ):  # restored through os.environ: unsetenv/putenv, not only the dict
+            yield
+    finally:
+        torch.use_deterministic_algorithms(flags[0], warn_only=flags[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn
+
+
+def test_resume_continues_from_the_last_checkpoint_as_if_never_stopped(
+    tiny_bert, glue_dir, tmp_path, monkeypatch, full_determinism_undone
+):
     """A run stopped after epoch 1 and resumed ends where the same run left alone ends: the same weights, regulariser
-    state (epoch centroids, class sums, feature mean) and history, bit for bit (CPU)."""
+    state (epoch centroids, class sums, feature mean) and history, bit for bit. --full-determinism: on a GPU the
+    class sums would otherwise be fp32 atomics (8-row batches), whose order changes the last bits from run to run."""
     args = [*common_args(tiny_bert, glue_dir, tmp_path / "{}"), "--cmi", "min", "--cmi-lambda", "0.5"]
     args += ["--centroids", "epoch", "--normalization", "center_l2", "--keep-checkpoints", "--epochs", "3"]
+    args += ["--full-determinism"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     with monkeypatch.context() as patch:  # keep every checkpoint, epoch 1's too
         keep_all = functools.partial(build_training_arguments, save_total_limit=None)
         patch.setattr(glue_train, "build_training_arguments", keep_all)
         main(["train", *(arg.format("straight") for arg in args)])
+    assert torch.are_deterministic_algorithms_enabled()  # the Trainer was told
     resumed.mkdir()
     shutil.copytree(straight / "checkpoint-4", resumed / "checkpoint-4")  # as if stopped after epoch 1
     main(["train", *(arg.format("resumed") for arg in args), "--resume"])
@@ -1040,8 +1062,8 @@ def test_resume_continues_from_the_last_checkpoint_as_if_never_stopped(tiny_bert
 
 
 def test_every_training_setting_reaches_the_training_arguments(tmp_path):
-    """--seed (the Trainer re-seeds with it before it shuffles and drops out), --weight-decay, --lr, --epochs and both
-    batch sizes reach TrainingArguments; --eval-batch-size defaults to --batch-size."""
+    """--seed (the Trainer re-seeds with it before it shuffles and drops out), --weight-decay, --lr, --epochs, both
+    batch sizes and --full-determinism reach TrainingArguments; --eval-batch-size defaults to --batch-size."""
     config = TrainConfig(
         "mrpc", "m", str(tmp_path), seed=7, weight_decay=0.01, lr=3e-4, epochs=3, batch_size=16, eval_batch_size=4
     )
@@ -1049,7 +1071,8 @@ def test_every_training_setting_reaches_the_training_arguments(tmp_path):
     assert (args.seed, args.weight_decay, args.learning_rate, args.num_train_epochs) == (7, 0.01, 3e-4, 3.0)
     assert (args.per_device_train_batch_size, args.per_device_eval_batch_size) == (16, 4)
     default = build_training_arguments(dataclasses.replace(config, eval_batch_size=None), "f1")
-    assert default.per_device_eval_batch_size == 16
+    assert default.per_device_eval_batch_size == 16 and not default.full_determinism
+    assert build_training_arguments(dataclasses.replace(config, full_determinism=True), "f1").full_determinism
 
 
 def test_logged_epoch_means_are_over_every_process(tiny_bert, glue_dir, tmp_path, monkeypatch):

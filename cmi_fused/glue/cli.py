@@ -101,6 +101,12 @@ def add_common_args(parser: argparse.ArgumentParser, with_model: bool = True) ->
         action="store_true",
         help="bfloat16 mixed precision (autocast; on a machine without an accelerator, CPU autocast)",
     )
+    parser.add_argument(
+        "--full-determinism",
+        action="store_true",
+        help="bit-identical reruns on a GPU: torch.use_deterministic_algorithms (the CMI kernels' fixed-order class "
+        "sums included), as run_glue.py's --full_determinism; slower",
+    )
     parser.add_argument("--max-train-samples", type=int, help="keep the first N training rows")
     parser.add_argument("--max-eval-samples", type=int, help="keep the first N rows of each evaluation split")
     parser.add_argument(

@@ -60,6 +60,7 @@ class TrainConfig:
     max_seq_length: int = 128
     seed: int = 0
     bf16: bool = False
+    full_determinism: bool = False
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     keep_checkpoints: bool = False

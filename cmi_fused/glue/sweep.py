@@ -29,7 +29,16 @@ from .train import RESULTS_FILE, train
 # Settings that locate a run or say how it is executed, not what it computes: a finished run is reused whatever they
 # are now.
 REUSE_IGNORES = frozenset(
-    {"output_dir", "data_dir", "eval_batch_size", "keep_checkpoints", "resume", "disable_tqdm", "cache_teacher_logits"}
+    {
+        "output_dir",
+        "data_dir",
+        "eval_batch_size",
+        "keep_checkpoints",
+        "resume",
+        "disable_tqdm",
+        "cache_teacher_logits",
+        "full_determinism",
+    }
 )
 
 

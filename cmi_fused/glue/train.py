@@ -231,6 +231,7 @@ def build_training_arguments(config: TrainConfig, metric_for_best_model: str, **
         warmup_steps=config.warmup_ratio,  # transformers 5: a float below 1 is a fraction of the steps
         seed=config.seed,
         bf16=config.bf16,
+        full_determinism=config.full_determinism,
         eval_strategy="epoch",
         save_strategy="epoch",
         logging_strategy="epoch",
