@@ -194,7 +194,9 @@ def build_student(
     with torch.no_grad():
         for student_name, teacher_name in names.items():
             student_params[student_name].copy_(teacher_params[teacher_name])
-        student_params["embeddings.position_embeddings.weight"].add_(teacher_params[TOKEN_TYPE_EMBEDDINGS][0])
+        position = student_params["embeddings.position_embeddings.weight"]
+        # copy_ crosses devices, add_ does not: the teacher may already be on the GPU (a sweep moves it there once)
+        position.add_(teacher_params[TOKEN_TYPE_EMBEDDINGS][0].to(position.device))
     return student
 
 

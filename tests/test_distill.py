@@ -181,6 +181,19 @@ def test_student_equals_hand_built_distilbert():
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: a teacher on another device than the student")
+def test_student_of_a_teacher_on_the_gpu_is_the_same():
+    """A distillation sweep moves its teacher to the GPU once (teacher-logit cache, DistillationTrainer), then builds
+    each student on the CPU from it: the same student as from the teacher on the CPU (an add_ across devices, where
+    copy_ is fine, failed there)."""
+    teacher = tiny_teacher(seed=2)
+    from_cpu = build_student(teacher, [1, 2])
+    from_gpu = build_student(teacher.to("cuda"), [1, 2])
+    expected = dict(from_cpu.distilbert.named_parameters())
+    for name, param in from_gpu.distilbert.named_parameters():  # the encoder: all of it copied from the teacher
+        assert torch.equal(param.cpu(), expected[name]), name
+
+
 def test_all_layers_reproduce_teacher_encoder_on_single_segment():
     teacher = tiny_teacher(seed=3)
     student = build_student(teacher, list(range(NUM_TEACHER_LAYERS))).eval()
@@ -488,7 +501,7 @@ def test_cached_teacher_logits_equal_per_batch_and_teacher_gets_no_gradient(teac
     hook.remove()
     # The teacher sees the second segment (token types) although the DistilBERT student takes none.
     assert set(teacher_inputs[0]) == {"input_ids", "attention_mask", "token_type_ids"}
-    assert torch.equal(teacher_inputs[0]["token_type_ids"].cpu(), batch["token_type_ids"])
+    assert torch.equal(teacher_inputs[0]["token_type_ids"].cpu(), batch["token_type_ids"].cpu())  # CUDA on a GPU host
     assert batch["token_type_ids"].sum() > 0
     cached_loss = cached_trainer.compute_loss(cached_trainer.model, cached_trainer._prepare_inputs(cached_batch))
     torch.testing.assert_close(loss, cached_loss, rtol=1e-5, atol=1e-6)

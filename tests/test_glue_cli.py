@@ -697,7 +697,10 @@ def test_torchrun_without_cuda_shards_the_data_over_processes(tiny_bert, glue_di
     assert finished.stdout.count("best epoch") == 1, output  # the summary line from rank 0 only
 
     main(["train", *common_args(tiny_bert, glue_dir, tmp_path / "one-process"), *args])
-    two, one = (torch.load(path / REGULARIZER_FILE) for path in (output_dir, tmp_path / "one-process"))
+    # map_location: on a GPU host the one-process run trains (and saves its buffers) on CUDA, torchrun's on the CPU
+    two, one = (
+        torch.load(path / REGULARIZER_FILE, map_location="cpu") for path in (output_dir, tmp_path / "one-process")
+    )
     for name in ("centroids", "feature_mean"):
         # summation order differs (2.7e-6 here); rows counted twice moved the centroids by 7.6e-3
         torch.testing.assert_close(two[name], one[name], rtol=0, atol=5e-5, msg=f"{name} under torchrun")
