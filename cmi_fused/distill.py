@@ -41,13 +41,12 @@ from transformers import (
     DistilBertForSequenceClassification,
     PreTrainedModel,
     Trainer,
-    TrainerCallback,
 )
 
 from .distributed import all_reduce_sum
 from .glue.data import load_task, tokenize_split
 from .glue.tasks import task_key
-from .glue.train import REGULARIZER_FILE, RESULTS_FILE, FeatureCapture, trained_task
+from .glue.train import REGULARIZER_FILE, RESULTS_FILE, EpochEndCallback, FeatureCapture, trained_task
 from .kd import KDLoss
 from .loss import cmi_loss
 from .options import check_int, is_integer
@@ -252,7 +251,14 @@ class DistillationTrainer(Trainer):
         self._one = torch.ones((), device=self.args.device)
         self.student_inputs = set(inspect.signature(self.model.forward).parameters) - {"labels"}
         self._epoch_sums = torch.zeros(3, device=self.args.device)  # ce, kl, steps (no host sync per step)
-        self.add_callback(_EpochLogCallback(self))
+        self.add_callback(EpochEndCallback(self))
+
+    def end_epoch(self):
+        """Log the epoch means of CE and KL (averaged over ranks)."""
+        (sums,) = all_reduce_sum(self._epoch_sums)
+        ce, kl, steps = sums.tolist()
+        self.log({"train_ce": ce / max(steps, 1.0), "train_kl": kl / max(steps, 1.0)})
+        self._epoch_sums.zero_()
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -275,17 +281,6 @@ class DistillationTrainer(Trainer):
         result = self.kd(outputs.logits, teacher_logits, labels)
         self._epoch_sums += torch.stack([result.ce.detach().float(), result.kl.detach().float(), self._one])
         return (result.loss, outputs) if return_outputs else result.loss
-
-
-class _EpochLogCallback(TrainerCallback):
-    def __init__(self, trainer: DistillationTrainer):
-        self.trainer = trainer
-
-    def on_epoch_end(self, args, state, control, **kwargs):
-        (sums,) = all_reduce_sum(self.trainer._epoch_sums)
-        ce, kl, steps = sums.tolist()
-        self.trainer.log({"train_ce": ce / max(steps, 1.0), "train_kl": kl / max(steps, 1.0)})
-        self.trainer._epoch_sums.zero_()
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -315,7 +310,9 @@ def training_set_cmi(teacher_dir: str, data_dir: Optional[str] = None, batch_siz
     config = results["config"]
     data = load_task(config["task"], data_dir or config["data_dir"], config["max_train_samples"], 1)
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
-    model = freeze_teacher(AutoModelForSequenceClassification.from_pretrained(teacher_dir))
+    # the pass over the training set on the GPU where there is one (on the CPU, MNLI's 393k rows take hours per run)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = freeze_teacher(AutoModelForSequenceClassification.from_pretrained(teacher_dir)).to(device)
     capture = FeatureCapture(model, config["feature"])
     regularizer = CMIRegularizer(
         data.num_labels,
@@ -326,14 +323,15 @@ def training_set_cmi(teacher_dir: str, data_dir: Optional[str] = None, batch_siz
         momentum=config["momentum"],
     ).eval()
     regularizer.load_state_dict(torch.load(os.path.join(teacher_dir, REGULARIZER_FILE), map_location="cpu"))
+    regularizer.to(device)
 
     dataset = tokenize_split(data.train, tokenizer, config["max_seq_length"])
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=DataCollatorWithPadding(tokenizer))
     features, labels = [], []
     for batch in loader:
-        model(**{k: v for k, v in batch.items() if k in TEACHER_INPUTS})
+        model(**{k: v.to(device) for k, v in batch.items() if k in TEACHER_INPUTS})
         features.append(capture.pop().float())
-        labels.append(batch["labels"])
+        labels.append(batch["labels"].to(device))
     capture.handle.remove()
     features = regularizer.normalize(torch.cat(features))
     saved = bool(regularizer.centroid_valid.all())

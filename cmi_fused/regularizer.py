@@ -30,7 +30,9 @@ all-reduced before every state update, so every rank holds the centroids that on
 on the union of the data. ``batch`` mode centroids are those of each rank's own batch. The ``epoch`` mode's sums of
 the epoch in progress are each rank's own until :meth:`end_epoch` reduces them (one all-reduce per epoch, not per
 step): a checkpoint taken mid-epoch under torch.distributed needs every rank's state, or take it at an epoch end
-(``cmi-glue`` saves at epoch ends).
+(``cmi-glue`` saves at epoch ends). Keep the module outside a ``DistributedDataParallel``-wrapped model (as
+``cmi-glue`` does) or wrap with ``broadcast_buffers=False``: DDP's default broadcast of rank 0's buffers at every
+forward would overwrite the other ranks' epoch sums.
 
 All state lives in buffers, so ``state_dict`` / checkpoints carry it; the settings that give it its meaning
 (centroid mode, temperature, normalisation, and the momenta where the mode uses them) travel with it as extra
@@ -144,7 +146,8 @@ class CMIRegularizer(nn.Module):
         # center_l2: running feature mean.
         self.register_buffer("feature_mean", torch.zeros(dim))
         self.register_buffer("feature_mean_valid", torch.zeros((), dtype=torch.bool))
-        # Host copies of centroid_valid.all() and feature_mean_valid: no device sync per step.
+        # Host copies of centroid_valid.any(), centroid_valid.all() and feature_mean_valid: no device sync per step.
+        self._any_class_valid = False
         self._all_classes_valid = False
         self._feature_mean_ready = False
 
@@ -198,8 +201,14 @@ class CMIRegularizer(nn.Module):
         for name, buffer in self._buffers.items():  # load_state_dict(assign=True) takes the saved tensors' dtype
             if buffer is not None and buffer.is_floating_point() and buffer.dtype != torch.float32:
                 self._buffers[name] = buffer.float()
-        self._all_classes_valid = bool(self.centroid_valid.all())
+        self._note_valid_classes()
         self._feature_mean_ready = bool(self.feature_mean_valid)
+
+    def _note_valid_classes(self) -> None:
+        """The host copies of which classes have a centroid: none, some or all (one device sync)."""
+        valid = int(self.centroid_valid.sum())
+        self._any_class_valid = valid > 0
+        self._all_classes_valid = valid == self.num_classes
 
     # ----------------------------------------------------------------------------------------------
     def normalize(self, features: torch.Tensor, mean: torch.Tensor | None = None) -> torch.Tensor:
@@ -237,6 +246,8 @@ class CMIRegularizer(nn.Module):
             return self.centroids
         if self.mode == "frozen":
             raise RuntimeError("CMIRegularizer(centroids='frozen'): call reg.freeze(batches) before using it")
+        if not self._any_class_valid:  # epoch mode's first epoch: per-batch centroids without asking the device
+            return None
         # Labels outside [0, C) go to an overflow bin (cmi_loss reports them); none is counted as a class.
         labels, in_range = labels_in_range(labels, self.num_classes)
         bins = torch.where(in_range, labels, self.num_classes)
@@ -295,7 +306,7 @@ class CMIRegularizer(nn.Module):
         self.centroids.copy_(torch.where(present[:, None], means, self.centroids))
         self.centroid_valid |= present
         if not self._all_classes_valid:  # a device sync only until every class has a centroid
-            self._all_classes_valid = bool(self.centroid_valid.all())
+            self._note_valid_classes()
 
     @torch.no_grad()
     def _accumulate(self, class_sums: torch.Tensor, class_counts: torch.Tensor) -> None:

@@ -3,10 +3,12 @@ frozen teacher, teacher selection and end-to-end ``cmi-glue distill`` / ``distil
 
 import argparse
 import dataclasses
+import gc
 import json
 import os
 import re
 import shutil
+import weakref
 
 import numpy as np
 import pytest
@@ -481,6 +483,22 @@ def kd_trainer(teacher_dir, glue_dir, tmp_path, cache):
         kd=KDLoss(alpha=0.6, temperature=2.5),
     )
     return trainer, teacher
+
+
+def test_a_finished_distillation_trainer_is_freed_without_the_cycle_collector(teachers, glue_dir, tmp_path):
+    """As for CMITrainer (tests/test_glue_cli.py): a distill-sweep's finished student, its optimizer state and the
+    trainer go with the last reference, also after training (its epoch-end callback held the trainer)."""
+    trainer, _ = kd_trainer(teachers["none"], glue_dir, tmp_path, cache=False)
+    trainer.train()
+    assert {"train_ce", "train_kl"} <= set(trainer.state.log_history[0])  # the epoch-end callback ran
+    student_ref = weakref.ref(trainer.model)
+    gc.collect()
+    gc.disable()
+    try:
+        del trainer
+        assert student_ref() is None
+    finally:
+        gc.enable()
 
 
 def test_cached_teacher_logits_equal_per_batch_and_teacher_gets_no_gradient(teachers, glue_dir, tmp_path):

@@ -3,6 +3,7 @@
 import argparse
 import dataclasses
 import functools
+import gc
 import json
 import math
 import operator
@@ -14,6 +15,7 @@ import sys
 import threading
 import time
 import warnings
+import weakref
 from unittest import mock
 
 import filelock
@@ -1127,3 +1129,24 @@ def test_sweep_defaults_are_the_documented_grid():
     """cmi-glue sweep's defaults: Min-CMI, lambdas 0,0.05,0.1,0.2,0.5,1 and seeds 0,1,2 (README)."""
     args = build_parser().parse_args(["sweep", "--task", "mrpc", "--model", "m", "--output-dir", "o"])
     assert args.cmi == "min" and args.lambdas == [0.0, 0.05, 0.1, 0.2, 0.5, 1.0] and args.seeds == [0, 1, 2]
+
+
+def test_a_finished_trainer_is_freed_without_the_cycle_collector(tiny_bert, glue_dir, tmp_path):
+    """A sweep trains run after run in one process: a finished run's trainer, model and optimizer state (on a GPU)
+    go when the last reference does, not when Python's cycle collector happens to run (the epoch-end callback held
+    its trainer: a cycle, which kept them all)."""
+    trainer, model = cmi_trainer(tiny_bert, tmp_path, "min")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    trainer.train_dataset = tokenize_split(load_task("mrpc", glue_dir).train.select(range(16)), tokenizer, 64)
+    trainer.train()  # the callback's end_epoch ran: train_ce/train_cmi logged
+    assert [set(entry) & {"train_ce", "train_cmi"} for entry in trainer.state.log_history[:1]] == [
+        {"train_ce", "train_cmi"}
+    ]
+    model_ref = weakref.ref(model)
+    gc.collect()
+    gc.disable()
+    try:
+        del trainer, model
+        assert model_ref() is None
+    finally:
+        gc.enable()

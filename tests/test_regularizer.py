@@ -187,6 +187,22 @@ def test_fullgraph_compile_matches_eager(mode, normalization):
             torch.testing.assert_close(compiled_state[name], value, rtol=1e-5, atol=1e-7, msg=name)
 
 
+def test_first_epoch_of_epoch_mode_reads_nothing_on_the_host():
+    """Before any class has a centroid (epoch mode's whole first epoch) the per-batch centroids are chosen from a host
+    flag, not by asking the device which classes have one (a sync per step on a GPU): torch.compile(fullgraph=True)
+    traces such steps, where a read of a tensor's value would be a graph break, an error under fullgraph."""
+    reg = CMIRegularizer(C, D, "epoch", temperature=T)
+    torch._dynamo.reset()
+    step = torch.compile(reg, fullgraph=True, backend="aot_eager")
+    batches = make_batches(2, seed=9)
+    for h, y in batches:
+        assert torch.allclose(step(h, y).double(), hand_cmi(h, y, class_means(softmax(h), y)), atol=1e-6)
+    reg.end_epoch()  # the compiled steps accumulated the epoch's sums: its class means are the centroids now
+    epoch_h, epoch_y = (torch.cat(parts) for parts in zip(*batches, strict=True))
+    assert reg.centroid_valid.all()
+    assert torch.allclose(reg.centroids.double(), class_means(softmax(epoch_h), epoch_y), atol=1e-6)
+
+
 def test_class_without_centroid_falls_back_to_batch_centroids():
     reg = CMIRegularizer(C, D, "ema", temperature=T)
     h, y = make_batches(1)[0]

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -113,7 +114,7 @@ class CMITrainer(Trainer):
         self.cmi_weight = cmi_weight
         self.model_accepts_loss_kwargs = False  # the loss below is a per-batch mean
         self._reset_epoch_sums()
-        self.add_callback(_CMIEpochCallback(self))
+        self.add_callback(EpochEndCallback(self))
 
     def _reset_epoch_sums(self):
         self._epoch_ce = torch.zeros((), device=self.args.device)
@@ -189,12 +190,16 @@ class CMITrainer(Trainer):
             self.regularizer.freeze(TrainFeatures())
 
 
-class _CMIEpochCallback(TrainerCallback):
-    def __init__(self, trainer: CMITrainer):
-        self.trainer = trainer
+class EpochEndCallback(TrainerCallback):
+    """Calls ``trainer.end_epoch()`` at every epoch end. It holds the trainer weakly: the trainer holds its callbacks,
+    and a reference back would make a cycle that keeps a finished run's model and optimizer state (on the GPU) alive
+    until Python's cycle collector happens to run, while a sweep's next run allocates its own."""
+
+    def __init__(self, trainer: Trainer):
+        self.end_epoch = weakref.WeakMethod(trainer.end_epoch)
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        self.trainer.end_epoch()
+        self.end_epoch()()
 
 
 def trainer_must_be_told_cpu(bf16: bool) -> bool:
