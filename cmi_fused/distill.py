@@ -310,7 +310,8 @@ def training_set_cmi(teacher_dir: str, data_dir: Optional[str] = None, batch_siz
     config = results["config"]
     data = load_task(config["task"], data_dir or config["data_dir"], config["max_train_samples"], 1)
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
-    # the pass over the training set on the GPU where there is one (on the CPU, MNLI's 393k rows take hours per run)
+    # The teacher's forwards on the GPU where there is one (on the CPU, MNLI's 393k rows take hours per run); the
+    # features come back batch by batch, so the GPU holds the model and one batch, not the training set's features.
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = freeze_teacher(AutoModelForSequenceClassification.from_pretrained(teacher_dir)).to(device)
     capture = FeatureCapture(model, config["feature"])
@@ -323,15 +324,14 @@ def training_set_cmi(teacher_dir: str, data_dir: Optional[str] = None, batch_siz
         momentum=config["momentum"],
     ).eval()
     regularizer.load_state_dict(torch.load(os.path.join(teacher_dir, REGULARIZER_FILE), map_location="cpu"))
-    regularizer.to(device)
 
     dataset = tokenize_split(data.train, tokenizer, config["max_seq_length"])
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=DataCollatorWithPadding(tokenizer))
     features, labels = [], []
     for batch in loader:
         model(**{k: v.to(device) for k, v in batch.items() if k in TEACHER_INPUTS})
-        features.append(capture.pop().float())
-        labels.append(batch["labels"].to(device))
+        features.append(capture.pop().float().cpu())
+        labels.append(batch["labels"])
     capture.handle.remove()
     features = regularizer.normalize(torch.cat(features))
     saved = bool(regularizer.centroid_valid.all())

@@ -106,6 +106,10 @@ class CMIRegularizer(nn.Module):
     State is updated only in training mode (``reg.train()``, the default).
     """
 
+    # A module pickled whole (torch.save(reg)) before this host flag existed unpickles without it: "maybe", which asks
+    # the device as before.
+    _any_class_valid = True
+
     def __init__(
         self,
         num_classes: int,

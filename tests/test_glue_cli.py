@@ -403,6 +403,30 @@ def test_only_rank_0_writes_the_sweep_files(glue_dir, tmp_path, monkeypatch):
     assert json.loads((tmp_path / "sweep" / "sweep.json").read_text())["lambdas"] == summary["lambdas"]
 
 
+def test_a_finished_runs_reference_cycles_go_before_the_next_run(tmp_path):
+    """A sweep's run may leave its model in a reference cycle (under --bf16 accelerate binds the model's wrapped
+    forward to the model): reuse_or_run collects it before the next run starts, with the automatic collector off."""
+
+    class Model:
+        pass
+
+    models = []
+
+    def run():
+        model = Model()
+        model.forward = model  # the cycle
+        models.append(weakref.ref(model))
+        return {"best": {}}
+
+    gc.collect()
+    gc.disable()
+    try:
+        assert reuse_or_run(TrainConfig("mrpc", "m", str(tmp_path / "run")), run) == {"best": {}}
+        assert models and models[0]() is None
+    finally:
+        gc.enable()
+
+
 def test_every_setting_that_changes_what_a_run_computes_blocks_reuse(tmp_path):
     """A finished run is reused only when nothing but where and how it runs differs (README): every other
     TrainConfig field, the sample limits included, is compared."""
@@ -1021,6 +1045,8 @@ def full_determinism_undone():
     variables and PyTorch's deterministic flags, as it was after the test."""
     flags = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     cudnn = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    if torch.cuda.is_available():  # CUDA and cuBLAS start now: CUDA_LAUNCH_BLOCKING is read once, at the start
+        torch.ones(2, 2, device="cuda") @ torch.ones(2, 2, device="cuda")
     try:
         with mock.patch.dict(os.environ):  # restored through os.environ: unsetenv/putenv, not only the dict
             yield

@@ -2,6 +2,7 @@
 
 import copy
 import math
+import pickle
 
 import pytest
 import torch
@@ -201,6 +202,20 @@ def test_first_epoch_of_epoch_mode_reads_nothing_on_the_host():
     epoch_h, epoch_y = (torch.cat(parts) for parts in zip(*batches, strict=True))
     assert reg.centroid_valid.all()
     assert torch.allclose(reg.centroids.double(), class_means(softmax(epoch_h), epoch_y), atol=1e-6)
+
+
+def test_module_pickled_before_the_host_flag_still_finds_its_centroids():
+    """A CMIRegularizer pickled whole before the "any class valid" host flag existed unpickles without it: the class
+    default asks the device, as before (a missing attribute would raise on the first call)."""
+    reg = CMIRegularizer(C, D, "ema", temperature=T)
+    h, y = make_batches(1)[0]
+    reg(h[y < 2], y[y < 2])  # classes 0 and 1 have centroids, class 2 not yet
+    old = pickle.loads(pickle.dumps(reg))
+    del old.__dict__["_any_class_valid"]
+    stored = reg.centroids.double().clone()
+    h2, y2 = make_batches(1, seed=4)[0]
+    only_01 = y2 < 2
+    assert torch.allclose(old(h2[only_01], y2[only_01]).double(), hand_cmi(h2[only_01], y2[only_01], stored), atol=1e-6)
 
 
 def test_class_without_centroid_falls_back_to_batch_centroids():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import json
 import os
 import platform
@@ -48,7 +49,11 @@ def reuse_or_run(config: TrainConfig, run: Callable[[], dict]) -> dict:
     naming them, instead of being summarised under the new settings."""
     results_path = os.path.join(config.output_dir, RESULTS_FILE)
     if not os.path.isfile(results_path):
-        return run()
+        results = run()
+        # The finished run's model and optimizer state (on a GPU) go before the next run allocates its own, also where
+        # a reference cycle holds them: under --bf16 accelerate binds the model's wrapped forward to the model itself.
+        gc.collect()
+        return results
     with open(results_path) as handle:
         results = json.load(handle)
     wanted = json.loads(json.dumps(dataclasses.asdict(config)))  # as results.json stores it (tuples as lists)
