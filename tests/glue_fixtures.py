@@ -1,5 +1,7 @@
 """Shared fixtures of the GLUE driver and distillation tests: a tiny random BERT and GLUE TSVs of random words."""
 
+import contextlib
+import gc
 import random
 
 import pytest
@@ -53,3 +55,15 @@ def glue_dir(tmp_path_factory):
             lines.append("\t".join(fields + [gold[i % 3], gold[i % 3]]))
         (root / "MNLI" / name).write_text("\n".join(lines) + "\n")
     return str(root)
+
+
+@contextlib.contextmanager
+def cycle_collector_off():
+    """Python's cycle collector off inside the block (after one collection of what came before), so that what the
+    block frees it frees by reference counting alone: an object kept by a reference cycle stays alive."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()

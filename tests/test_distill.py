@@ -3,7 +3,6 @@ frozen teacher, teacher selection and end-to-end ``cmi-glue distill`` / ``distil
 
 import argparse
 import dataclasses
-import gc
 import json
 import os
 import re
@@ -59,7 +58,7 @@ from cmi_fused.glue.distill_cli import (  # noqa: E402
 from cmi_fused.glue.sweep import reuse_or_run  # noqa: E402
 from cmi_fused.glue.tasks import get_task  # noqa: E402
 from cmi_fused.glue.train import REGULARIZER_FILE, RESULTS_FILE, build_training_arguments, train  # noqa: E402
-from glue_fixtures import save_tiny_bert  # noqa: E402
+from glue_fixtures import cycle_collector_off, save_tiny_bert  # noqa: E402
 
 NUM_TEACHER_LAYERS = 4
 
@@ -492,13 +491,9 @@ def test_a_finished_distillation_trainer_is_freed_without_the_cycle_collector(te
     trainer.train()
     assert {"train_ce", "train_kl"} <= set(trainer.state.log_history[0])  # the epoch-end callback ran
     student_ref = weakref.ref(trainer.model)
-    gc.collect()
-    gc.disable()
-    try:
+    with cycle_collector_off():
         del trainer
         assert student_ref() is None
-    finally:
-        gc.enable()
 
 
 def test_cached_teacher_logits_equal_per_batch_and_teacher_gets_no_gradient(teachers, glue_dir, tmp_path):

@@ -3,7 +3,6 @@
 import argparse
 import dataclasses
 import functools
-import gc
 import json
 import math
 import operator
@@ -69,7 +68,7 @@ from cmi_fused.glue.train import (
     load_model_and_tokenizer,
     train,
 )
-from glue_fixtures import save_tiny_bert
+from glue_fixtures import cycle_collector_off, save_tiny_bert
 
 HIDDEN = 32
 
@@ -418,13 +417,9 @@ def test_a_finished_runs_reference_cycles_go_before_the_next_run(tmp_path):
         models.append(weakref.ref(model))
         return {"best": {}}
 
-    gc.collect()
-    gc.disable()
-    try:
+    with cycle_collector_off():
         assert reuse_or_run(TrainConfig("mrpc", "m", str(tmp_path / "run")), run) == {"best": {}}
         assert models and models[0]() is None
-    finally:
-        gc.enable()
 
 
 def test_every_setting_that_changes_what_a_run_computes_blocks_reuse(tmp_path):
@@ -1169,10 +1164,6 @@ def test_a_finished_trainer_is_freed_without_the_cycle_collector(tiny_bert, glue
         {"train_ce", "train_cmi"}
     ]
     model_ref = weakref.ref(model)
-    gc.collect()
-    gc.disable()
-    try:
+    with cycle_collector_off():
         del trainer, model
         assert model_ref() is None
-    finally:
-        gc.enable()
