@@ -25,7 +25,7 @@ from triton.compiler import ASTSource
 
 from cmi_fused.cli_help import DefaultsHelpFormatter
 from kernels.cmi_backward import cmi_backward_kernel
-from kernels.cmi_forward import cmi_forward_kernel, num_warps_for
+from kernels.cmi_forward import cmi_forward_kernel, compile_options
 from kernels.cmi_log_centroids import cmi_log_centroids_kernel
 
 FORWARD_TYPES = dict(
@@ -116,8 +116,7 @@ def _compile(kernel, types, none_args, flags, arch, layout):
         constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()},
         attrs=attrs,
     )
-    options = {"num_warps": num_warps_for(flags["BLOCK_D"])}
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=compile_options(flags["BLOCK_D"]))
 
 
 def _resources(compiled) -> dict:
@@ -159,7 +158,7 @@ def report(arch: int) -> list[dict]:
 def _row(kernel, use, centroids, layout, atomics, block, compiled) -> dict:
     return dict(
         kernel=kernel, use=use, centroids=centroids, layout=layout, atomics=atomics, block_d=block,
-        **_resources(compiled),
+        fp_fusion=compiled.metadata.enable_fp_fusion, **_resources(compiled),
     )  # fmt: skip
 
 

@@ -61,15 +61,24 @@ def num_warps_for(block: int) -> int:
     return 8 if block >= 4096 else 4
 
 
+def compile_options(block: int) -> dict:
+    """Triton's compile options for every launch of the CMI kernels in blocks of ``block`` columns."""
+    # Multiply-add contraction (FFMA) asked for, not left to Triton's default: it is what triton 3.3 to 3.9 do by
+    # default and what bench/NOTES.md's instruction counts assume. Triton 3.9 warns at the first compile that its
+    # default turns to off in 3.10, which adds 8 instructions to the sm_90 SASS of the fixed-centroid forward and of
+    # the backward at BLOCK_D 1024 (648 -> 656, 448 -> 456, triton 3.6) and changes their rounding.
+    return {"num_warps": num_warps_for(block), "enable_fp_fusion": True}
+
+
 def launch_meta(dim: int) -> dict:
-    """BLOCK_D and num_warps for rows of ``dim`` columns (forward and backward).
+    """BLOCK_D and the compile options for rows of ``dim`` columns (forward, backward and log table).
 
     Passed by the launchers instead of ``triton.heuristics``: the heuristics wrapper merges all arguments into a
     new dict for every flag on every launch, measured at 31 us per forward launch (6 flags, 26 arguments) on the
     2-core CPU dev host, a fifth of the whole host cost of a GLUE-sized fwd+bwd step.
     """
     block = block_d(dim)
-    return {"BLOCK_D": block, "num_warps": num_warps_for(block)}
+    return {"BLOCK_D": block, **compile_options(block)}
 
 
 @triton.jit

@@ -658,7 +658,7 @@ def test_each_forward_program_accumulates_into_its_own_slot(single_chunk):
     BLOCK_D 16 gives the 40 columns three chunks, the path of rows wider than 4096 columns."""
     pytest.importorskip("triton")
     from kernels.cmi import stats_row_len
-    from kernels.cmi_forward import cmi_forward_kernel, launch_meta
+    from kernels.cmi_forward import cmi_forward_kernel, compile_options, launch_meta
 
     n, d, c, programs = 20, 40, 3, 4
     gen = torch.Generator().manual_seed(0)
@@ -667,7 +667,7 @@ def test_each_forward_program_accumulates_into_its_own_slot(single_chunk):
     row_len = stats_row_len(d)
     accum = torch.zeros(programs, c, row_len, device=DEVICE)
     lse = torch.full((n, 2), float("nan"), device=DEVICE)
-    chunked_meta = {"BLOCK_D": 16, "num_warps": 4}
+    chunked_meta = {"BLOCK_D": 16, **compile_options(16)}
     cmi_forward_kernel[(programs,)](
         features_ptr=features, stride_feat_row=features.stride(0), stride_feat_col=features.stride(1),
         labels_ptr=labels, stride_label=labels.stride(0),

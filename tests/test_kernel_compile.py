@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 pytest.importorskip("triton")
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -25,19 +26,29 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 SMALL_SPILL_BYTES = 16
 
 
-@pytest.mark.parametrize("arch", [90, 80])
-def test_every_specialisation_compiles_without_spills(arch):
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+def kernel_resources(arch: int, **env_changes: str) -> tuple[list, str]:
+    """``bench.kernel_resources --json`` rows and stderr, compiled without the interpreter (and without Triton's FP
+    fusion default from the environment, unless ``env_changes`` set one)."""
+    env = {
+        key: value for key, value in os.environ.items() if key not in ("TRITON_INTERPRET", "TRITON_DEFAULT_FP_FUSION")
+    }
     result = subprocess.run(
         [sys.executable, "-m", "bench.kernel_resources", "--arch", str(arch), "--json"],
         cwd=REPO,
-        env=env,
+        env=dict(env, **env_changes),
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads(result.stdout.strip().splitlines()[-1]), result.stderr
+
+
+@pytest.mark.parametrize("arch", [90, 80])
+def test_every_specialisation_compiles_without_spills(arch):
+    rows, stderr = kernel_resources(arch)
+    # triton 3.9 warns when a kernel leaves multiply-add contraction to its default, which 3.10 turns off
+    assert "TRITON_DEFAULT_FP_FUSION" not in stderr
     # (16 single-chunk + 8 chunked forward + 6 backward + 4 log-table) x (aligned, generic) layouts, the 10 of them
     # that read given centroids (fixed forwards, backward and log table) once for fp32 and once for bf16 centroids
     assert len(rows) == 88
@@ -48,3 +59,42 @@ def test_every_specialisation_compiles_without_spills(arch):
             assert row["local"] == 0 and row["stack"] == 0, f"spill in {row}"
         else:
             assert row["local"] == 0 and row["stack"] <= SMALL_SPILL_BYTES, f"spill in {row}"
+
+
+def test_multiply_add_contraction_does_not_follow_tritons_default():
+    rows, _ = kernel_resources(90, TRITON_DEFAULT_FP_FUSION="0")
+    assert rows and all(row["fp_fusion"] for row in rows)
+
+
+def test_every_launch_passes_the_compile_options_the_report_compiles_with(monkeypatch, log_table_forced):
+    """The launchers pass ``compile_options`` (as ``bench.kernel_resources`` compiles), to each of the kernels."""
+    import kernels.cmi
+    from cmi_fused import cmi_loss
+    from kernels.cmi_forward import compile_options
+
+    launches = []
+
+    class Recorded:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((self.name, kwargs))
+                return self.kernel[grid](*args, **kwargs)
+
+            return launch
+
+    names = ("cmi_forward_kernel", "cmi_backward_kernel", "cmi_log_centroids_kernel")
+    for name in names:
+        monkeypatch.setattr(kernels.cmi, name, Recorded(name, getattr(kernels.cmi, name)))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    features = torch.randn(6, 24, device=device, requires_grad=True)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2], device=device)
+    centroids = torch.softmax(torch.randn(3, 24, device=device), dim=-1)
+    for given in (centroids, None):
+        cmi_loss(features, labels, 3, given, backend="triton").loss.backward()
+    assert {name for name, _ in launches} == set(names)
+    for name, kwargs in launches:
+        expected = compile_options(kwargs["BLOCK_D"])
+        assert {key: kwargs.get(key) for key in expected} == expected, name
