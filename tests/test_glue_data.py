@@ -1,5 +1,7 @@
 """GLUE loaders on small fixture TSVs in each task's official format, errors, and the scikit-learn metrics."""
 
+import os
+
 import datasets
 import numpy as np
 import pytest
@@ -289,9 +291,13 @@ def test_qqp_skips_short_rows_with_a_warning(tmp_path):
     lines = [header, "0\t1\t2\tHow?\tWhy?\t0", "1\t3\t4\tcut off", "2\t5\t6\tWho?\tWhom?\t1"]
     for name in ("train.tsv", "dev.tsv"):
         (tmp_path / "QQP" / name).write_text("\n".join(lines) + "\n")
-    with pytest.warns(UserWarning, match="train.tsv: skipped 1 rows with fewer than 6"):
+    with pytest.warns(UserWarning) as warned:
         data = load_task("qqp", str(tmp_path))
+    assert sorted(str(warning.message).split(os.sep)[-1] for warning in warned) == [
+        f"{name}: skipped 1 rows with fewer than 6 tab-separated columns" for name in ("dev.tsv", "train.tsv")
+    ]
     assert list(data.train["text_a"]) == ["How?", "Who?"] and list(data.train["label"]) == [0, 1]
+    assert list(data.eval["validation"]["text_a"]) == ["How?", "Who?"]
 
 
 def test_hub_failure_gives_one_clear_message(monkeypatch):
