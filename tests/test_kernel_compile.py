@@ -4,7 +4,9 @@ The interpreter tests prove the math; this proves that every specialisation also
 and that the single-chunk specialisations training runs (d <= 4096, unit column strides, 16-aligned rows) keep
 nothing in local memory. The others (rows of d > 4096; any strides, e.g. a column slice of a larger tensor) must
 compile too and may spill a few bytes: ptxas caps some of them at 40-64 registers to fit more blocks per SM and
-keeps 8-16 bytes on the stack, a trade it makes on purpose and differently per version and arch.
+keeps 8-16 bytes on the stack, a trade it makes on purpose and differently per version and arch. The launchers
+pass the compile options these compiles use (``compile_options``: multiply-add contraction on, whatever Triton's
+default).
 """
 
 import json
