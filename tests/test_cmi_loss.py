@@ -1039,28 +1039,59 @@ def test_nan_centroid_entry_gives_nan_rows(backend: str, request):
     assert_rel_close(rows[~of_class_1], ref_rows[~of_class_1], 1e-5, "rows of the other classes")
 
 
+class RecordingKernel:
+    """Stands in for a kernel where the launchers look it up (``kernels.cmi``), not by its ``run`` method, which the
+    interpreters of triton 3.3-3.5 do not go through: ``record(grid, args, kwargs)`` of every launch, which still
+    runs."""
+
+    def __init__(self, kernel, record):
+        self.kernel, self.record = kernel, record
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.record(grid, args, kwargs)
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
 @contextlib.contextmanager
 def recorded_forward_launches():
     """Yields the list of ``(grid, USE_ATOMICS, (features pointer, row stride, column stride))`` of every forward
-    launch inside the block; each still runs.
-
-    The kernel is wrapped where the launcher looks it up (``kernels.cmi``), not by its ``run`` method, which the
-    interpreters of triton 3.3-3.5 do not go through."""
+    launch inside the block; each still runs."""
     import kernels.cmi
 
-    kernel = kernels.cmi.cmi_forward_kernel
     launches = []
 
-    class RecordingKernel:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                launches.append((tuple(grid), kwargs["USE_ATOMICS"], (args[0].data_ptr(), args[1], args[2])))
-                return kernel[grid](*args, **kwargs)
+    def record(grid, args, kwargs):
+        launches.append((tuple(grid), kwargs["USE_ATOMICS"], (args[0].data_ptr(), args[1], args[2])))
 
-            return launch
-
-    with mock.patch.object(kernels.cmi, "cmi_forward_kernel", RecordingKernel()):
+    with mock.patch.object(kernels.cmi, "cmi_forward_kernel", RecordingKernel(kernels.cmi.cmi_forward_kernel, record)):
         yield launches
+
+
+def test_every_launch_passes_the_compile_options_of_the_ahead_of_time_report(monkeypatch, log_table_forced):
+    """The launchers pass ``compile_options`` (with which ``bench.kernel_resources`` compiles) to each kernel."""
+    import kernels.cmi
+    from kernels.cmi_forward import compile_options
+
+    launches = []
+    names = ("cmi_forward_kernel", "cmi_backward_kernel", "cmi_log_centroids_kernel")
+    for name in names:
+
+        def record(grid, args, kwargs, name=name):
+            launches.append((name, kwargs))
+
+        monkeypatch.setattr(kernels.cmi, name, RecordingKernel(getattr(kernels.cmi, name), record))
+    features = torch.randn(6, 24, device=DEVICE, requires_grad=True)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2], device=DEVICE)
+    centroids = torch.softmax(torch.randn(3, 24, device=DEVICE), dim=-1)
+    for given_centroids in (centroids, None):
+        cmi_loss(features, labels, 3, given_centroids, backend="triton").loss.backward()
+    assert {name for name, _ in launches} == set(names)
+    for name, kwargs in launches:
+        expected = compile_options(kwargs["BLOCK_D"])
+        assert {key: kwargs.get(key) for key in expected} == expected, name
 
 
 @pytest.mark.parametrize("d", [300, 4500], ids=["single-chunk", "two-chunk"])

@@ -4,9 +4,9 @@ The interpreter tests prove the math; this proves that every specialisation also
 and that the single-chunk specialisations training runs (d <= 4096, unit column strides, 16-aligned rows) keep
 nothing in local memory. The others (rows of d > 4096; any strides, e.g. a column slice of a larger tensor) must
 compile too and may spill a few bytes: ptxas caps some of them at 40-64 registers to fit more blocks per SM and
-keeps 8-16 bytes on the stack, a trade it makes on purpose and differently per version and arch. The launchers
-pass the compile options these compiles use (``compile_options``: multiply-add contraction on, whatever Triton's
-default).
+keeps 8-16 bytes on the stack, a trade it makes on purpose and differently per version and arch. The compiles use
+the launchers' options (``compile_options``: multiply-add contraction on, whatever Triton's default; that every
+launch passes them is checked in ``test_cmi_loss.py``).
 """
 
 import json
@@ -16,7 +16,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 pytest.importorskip("triton")
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -66,37 +65,3 @@ def test_every_specialisation_compiles_without_spills(arch):
 def test_multiply_add_contraction_does_not_follow_tritons_default():
     rows, _ = kernel_resources(90, TRITON_DEFAULT_FP_FUSION="0")
     assert rows and all(row["fp_fusion"] for row in rows)
-
-
-def test_every_launch_passes_the_compile_options_the_report_compiles_with(monkeypatch, log_table_forced):
-    """The launchers pass ``compile_options`` (as ``bench.kernel_resources`` compiles), to each of the kernels."""
-    import kernels.cmi
-    from cmi_fused import cmi_loss
-    from kernels.cmi_forward import compile_options
-
-    launches = []
-
-    class Recorded:
-        def __init__(self, name, kernel):
-            self.name, self.kernel = name, kernel
-
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                launches.append((self.name, kwargs))
-                return self.kernel[grid](*args, **kwargs)
-
-            return launch
-
-    names = ("cmi_forward_kernel", "cmi_backward_kernel", "cmi_log_centroids_kernel")
-    for name in names:
-        monkeypatch.setattr(kernels.cmi, name, Recorded(name, getattr(kernels.cmi, name)))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    features = torch.randn(6, 24, device=device, requires_grad=True)
-    labels = torch.tensor([0, 1, 2, 0, 1, 2], device=device)
-    centroids = torch.softmax(torch.randn(3, 24, device=device), dim=-1)
-    for given in (centroids, None):
-        cmi_loss(features, labels, 3, given, backend="triton").loss.backward()
-    assert {name for name, _ in launches} == set(names)
-    for name, kwargs in launches:
-        expected = compile_options(kwargs["BLOCK_D"])
-        assert {key: kwargs.get(key) for key in expected} == expected, name
