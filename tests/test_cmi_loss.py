@@ -1247,6 +1247,52 @@ def test_large_logits_keep_fp32_accuracy(case, centroid_mode, backend, request):
         assert_rel_close(features.grad, h64.grad, tol.grad, "gradient")
 
 
+def half_ulp(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Half the spacing of ``dtype`` around each of the float32 ``values`` (subnormals included)."""
+    finfo = torch.finfo(dtype)
+    _, exponent = torch.frexp(values)  # |x| in [2^(e-1), 2^e)
+    spacing = finfo.eps * torch.ldexp(torch.ones_like(values), exponent - 1)
+    return 0.5 * spacing.clamp_min(finfo.smallest_normal * finfo.eps)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("d", [300, 4500], ids=["single-chunk", "chunked"])
+def test_low_precision_gradient_is_the_fp32_gradient_rounded_once(d, dtype, backend, request):
+    """Softmax, KL and the gradient run in fp32 whatever the features' dtype, which only the gradient's store rounds
+    to. So, given centroids (per-row math alone: the grid, which depends on the element size, only orders the class
+    sums), the bf16 / fp16 gradient is the gradient of the same features in fp32, rounded once: bit for bit on the
+    CPU; on a GPU within half an ulp of it plus fp32 noise, since the element size also picks the kernels' layout and
+    so the order of a row's sums. To nearest, as torch's ``.to`` and a GPU's store round; except for bf16 in triton's
+    interpreter, whose fp32 -> bf16 cast passes no rounding mode and so rounds toward zero
+    (triton/runtime/interpreter.py, ``cast_impl``; its fp16 cast is numpy's, to nearest): there CPU runs of the
+    kernels are up to one bf16 ulp off, where a GPU is half an ulp off."""
+    gen = generator_for(request)
+    n, c = 12, 4
+    features = make_features(n, d, dtype, "contiguous", gen)
+    labels = random_labels(n, c, gen, per_batch=False).to(DEVICE)
+    centroids = random_centroids(c, d, gen).to(DEVICE)
+    grad_output = torch.randn(n, generator=gen).to(DEVICE)
+
+    def gradient(h: torch.Tensor) -> torch.Tensor:
+        h = h.detach().requires_grad_(True)
+        loss = cmi_loss(h, labels, c, centroids, temperature=0.7, reduction="none", backend=backend).loss
+        return torch.autograd.grad(loss, h, grad_output)[0]
+
+    low, full = gradient(features), gradient(features.float())
+    assert low.dtype == dtype and full.dtype == torch.float32
+    nearest = full.to(dtype)
+    assert not torch.equal(nearest.float(), full)  # the rounding is there to see
+    if backend == "triton" and ON_CUDA:
+        assert ((low.float() - full).abs() <= half_ulp(full, dtype) + 1e-5 * full.abs()).all()
+    elif backend == "triton" and dtype == torch.bfloat16:
+        toward_zero = (full.view(torch.int32) & -(1 << 16)).view(torch.float32).to(dtype)  # low 16 bits cut: exact
+        assert not torch.equal(toward_zero, nearest)
+        assert torch.equal(low, toward_zero)
+    else:
+        assert torch.equal(low, nearest)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("d", [4, 4097], ids=["single-chunk", "chunked"])
 def test_tied_maxima_of_1e30(d, backend):
