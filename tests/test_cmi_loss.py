@@ -1262,11 +1262,11 @@ def test_low_precision_gradient_is_the_fp32_gradient_rounded_once(d, dtype, back
     """Softmax, KL and the gradient run in fp32 whatever the features' dtype, which only the gradient's store rounds
     to. So, given centroids (per-row math alone: the grid, which depends on the element size, only orders the class
     sums), the bf16 / fp16 gradient is the gradient of the same features in fp32, rounded once: bit for bit on the
-    CPU; on a GPU within half an ulp of it plus fp32 noise, since the element size also picks the kernels' layout and
-    so the order of a row's sums. To nearest, as torch's ``.to`` and a GPU's store round; except for bf16 in triton's
-    interpreter, whose fp32 -> bf16 cast passes no rounding mode and so rounds toward zero
-    (triton/runtime/interpreter.py, ``cast_impl``; its fp16 cast is numpy's, to nearest): there CPU runs of the
-    kernels are up to one bf16 ulp off, where a GPU is half an ulp off."""
+    CPU; on a GPU within half an ulp of it plus fp32 noise, as the element size may change the compiled kernels'
+    layout and so the order of a row's sums. To nearest, as torch's ``.to`` and the compiled store round
+    (test_kernel_compile.py); except for bf16 in triton's interpreter, whose fp32 -> bf16 cast passes no rounding mode
+    and so rounds toward zero (triton/runtime/interpreter.py, ``cast_impl``; its fp16 cast is numpy's, to nearest):
+    there CPU runs of the kernels are up to one bf16 ulp off, where rounding to nearest is half an ulp off."""
     gen = generator_for(request)
     n, c = 12, 4
     features = make_features(n, d, dtype, "contiguous", gen)
