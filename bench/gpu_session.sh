@@ -43,8 +43,7 @@ stage "issue 2: the test suite on CUDA"
 # floors checks that read a built wheel, CPU torchrun and gloo processes, this script's own dry run), which would
 # take cores from the CUDA tests' compiles.
 cpu_only="test_every_specialisation_compiles_without_spills or multiply_add_contraction or gradient_store_rounds"
-cpu_only+=" or wheel or floors"
-cpu_only+=" or torchrun or two_ranks or gpu_session"
+cpu_only+=" or wheel or floors or torchrun or two_ranks or gpu_session"
 test_args=(-k "not test_cmi_loss_speed and not ($cpu_only)")
 if python3 -c "import xdist" 2>/dev/null; then
     test_args+=(-n "${TEST_WORKERS:-8}")

@@ -28,22 +28,22 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 SMALL_SPILL_BYTES = 16
 
 
-def kernel_resources(arch: int, **env_changes: str) -> tuple[list, str]:
-    """``bench.kernel_resources --json`` rows and stderr, compiled without the interpreter (and without Triton's FP
-    fusion default from the environment, unless ``env_changes`` set one)."""
+def compile_in_python(args: list, **env_changes: str) -> tuple:
+    """The JSON last line of stdout and the stderr of ``python *args``, run without the interpreter (and without
+    Triton's FP fusion default from the environment, unless ``env_changes`` set one)."""
     env = {
         key: value for key, value in os.environ.items() if key not in ("TRITON_INTERPRET", "TRITON_DEFAULT_FP_FUSION")
     }
     result = subprocess.run(
-        [sys.executable, "-m", "bench.kernel_resources", "--arch", str(arch), "--json"],
-        cwd=REPO,
-        env=dict(env, **env_changes),
-        capture_output=True,
-        text=True,
-        timeout=600,
+        [sys.executable, *args], cwd=REPO, env=dict(env, **env_changes), capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1]), result.stderr
+
+
+def kernel_resources(arch: int, **env_changes: str) -> tuple[list, str]:
+    """``bench.kernel_resources --json`` rows and stderr."""
+    return compile_in_python(["-m", "bench.kernel_resources", "--arch", str(arch), "--json"], **env_changes)
 
 
 @pytest.mark.parametrize("arch", [90, 80])
@@ -89,12 +89,7 @@ def test_the_compiled_gradient_store_rounds_to_nearest():
     """The backward converts its fp32 gradient to the features' bf16 / fp16 with round-to-nearest instructions
     (``cvt.rn``), as torch's ``.to`` rounds: what the CUDA case of ``test_low_precision_gradient_is_the_fp32_gradient_
     rounded_once`` expects, where triton's interpreter rounds bf16 toward zero (README, "Known issues")."""
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    result = subprocess.run(
-        [sys.executable, "-c", DOWNCASTS_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    found = json.loads(result.stdout.strip().splitlines()[-1])
+    found, _ = compile_in_python(["-c", DOWNCASTS_SCRIPT])
     assert set(found) == {f"{dtype} {layout}" for dtype in ("bf16", "fp16") for layout in ("aligned", "generic")}
     for key, conversions in found.items():
         width = "bf16" if key.startswith("bf16") else "f16"
