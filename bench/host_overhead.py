@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import statistics
 import time
 from typing import Callable
@@ -58,9 +57,9 @@ def launches_stubbed(sms: int):
             launches[self.name] += 1
 
     with contextlib.ExitStack() as stack:
-        # CPU tensors pass the launchers' device check only in interpreter mode (read per call); nothing is
-        # interpreted, the launches are stubbed. Set only inside the context: triton reads it too.
-        stack.enter_context(mock.patch.dict(os.environ, {"TRITON_INTERPRET": "1"}))
+        # CPU tensors pass the launchers' device check only with interpreted kernels; nothing is interpreted, the
+        # launches are stubbed.
+        stack.enter_context(mock.patch.object(kernels.cmi, "KERNELS_INTERPRETED", True))
         # Nor does the interpreter's numpy limit apply (the GPU image pairs triton 3.6 with numpy 2.5).
         stack.enter_context(mock.patch.object(kernels.cmi, "interpreter_numpy_problem", lambda: None))
         # Nor its numpy error state (host time that a GPU launch does not spend).

@@ -25,9 +25,9 @@ import torch
 from torch import nn
 
 from .options import (
-    check_check_labels,
     check_label_tensor,
     check_number,
+    check_optional_bool,
     check_reduction,
     check_temperature,
     labels_in_range,
@@ -77,7 +77,7 @@ def check_kd_inputs(
     alpha = check_number("alpha", alpha, 0.0, 1.0)
     temperature = check_temperature(temperature)
     check_reduction(reduction)
-    check_check_labels(check_labels)
+    check_optional_bool(check_labels, "check_labels")
     if labels is None:
         if alpha != 1.0:
             raise ValueError(f"labels may be None only when alpha == 1 (pure distillation), got alpha={alpha}")
@@ -158,7 +158,7 @@ class KDLoss(nn.Module):
         self.temperature = check_temperature(temperature)
         check_reduction(reduction)
         self.reduction = reduction
-        check_check_labels(check_labels)
+        check_optional_bool(check_labels, "check_labels")
         self.check_labels = check_labels
 
     def forward(

@@ -42,6 +42,8 @@ def cmi_loss(
             partial sums reduced in a fixed order (bit-identical across runs) whenever they fit in the
             partials budget, fp32 atomics otherwise (vocabulary-sized C); always partials under
             ``torch.use_deterministic_algorithms(True)``. ``True``: always partials. ``False``: always atomics.
+            The torch backend takes no such choice: its class sums are ``index_add_``, deterministic on CUDA only
+            under ``torch.use_deterministic_algorithms(True)``, as for any PyTorch op.
         check_labels: check that labels lie in ``[0, C)``. ``None`` (default): only for CPU tensors,
             where it costs no device synchronisation; ``True`` also on CUDA (one sync); ``False``: never.
 

@@ -123,10 +123,11 @@ def labels_in_range(labels: torch.Tensor, num_classes: int) -> tuple[torch.Tenso
 
 
 def validate_labels(labels: torch.Tensor, num_classes: int) -> None:
-    """Raise ``ValueError`` if any label is outside ``[0, num_classes)``. Synchronises on CUDA."""
+    """Raise ``ValueError`` if any label is outside ``[0, num_classes)``. Synchronises once on CUDA: both bounds
+    come to the host in one copy (``int(labels.min()), int(labels.max())`` would be two)."""
     if labels.numel() == 0:
         return
-    low, high = int(labels.min()), int(labels.max())
+    low, high = torch.stack(torch.aminmax(labels)).tolist()
     if low < 0 or high >= num_classes:
         bad = low if low < 0 else high
         raise ValueError(f"labels must lie in [0, num_classes={num_classes}); found label {bad}")
@@ -170,9 +171,10 @@ def check_backend(backend) -> None:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
-def check_check_labels(check_labels) -> None:
-    if check_labels not in (None, True, False):
-        raise ValueError(f"check_labels must be None, True or False, got {check_labels!r}")
+def check_optional_bool(value, name: str) -> None:
+    """``value`` is None, True or False: ``isinstance``, since ``in (None, True, False)`` would take 1 or 0.0."""
+    if value is not None and not isinstance(value, bool):
+        raise ValueError(f"{name} must be None, True or False, got {value!r}")
 
 
 def maybe_validate_labels(labels: torch.Tensor, num_classes: int, check_labels: Optional[bool]) -> None:
@@ -219,9 +221,8 @@ def check_inputs(
     eps = check_eps(eps)
     check_reduction(reduction)
     check_backend(backend)
-    if deterministic not in (None, True, False):
-        raise ValueError(f"deterministic must be None, True or False, got {deterministic!r}")
-    check_check_labels(check_labels)
+    check_optional_bool(deterministic, "deterministic")
+    check_optional_bool(check_labels, "check_labels")
     maybe_validate_labels(labels, num_classes, check_labels)
 
     backend = resolve_backend(backend, features)

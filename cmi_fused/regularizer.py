@@ -223,9 +223,10 @@ class CMIRegularizer(nn.Module):
         """
         if self.normalization == "none":
             return features
+        features = features.to(torch.promote_types(features.dtype, torch.float32))  # fp32, or float64 kept
         if mean is None:
-            mean = self.feature_mean if self._feature_mean_ready else features.detach().float().mean(0)
-        return nn.functional.normalize(features.float() - mean, dim=-1)
+            mean = self.feature_mean if self._feature_mean_ready else features.detach().mean(0)
+        return nn.functional.normalize(features - mean, dim=-1)
 
     def _updated_feature_mean(self, features: torch.Tensor) -> torch.Tensor:
         """The running feature mean after this batch (the rows of every process), not yet stored."""

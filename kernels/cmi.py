@@ -27,11 +27,15 @@ from typing import Optional
 
 import torch
 import triton
+from triton.runtime.interpreter import InterpretedFunction
 
 from .cmi_backward import cmi_backward_kernel
 from .cmi_forward import cmi_forward_kernel, launch_meta
 from .cmi_log_centroids import cmi_log_centroids_kernel
 
+# Whether triton's interpreter runs the kernels: TRITON_INTERPRET decided it when triton.jit made them (at import),
+# so the variable's value at a call may differ from this.
+KERNELS_INTERPRETED = isinstance(cmi_forward_kernel, InterpretedFunction)
 # Programs per SM of the persistent forward grid. The row loop is not software-pipelined (one row's loads in flight
 # per program), so bytes in flight scale with resident programs: 8 x 4 warps = 32 warps per SM (4 gave 16, about
 # 8 KB in flight per SM where ~23 KB are needed to stream at 3 TB/s; bench/NOTES.md item 9). With slots the
@@ -102,10 +106,14 @@ def interpreter_numpy_problem() -> Optional[str]:
 def _check_device(features: torch.Tensor) -> None:
     if features.is_cuda:
         return
-    if os.environ.get("TRITON_INTERPRET") != "1":
+    if not KERNELS_INTERPRETED:
+        how = (
+            "TRITON_INTERPRET=1 was set after the kernels were imported: set it before importing cmi_fused"
+            if os.environ.get("TRITON_INTERPRET") == "1"
+            else "on the CPU set TRITON_INTERPRET=1 before importing triton"
+        )
         raise ValueError(
-            f"backend='triton' needs CUDA tensors (features are on {features.device}); "
-            "on the CPU set TRITON_INTERPRET=1 before importing triton, or use backend='torch'"
+            f"backend='triton' needs CUDA tensors (features are on {features.device}); {how}, or use backend='torch'"
         )
     problem = interpreter_numpy_problem()
     if problem:

@@ -39,6 +39,9 @@ import contextlib
 import dataclasses
 import math
 import os
+import subprocess
+import sys
+import warnings
 import zlib
 from typing import Optional
 from unittest import mock
@@ -48,7 +51,7 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from cmi_fused import cmi_loss
+from cmi_fused import cmi_loss, validate_labels
 
 ON_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if ON_CUDA else "cpu"
@@ -1458,6 +1461,9 @@ BAD_INPUTS = [
     ("num_classes_float", dict(num_classes=3.0), ValueError, "num_classes must be a positive int, got 3.0"),
     ("deterministic_not_bool", dict(deterministic="yes"), ValueError, "deterministic"),
     ("check_labels_not_bool", dict(check_labels="yes"), ValueError, "check_labels"),
+    # equal to True and False, so `in (None, True, False)` would take them
+    ("deterministic_one", dict(deterministic=1), ValueError, "deterministic"),
+    ("check_labels_zero_float", dict(check_labels=0.0), ValueError, "check_labels"),
 ]
 
 
@@ -1654,9 +1660,52 @@ def test_triton_backend_on_cpu_tensors_names_what_it_needs(monkeypatch):
     monkeypatch.setattr(numpy, "__version__", "2.4.0")
     with pytest.raises(RuntimeError, match=r"triton 3\.6\.0 fails with numpy 2\.4\.0 .*numpy<2\.4 or triton>=3\.7"):
         cmi_loss(features, labels, 3, backend="triton")
+    # Compiled kernels (TRITON_INTERPRET unset when triton.jit made them): the variable's value now says which advice.
+    import kernels.cmi
+
+    monkeypatch.setattr(kernels.cmi, "KERNELS_INTERPRETED", False)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(ValueError, match="needs CUDA tensors .*set TRITON_INTERPRET=1"):
+    with pytest.raises(ValueError, match="needs CUDA tensors .*on the CPU set TRITON_INTERPRET=1 before importing"):
         cmi_loss(features, labels, 3, backend="triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1 was set after the kernels were imported"):
+        cmi_loss(features, labels, 3, backend="triton")
+
+
+def test_interpreter_asked_for_after_import_is_named():
+    """The kernels are interpreted or compiled from their import on: TRITON_INTERPRET=1 set later is named as the
+    cause (instead of triton's "0 active drivers" from the launch), in a process that imported without it."""
+    script = (
+        "import os, torch\n"
+        "from cmi_fused import cmi_loss\n"
+        "import kernels.cmi\n"
+        "assert not kernels.cmi.KERNELS_INTERPRETED\n"
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "try:\n"
+        "    cmi_loss(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]), 3, backend='triton')\n"
+        "except ValueError as error:\n"
+        "    print(error)\n"
+    )
+    environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "TRITON_INTERPRET=1 was set after the kernels were imported" in done.stdout, done.stdout
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="counts CUDA synchronisations")
+def test_label_check_synchronises_once():
+    """``check_labels=True`` on CUDA costs one device synchronisation (README): both bounds in one copy."""
+    labels = torch.randint(0, 3, (4096,), device=DEVICE)
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            validate_labels(labels, 3)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchronizing" in str(w.message)]
+    assert len(syncs) == 1, [str(w.message) for w in caught]
 
 
 def test_out_of_range_labels_checked_by_default_on_cpu():

@@ -3,7 +3,6 @@ path alone), is undone afterwards, runs where the interpreter could not, and the
 times themselves are not checked."""
 
 import json
-import os
 import time
 
 import pytest
@@ -18,7 +17,7 @@ from bench.host_overhead import KERNELS, launches_stubbed, main, measure, steps,
 
 def test_stub_counts_every_launch_of_a_step_and_is_undone():
     step_fns = steps(n_rows=1100, dim=40, num_classes=3, dtype=torch.float32)  # N >= 1024: with the log table
-    programs, interpret = kernels.cmi.INTERPRETER_PROGRAMS, os.environ.get("TRITON_INTERPRET")
+    programs, interpreted = kernels.cmi.INTERPRETER_PROGRAMS, kernels.cmi.KERNELS_INTERPRETED
     real_kernels = {name: getattr(kernels.cmi, name) for name in KERNELS}
     with launches_stubbed(sms=132) as launches:
         assert kernels.cmi.INTERPRETER_PROGRAMS == 132 * kernels.cmi.PROGRAMS_PER_SM
@@ -26,7 +25,7 @@ def test_stub_counts_every_launch_of_a_step_and_is_undone():
         assert launches == {"cmi_forward_kernel": 1, "cmi_backward_kernel": 1, "cmi_log_centroids_kernel": 1}
         step_fns["fused batch"]()  # two forward phases, the table built from the phase-1 statistics
         assert launches == {"cmi_forward_kernel": 3, "cmi_backward_kernel": 2, "cmi_log_centroids_kernel": 2}
-    assert (kernels.cmi.INTERPRETER_PROGRAMS, os.environ.get("TRITON_INTERPRET")) == (programs, interpret)
+    assert (programs, interpreted) == (kernels.cmi.INTERPRETER_PROGRAMS, kernels.cmi.KERNELS_INTERPRETED)
     assert {name: getattr(kernels.cmi, name) for name in KERNELS} == real_kernels
 
 
@@ -42,7 +41,7 @@ def test_runs_where_the_interpreter_rejects_the_numpy(monkeypatch):
     with launches_stubbed(sms=132) as launches:
         step_fns["fused fixed"]()
     assert launches["cmi_forward_kernel"] == 1
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # as under the stub, also on a GPU machine
+    monkeypatch.setattr(kernels.cmi, "KERNELS_INTERPRETED", True)  # as under the stub, also on a GPU machine
     with pytest.raises(RuntimeError, match="triton-lang/triton#9171"):
         step_fns["fused fixed"]()
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from cmi_fused import CMIRegularizer
+from cmi_fused.options import TRITON_INSTALLED
 
 C, D, T = 3, 5, 0.7
 
@@ -450,7 +451,8 @@ def test_rejected_call_changes_no_state(mode, monkeypatch):
     with pytest.raises(ValueError, match="at least one row"):
         reg(h[:0], y[:0])
     monkeypatch.setattr(reg, "backend", "triton")
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if TRITON_INSTALLED:  # the kernels as if imported without TRITON_INTERPRET (without triton: an ImportError)
+        monkeypatch.setattr("kernels.cmi.KERNELS_INTERPRETED", False)
     with pytest.raises((ValueError, ImportError), match="CUDA|triton"):
         reg(h * 3 + 1, y)
     for name, buffer in reg.named_buffers():
@@ -581,3 +583,20 @@ def test_eval_mode_keeps_the_center_l2_feature_mean():
     x2 = centred(h2, mean)
     assert torch.allclose(reg(h2, y2).double(), batch_cmi(x2, y2, 0.1), atol=1e-5)
     assert torch.equal(reg.feature_mean, mean)
+
+
+@pytest.mark.parametrize("normalization", ["none", "center_l2"])
+def test_float64_features_stay_float64_on_the_torch_backend(normalization):
+    """forward's contract: float64 features give a float64 CMI on the torch backend, whichever normalisation (the
+    running feature mean is float32 state; the centring and the CMI are not rounded to float32). Evaluation before
+    training centres on the batch's own mean, so every input of the result is float64 here."""
+    reg = CMIRegularizer(C, D, "batch", temperature=0.1, normalization=normalization, backend="torch")
+    h, y = make_batches(1, seed=8)[0]
+    h = h.double() + 5.0
+    reg.eval()
+    x = centred(h, h.mean(0)) if normalization == "center_l2" else h
+    cmi = reg(h, y)
+    assert cmi.dtype == torch.float64
+    assert torch.allclose(cmi, batch_cmi(x, y, 0.1), rtol=1e-12, atol=0)
+    reg.train()
+    assert reg(h, y).dtype == torch.float64
