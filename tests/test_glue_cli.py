@@ -60,6 +60,7 @@ from cmi_fused.glue.sweep import (
 from cmi_fused.glue.train import (
     REGULARIZER_FILE,
     RESULTS_FILE,
+    RUN_CONFIG_FILE,
     CMITrainer,
     FeatureCapture,
     best_epoch_of,
@@ -536,7 +537,7 @@ def cmi_trainer(tiny_bert, output_dir, cmi, cmi_lambda=0.3, centroids="batch", b
         data_collator=DataCollatorWithPadding(tokenizer),
         regularizer=CMIRegularizer(2, HIDDEN, centroids, temperature=0.2),
         capture=FeatureCapture(model, "pooled"),
-        cmi_weight=config.cmi_weight,
+        config=config,
     )
     return trainer, model
 
@@ -976,11 +977,22 @@ def test_checkpoints_hold_the_regularizer_state_before_the_trainer_state(tiny_be
     args = [*base, "--centroids", "ema"]
     main(["train", *args, "--epochs", "2"])
     assert present_at_state_save == [True, True]
-    with pytest.raises(ValueError, match="centroids: 'ema' there, 'epoch' here"):
-        main(["train", *base, "--centroids", "epoch", "--epochs", "3", "--resume"])
-    os.remove(out / "checkpoint-8" / REGULARIZER_FILE)
-    with pytest.raises(FileNotFoundError, match=f"checkpoint-8 has no {REGULARIZER_FILE}"):
-        main(["train", *args, "--epochs", "3", "--resume"])
+    saved = json.loads((out / "checkpoint-8" / RUN_CONFIG_FILE).read_text())
+    assert (saved["cmi"], saved["centroids"], saved["feature"], saved["epochs"]) == ("min", "ema", "pooled", 2.0)
+    # Another setting of what the run computes: refused, each named (results.json would record the new ones).
+    changes = {
+        "centroids: 'ema' there, 'epoch' now": ["--centroids", "epoch"],
+        "feature: 'pooled' there, 'cls' now": ["--feature", "cls"],
+        "cmi: 'min' there, 'max' now": ["--cmi", "max"],
+        "epochs: 2.0 there, 3.0 now": ["--epochs", "3"],
+    }
+    for named, change in changes.items():
+        with pytest.raises(ValueError, match=f"checkpoint-8 was saved by a run of other settings .*{named}"):
+            main(["train", *args, "--epochs", "2", *change, "--resume"])
+    for missing in (REGULARIZER_FILE, RUN_CONFIG_FILE):
+        os.remove(out / "checkpoint-8" / missing)
+        with pytest.raises(FileNotFoundError, match=f"checkpoint-8 has no {missing}"):
+            main(["train", *args, "--epochs", "2", "--resume"])
 
 
 def test_a_new_run_replaces_the_old_runs_checkpoints(tiny_bert, glue_dir, tmp_path):

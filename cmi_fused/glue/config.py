@@ -7,6 +7,7 @@ a usage error without loading them.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import re
@@ -34,6 +35,30 @@ def check_not_in_a_checkpoint(name: str, path: Optional[str], output_dir: str) -
             f"{name} {path!r} lies in {inside} of output_dir {output_dir!r}, which this run replaces: "
             "copy it out of output_dir first"
         )
+
+
+# Settings that locate a run or say how it is executed, not what it computes: a finished run is reused (sweeps), and
+# a checkpoint resumed, whatever they are now.
+WHERE_AND_HOW = frozenset(
+    {
+        "output_dir",
+        "data_dir",
+        "eval_batch_size",
+        "keep_checkpoints",
+        "resume",
+        "disable_tqdm",
+        "cache_teacher_logits",
+        "full_determinism",
+    }
+)
+
+
+def changed_settings(config: TrainConfig, stored: dict) -> str:
+    """``"name: stored there, config's now; ..."`` for each setting outside :data:`WHERE_AND_HOW` in which ``config``
+    differs from ``stored`` (a config as ``results.json`` stores it), or ``""``."""
+    wanted = json.loads(json.dumps(dataclasses.asdict(config)))  # as results.json stores it (tuples as lists)
+    differing = sorted(key for key in wanted.keys() & stored.keys() - WHERE_AND_HOW if wanted[key] != stored[key])
+    return "; ".join(f"{key}: {stored[key]!r} there, {wanted[key]!r} now" for key in differing)
 
 
 @dataclasses.dataclass

@@ -23,24 +23,9 @@ import torch
 from scipy.stats import binomtest
 
 from ..distributed import is_main_process
-from .config import TrainConfig
+from .config import TrainConfig, changed_settings
 from .data import load_task
 from .train import RESULTS_FILE, train
-
-# Settings that locate a run or say how it is executed, not what it computes: a finished run is reused whatever they
-# are now.
-REUSE_IGNORES = frozenset(
-    {
-        "output_dir",
-        "data_dir",
-        "eval_batch_size",
-        "keep_checkpoints",
-        "resume",
-        "disable_tqdm",
-        "cache_teacher_logits",
-        "full_determinism",
-    }
-)
 
 
 def reuse_or_run(config: TrainConfig, run: Callable[[], dict]) -> dict:
@@ -56,11 +41,8 @@ def reuse_or_run(config: TrainConfig, run: Callable[[], dict]) -> dict:
         return results
     with open(results_path) as handle:
         results = json.load(handle)
-    wanted = json.loads(json.dumps(dataclasses.asdict(config)))  # as results.json stores it (tuples as lists)
-    stored = results.get("config", {})
-    differing = sorted(key for key in wanted.keys() & stored.keys() - REUSE_IGNORES if wanted[key] != stored[key])
-    if differing:
-        changes = "; ".join(f"{key}: {stored[key]!r} there, {wanted[key]!r} now" for key in differing)
+    changes = changed_settings(config, results.get("config", {}))
+    if changes:
         raise ValueError(
             f"{config.output_dir} holds a finished run of other settings ({changes}): "
             "give the sweep another --output-dir, or delete that run to redo it"

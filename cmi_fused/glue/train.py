@@ -36,12 +36,14 @@ from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_availab
 
 from ..distributed import all_reduce_sum
 from ..regularizer import CMIRegularizer
-from .config import CHECKPOINT_NAME, TrainConfig
+from .config import CHECKPOINT_NAME, TrainConfig, changed_settings
 from .data import GlueData, load_task, tokenize_task
 from .metrics import task_metric_names
 
 REGULARIZER_FILE = "cmi_regularizer.pt"
 RESULTS_FILE = "results.json"
+# In each checkpoint: the settings of the run that wrote it (TrainConfig, as results.json stores it).
+RUN_CONFIG_FILE = "cmi_glue_config.json"
 
 
 def eval_metric_names(data: GlueData) -> list:
@@ -97,10 +99,11 @@ class CMITrainer(Trainer):
     """``Trainer`` whose training loss is ``CE + cmi_weight * CMI(features, labels)``.
 
     Logs ``train_ce`` and ``train_cmi`` (means over the epoch's batches) at every epoch end, calls
-    ``regularizer.end_epoch()`` and stores the regulariser state in every checkpoint.
+    ``regularizer.end_epoch()`` and stores the regulariser state and the run's settings (``config``) in every
+    checkpoint.
     """
 
-    def __init__(self, *args, regularizer: CMIRegularizer, capture: FeatureCapture, cmi_weight: float, **kwargs):
+    def __init__(self, *args, regularizer: CMIRegularizer, capture: FeatureCapture, config: TrainConfig, **kwargs):
         super().__init__(*args, **kwargs)
         if self.args.n_gpu > 1:
             # The Trainer would wrap the model in nn.DataParallel: the feature hook would then fire once per replica
@@ -111,7 +114,8 @@ class CMITrainer(Trainer):
             )
         self.regularizer = regularizer.to(self.args.device)
         self.capture = capture
-        self.cmi_weight = cmi_weight
+        self.config = config
+        self.cmi_weight = config.cmi_weight
         self.model_accepts_loss_kwargs = False  # the loss below is a per-batch mean
         self._reset_epoch_sums()
         self.add_callback(EpochEndCallback(self))
@@ -140,13 +144,16 @@ class CMITrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
-        """Also writes the regulariser state into a checkpoint, next to the weights: before the Trainer writes
+        """Also writes the regulariser state and the run's settings into a checkpoint, next to the weights (for
+        ``--resume`` to load and to check): before the Trainer writes
         ``trainer_state.json`` and rotates the older checkpoints away, so that a run cut short while saving never
         leaves a last checkpoint without it (``on_save`` comes only after the rotation). A checkpoint is an
         ``_internal_call`` with a folder; the Trainer's other internal calls (``push_to_hub``) pass none."""
         super().save_model(output_dir, _internal_call)
         if _internal_call and output_dir is not None and self.is_world_process_zero():
             torch.save(self.regularizer.state_dict(), os.path.join(output_dir, REGULARIZER_FILE))
+            with open(os.path.join(output_dir, RUN_CONFIG_FILE), "w") as handle:
+                json.dump(dataclasses.asdict(self.config), handle, indent=2)
 
     def end_epoch(self):
         """Log the epoch means of CE and CMI (averaged over ranks) and advance the regulariser's epoch."""
@@ -390,16 +397,12 @@ def train(config: TrainConfig, data: GlueData | None = None) -> dict:
         compute_metrics=data.compute_metrics,
         regularizer=regularizer,
         capture=capture,
-        cmi_weight=config.cmi_weight,
+        config=config,
     )
     checkpoint = checkpoint_to_resume(trainer, config)
     if checkpoint is not None:
-        state_file = os.path.join(checkpoint, REGULARIZER_FILE)
-        if not os.path.isfile(state_file):
-            raise FileNotFoundError(
-                f"--resume: {checkpoint} has no {REGULARIZER_FILE} (a save cut short?): remove that checkpoint to "
-                "resume from the one before, or start over without --resume"
-            )
+        check_resumed_settings(checkpoint, config)
+        state_file = checkpoint_file(checkpoint, REGULARIZER_FILE)
         # map_location: rank 0 saved it from its device; load_state_dict copies it into this rank's buffers
         trainer.regularizer.load_state_dict(torch.load(state_file, map_location="cpu"))
     elif config.centroids == "frozen":
@@ -446,6 +449,30 @@ def checkpoint_to_resume(trainer: Trainer, config: TrainConfig) -> str | None:
     if checkpoint is None and trainer.is_world_process_zero():  # once under torchrun
         warnings.warn(f"--resume: no checkpoint in {config.output_dir!r}, training from the start", stacklevel=2)
     return checkpoint
+
+
+def checkpoint_file(checkpoint: str, name: str) -> str:
+    """The path of ``name`` in ``checkpoint``, which ``--resume`` needs: a checkpoint without it (a save cut short)
+    is refused rather than resumed in part."""
+    path = os.path.join(checkpoint, name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"--resume: {checkpoint} has no {name} (a save cut short?): remove that checkpoint to resume from the one "
+            "before, or start over without --resume"
+        )
+    return path
+
+
+def check_resumed_settings(checkpoint: str, config: TrainConfig) -> None:
+    """Refuse to resume ``checkpoint`` under settings that change what the run computes (another --feature, --cmi,
+    --cmi-lambda, --epochs, ...): ``results.json`` would record the new ones for a run partly trained under the old."""
+    with open(checkpoint_file(checkpoint, RUN_CONFIG_FILE)) as handle:
+        changes = changed_settings(config, json.load(handle))
+    if changes:
+        raise ValueError(
+            f"--resume: {checkpoint} was saved by a run of other settings ({changes}): resume with that run's "
+            "settings, or start over without --resume"
+        )
 
 
 def save_run(trainer: Trainer, output_dir: str, results: dict, keep_checkpoints: bool) -> None:
