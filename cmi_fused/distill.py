@@ -287,13 +287,15 @@ class DistillationTrainer(Trainer):
 # Teacher selection
 @torch.no_grad()
 def training_set_cmi(teacher_dir: str, data_dir: Optional[str] = None, batch_size: int = 64) -> dict:
-    """CMI of a ``cmi-glue train`` checkpoint on its training set, with its final centroids.
+    """The empirical CMI of a ``cmi-glue train`` run's final model on its training set.
 
     ``CMI = mean_i KL(softmax(x_i / T) || g_{y_i})`` over the training rows (the run's task, data and
-    ``max_train_samples``), ``x_i`` the run's feature (normalised as in training), ``g`` the saved
-    regulariser centroids when every class has one (``epoch``/``ema``/``frozen``, ``--cmi none`` runs
-    too), otherwise (``batch`` centroids) the class means of ``softmax(x / T)`` over the training set.
-    Returns the run's ``results.json`` with ``train_set_cmi`` and ``centroids_source`` added.
+    ``max_train_samples``), ``x_i`` the run's feature in eval mode (normalised as in training: a ``center_l2``
+    run's saved feature mean), ``g_c`` the class means of ``softmax(x / T)`` over those rows, whatever the run's
+    centroid mode. Those means minimise each class's mean KL: the centroids a run saved (from training-mode
+    features of earlier weights) would add ``sum_c (n_c / N) KL(mean_c || g_c)``, so that two runs of the same
+    weights would score differently by their ``--centroids``. Returns the run's ``results.json`` with
+    ``train_set_cmi`` added.
     """
     results_path = os.path.join(teacher_dir, RESULTS_FILE)
     if not os.path.isfile(results_path):
@@ -334,18 +336,15 @@ def training_set_cmi(teacher_dir: str, data_dir: Optional[str] = None, batch_siz
         labels.append(batch["labels"])
     capture.handle.remove()
     features = regularizer.normalize(torch.cat(features))
-    saved = bool(regularizer.centroid_valid.all())
     result = cmi_loss(
         features,
         torch.cat(labels),
         data.num_labels,
-        regularizer.centroids if saved else None,
         temperature=regularizer.temperature,
         eps=regularizer.eps,
         backend="torch",
-    )
+    )  # centroids=None: the class means over all the rows given
     results["train_set_cmi"] = float(result.loss)
-    results["centroids_source"] = f"saved {config['centroids']} centroids" if saved else "training-set class means"
     return results
 
 
@@ -364,8 +363,7 @@ def select_teacher(run_dirs: Sequence[str], data_dir: Optional[str] = None, batc
     distributions are concentrated. The ratio ranks runs with a positive metric only: for a metric <= 0 (CoLA's
     Matthews correlation of a run no better than chance) a higher CMI would raise it. Such runs rank after every
     run with a positive metric, by metric, then by lower CMI. Returns ``{"metric", "selected", "reason", "runs":
-    [...]}``; every run row has ``run``, ``cmi``, ``cmi_lambda``, ``best_metric``, ``train_set_cmi``, ``ratio``,
-    ``centroids_source``.
+    [...]}``; every run row has ``run``, ``cmi``, ``cmi_lambda``, ``best_metric``, ``train_set_cmi``, ``ratio``.
     """
     if not run_dirs:
         raise ValueError("--runs must name at least one run directory")
@@ -392,7 +390,6 @@ def select_teacher(run_dirs: Sequence[str], data_dir: Optional[str] = None, batc
                 "best_metric": results["best"][metric],
                 "train_set_cmi": cmi,
                 "ratio": results["best"][metric] / cmi,
-                "centroids_source": results["centroids_source"],
             }
         )
     best = max(rows, key=teacher_rank)

@@ -244,13 +244,13 @@ def run_select_teacher_command(args: argparse.Namespace) -> None:
     run_dirs, left_out = teacher_candidates(args.runs)
     selection = select_teacher(run_dirs, args.data_dir, args.batch_size)
     metric = selection["metric"]
-    print(f"| run | cmi | lambda | best {metric} | training-set CMI | ratio | centroids |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"| run | cmi | lambda | best {metric} | training-set CMI | ratio |")
+    print("|---|---|---|---|---|---|")
     for row in selection["runs"]:
         cmi_lambda = "-" if row["cmi"] == "none" else f"{row['cmi_lambda']:g}"  # a CE run's lambda is unused
         print(
             f"| {row['run']} | {row['cmi']} | {cmi_lambda} | {row['best_metric']:.4f} | "
-            f"{row['train_set_cmi']:.4g} | {row['ratio']:.4f} | {row['centroids_source']} |"
+            f"{row['train_set_cmi']:.4g} | {row['ratio']:.4f} |"
         )
     if left_out:
         print(f"left out (CE baselines of the directories given; name a run to include it): {', '.join(left_out)}")
