@@ -412,9 +412,11 @@ def distill_args(teacher, glue_dir, output_dir):
 
 
 def test_distill_end_to_end(teachers, glue_dir, tmp_path):
-    """A distillation with --keep-checkpoints replaces an old run's checkpoints (checkpoint-99 here)."""
+    """A distillation with --keep-checkpoints replaces an old run's checkpoints (checkpoint-99 here) and regulariser
+    state."""
     out = tmp_path / "student"
     (out / "checkpoint-99").mkdir(parents=True)
+    (out / REGULARIZER_FILE).write_bytes(b"")  # an old training run's: the student's directory would pass for one
     main(
         [
             "distill",
@@ -439,6 +441,7 @@ def test_distill_end_to_end(teachers, glue_dir, tmp_path):
     student = AutoModelForSequenceClassification.from_pretrained(out)
     assert isinstance(student, DistilBertForSequenceClassification) and student.config.n_layers == 2
     assert sorted(path.name for path in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]
+    assert not (out / REGULARIZER_FILE).exists()
 
 
 @pytest.mark.parametrize("cache", [False, True], ids=["per-batch", "cached"])

@@ -1029,7 +1029,8 @@ def test_checkpoints_are_listed_not_globbed(tmp_path):
 
 def test_weights_inside_the_runs_own_checkpoints_are_refused(tmp_path):
     """A run replaces the checkpoints of --output-dir: it refuses to load --model (--teacher, --student) from one,
-    before anything loads; weights elsewhere in the directory, or a hub name, are fine. Sizes given as numpy
+    before anything loads; weights elsewhere in the directory, or a hub name, are fine, and so is --output-dir itself
+    but as the teacher, which the student would replace. Sizes given as numpy
     integers are stored as plain ints."""
     out = tmp_path / "out"
     (out / "checkpoint-8").mkdir(parents=True)
@@ -1041,6 +1042,9 @@ def test_weights_inside_the_runs_own_checkpoints_are_refused(tmp_path):
     with pytest.raises(ValueError, match="student .* lies in checkpoint-8"):
         DistillConfig("mrpc", inside, str(out), teacher="t", student=inside)
     TrainConfig("mrpc", str(out), str(out))  # the previous run's saved model: loaded before anything is removed
+    DistillConfig("mrpc", str(out), str(out), teacher="t", student=str(out))  # so is a student continued in place
+    with pytest.raises(ValueError, match="teacher .* is output_dir, where the student would replace it"):
+        DistillConfig("mrpc", "m", str(out), teacher=str(out / "." / ""))
     config = TrainConfig("mrpc", "m", str(tmp_path), batch_size=np.int64(8), max_seq_length=np.int32(64))
     assert json.loads(json.dumps(dataclasses.asdict(config)))["batch_size"] == 8
     assert type(config.batch_size) is int and type(config.max_seq_length) is int

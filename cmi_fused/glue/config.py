@@ -173,6 +173,11 @@ class DistillConfig(TrainConfig):
             raise ValueError(f"cmi must be 'none' for distillation (the KD loss replaces it), got {self.cmi!r}")
         if self.resume:  # distill() would silently start over
             raise ValueError("resume is not supported for distillation: start the run over")
+        if os.path.isdir(self.teacher) and os.path.realpath(self.teacher) == os.path.realpath(self.output_dir):
+            # (a student or --model there is a run continued in place, as train allows)
+            raise ValueError(
+                f"teacher {self.teacher!r} is output_dir, where the student would replace it: give another output_dir"
+            )
         check_number("alpha", self.alpha, 0.0, 1.0)  # as KDLoss checks them, under this config's names
         check_temperature(self.kd_temperature, "kd_temperature")
 

@@ -150,6 +150,10 @@ def distill(
         kd=kd,
     )
     remove_checkpoints(trainer, config.output_dir)  # a distillation replaces the run there (resume is refused)
+    stale_state = os.path.join(config.output_dir, REGULARIZER_FILE)
+    if trainer.is_world_process_zero() and os.path.isfile(stale_state):
+        # a train run's, left there: with it the student's directory would pass for a training run (select-teacher)
+        os.remove(stale_state)
     train_output = trainer.train()
 
     history = distill_history(trainer.state.log_history, eval_metric_names(data))
