@@ -989,7 +989,7 @@ def test_checkpoints_hold_the_regularizer_state_before_the_trainer_state(tiny_be
     for named, change in changes.items():
         with pytest.raises(ValueError, match=f"checkpoint-8 was saved by a run of other settings .*{named}"):
             main(["train", *args, "--epochs", "2", *change, "--resume"])
-    for missing in (REGULARIZER_FILE, RUN_CONFIG_FILE):
+    for missing in (REGULARIZER_FILE, RUN_CONFIG_FILE, "trainer_state.json"):
         os.remove(out / "checkpoint-8" / missing)
         with pytest.raises(FileNotFoundError, match=f"checkpoint-8 has no {missing}"):
             main(["train", *args, "--epochs", "2", "--resume"])

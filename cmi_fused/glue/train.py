@@ -31,6 +31,7 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 
@@ -401,6 +402,7 @@ def train(config: TrainConfig, data: GlueData | None = None) -> dict:
     )
     checkpoint = checkpoint_to_resume(trainer, config)
     if checkpoint is not None:
+        checkpoint_file(checkpoint, TRAINER_STATE_NAME)  # the Trainer's own, written last: else its bare error
         check_resumed_settings(checkpoint, config)
         state_file = checkpoint_file(checkpoint, REGULARIZER_FILE)
         # map_location: rank 0 saved it from its device; load_state_dict copies it into this rank's buffers
