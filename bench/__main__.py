@@ -28,6 +28,8 @@ from .timing import device_name
 
 DEFAULT_OUTPUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 CUDA_FAULT_STATUS = 3  # exit status of a run stopped by a lost CUDA context (the rows so far are saved)
+E2E_UNIT = ("e2e", None)  # the BERT training step's place in the list of (shape, mode) units
+E2E_INTERRUPTED = "interrupted by the time limit before it finished"
 QUICK_PROVIDERS = ("eager", "fused", "noop")  # compile left out: inductor's first CPU compile takes ~25 s
 
 
@@ -157,7 +159,7 @@ def main(argv=None) -> int:
     if (args.merge or args.resume) and os.path.exists(stem + ".json"):
         previous = report.read_json(stem + ".json")
         results["date"] = previous["date"]  # the file's day; each run keeps its own start time
-    present, failed, e2e_done = set(), set(), False
+    present, failed, e2e_done, e2e_failed = set(), set(), False, False
     if args.resume and previous:
         # Rows that failed (a compile error, an OOM, a CUDA fault) count as missing: a resume measures them again,
         # their units last (a unit that faulted the CUDA context would otherwise end this process before the rest).
@@ -165,6 +167,8 @@ def main(argv=None) -> int:
         failed = {(cmi_op.Shape.of_row(row), row["mode"]) for row in previous["rows"] if row.get("error")}
         previous_e2e = previous.get("e2e") or {}
         e2e_done = bool(previous_e2e.get("configs")) and not previous_e2e.get("errors")
+        # failed: an exception or a config's error (where a CUDA fault lands), not the time limit's interruption
+        e2e_failed = bool(previous_e2e.get("errors")) or previous_e2e.get("error", E2E_INTERRUPTED) != E2E_INTERRUPTED
         log(f"resuming {stem}.json: {len(present)} rows and {'the' if e2e_done else 'no'} e2e section done")
 
     # The unit of work is one shape in one mode, saved as it finishes: a run cut off by the time limit (or by
@@ -179,33 +183,28 @@ def main(argv=None) -> int:
         if not cmi_op.grid_row_keys(shape, providers, (mode,), passes, timings, device) <= present
     ]  # fmt: skip
     pending.sort(key=lambda unit: unit in failed)  # stable: the failed units last, each group in its order
+    # The BERT step comes after the first mode's units (tens of seconds on an H100): a fault of the fused op inside
+    # it, which ends the process, then costs no target row. After a failed attempt it goes last, like a failed unit:
+    # run first again, the same fault would end the resumed process before any unit too.
+    if not (args.no_e2e or e2e_done):
+        first_mode_units = sum(unit[1] == args.modes[0] and unit not in failed for unit in pending)
+        pending.insert(len(pending) if e2e_failed else first_mode_units, E2E_UNIT)
 
     def save() -> None:
         # Every unit not finished yet is listed as skipped at every save, so that a run killed outright (SIGKILL,
         # a crash in the driver) leaves a file that still says what it did not measure.
-        results["skipped"] = [[*dataclasses.astuple(shape), mode] for shape, mode in pending]
+        results["skipped"] = [[*dataclasses.astuple(unit[0]), unit[1]] for unit in pending if unit != E2E_UNIT]
         report.write_json(report.merge_results(previous, results) if previous else results, stem + ".json")
         report.write_report(stem + ".json")
 
-    e2e_pending = not (args.no_e2e or e2e_done)
     status = 0
     save()
     try:
         fused_error = cmi_op.fused_unavailable_reason()
         if fused_error:
             log(f"fused provider unavailable: {fused_error}")
-        if e2e_pending:
-            settings = e2e.E2ESettings.quick() if args.quick else e2e.E2ESettings()
-            if args.e2e_rounds:
-                settings = dataclasses.replace(settings, rounds=args.e2e_rounds)
-            try:
-                results["e2e"] = e2e.run_e2e(settings, device, fused_error, seed=args.seed, log=log)
-            except Exception as error:  # e.g. transformers missing on the device: keep the op benchmark going
-                results["e2e"] = {"error": f"{type(error).__name__}: {error}"}
-            e2e_pending = False
-            save()
         while pending:
-            shape, mode = pending[0]
+            unit = pending[0]
             if args.time_limit is not None and time.monotonic() - started > args.time_limit:
                 break
             fault = cmi_op.cuda_fault(device)
@@ -213,23 +212,36 @@ def main(argv=None) -> int:
                 log(f"the CUDA context is lost ({fault[:300]}): no further shape or mode in this process")
                 status = CUDA_FAULT_STATUS
                 break
-            rows = cmi_op.run_op_bench(
-                [shape], providers, (mode,), passes, timings, device, budget, copy_tbps, seed=args.seed, log=log
-            )
-            results["rows"] += [dict(row, run=0) for row in rows]
+            if unit == E2E_UNIT:
+                settings = e2e.E2ESettings.quick() if args.quick else e2e.E2ESettings()
+                if args.e2e_rounds:
+                    settings = dataclasses.replace(settings, rounds=args.e2e_rounds)
+                try:
+                    results["e2e"] = e2e.run_e2e(settings, device, fused_error, seed=args.seed, log=log)
+                except KeyboardInterrupt:
+                    results["e2e"] = {"error": E2E_INTERRUPTED}
+                    raise
+                except Exception as error:  # e.g. transformers missing on the device: keep the op benchmark going
+                    results["e2e"] = {"error": f"{type(error).__name__}: {error}"}
+            else:
+                shape, mode = unit
+                rows = cmi_op.run_op_bench(
+                    [shape], providers, (mode,), passes, timings, device, budget, copy_tbps, seed=args.seed, log=log
+                )
+                results["rows"] += [dict(row, run=0) for row in rows]
             pending.pop(0)
             save()
         if device.type == "cuda" and not pending:  # after every timing: the profiler may slow what follows it
             deadline = None if args.time_limit is None else started + args.time_limit
+            # The rows of earlier calls too (first: a resumed file's are the fixed-centroid targets), where counted
+            # in place; this call's rows replace theirs of the same key when the file is merged.
             cmi_op.add_launch_counts(
-                results["rows"], device, seed=args.seed,
+                (previous["rows"] if previous else []) + results["rows"], device, seed=args.seed,
                 time_left=lambda: 1.0 if deadline is None else deadline - time.monotonic(),
             )  # fmt: skip
             save()
     except KeyboardInterrupt:  # run_gpu.sh's hard limit (SIGINT): keep what finished, say what did not, then stop
         log("interrupted: saving what finished")
-        if e2e_pending:
-            results["e2e"] = {"error": "interrupted by the time limit before it finished"}
         raise
     finally:
         save()

@@ -70,7 +70,9 @@ TIMINGS = ("device", "wall")
 PASS_ACTIVATION_TRAFFIC = {"fwd": 1, "bwd": 2, "fwd_bwd": 3}
 PASS_CENTROID_GATHERS = {"fwd": 1, "bwd": 1, "fwd_bwd": 2}
 DEFAULT_L2_BYTES = 50 * 2**20
-COPY_WARMUP_STEPS = 3
+# Untimed copies before the copy rate's timed ones: on a GPU about 70 ms of 1 GiB copies, so that a device that a
+# fresh process finds at idle clocks has left them; on the CPU a few.
+COPY_WARMUP_STEPS = {"cuda": 100, "cpu": 3}
 # The error floors of the loss and the gradient, as a fraction of the size of the terms they sum (module docstring).
 TERM_FLOOR = 0.1
 
@@ -468,7 +470,7 @@ def measure_copy_tbps(device: torch.device) -> float:
     source = torch.rand(numel, device=device)
     target = torch.empty_like(source)
     timer = Timer(device)
-    for _ in range(COPY_WARMUP_STEPS):
+    for _ in range(COPY_WARMUP_STEPS[device.type]):
         target.copy_(source)
     times = timer.wall_ms(lambda k: None, lambda k: target.copy_(source), 1, 20 if device.type == "cuda" else 5)
     return 2 * source.numel() * source.element_size() / (statistics.median(times) * 1e-3) / 1e12

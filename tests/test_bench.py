@@ -409,6 +409,7 @@ def test_merge_replaces_same_key_rows_and_keeps_the_rest():
         [65536, 768, 10, "bf16", "fixed"],
     ]
     new = synthetic_results("GPU", [make_row(shape, "fixed", "fused", "fwd", "wall", 0.5)])
+    new["skipped"] = [[65536, 768, 10, "bf16", "fixed"]]  # not measured by either call: listed once
     merged = report.merge_results(old, new)
     by_shape = {(r["N"], r["d"]): r for r in merged["rows"]}
     assert by_shape[(32, 768)]["ms"] == 0.5 and by_shape[(32, 768)]["run"] == 1
@@ -1085,6 +1086,25 @@ def test_resume_runs_an_e2e_section_with_errors_again(tmp_path, monkeypatch, kee
     assert bench_main([*argv, "--resume"]) == 0 and len(calls) == 2  # the errors count as missing
     assert read_results(tmp_path)["e2e"] == sections[1]
     assert bench_main([*argv, "--resume"]) == 0 and len(calls) == 2  # now done
+
+
+def test_e2e_runs_after_the_fixed_centroid_units_and_last_after_a_failure(tmp_path, monkeypatch, keep_torch_threads):
+    """The BERT step (which runs the fused op) comes after the fixed-centroid units, the issue's targets: a fault in
+    it ends the process after they are saved. After an attempt with errors it goes last, so that a resumed process
+    measures every unit before it could meet the same fault."""
+    header = {"model": "BERT", "batch_size": 4, "seq_len": 16, "autocast": "bf16", "optimizer": "AdamW",
+              "cmi_weight": 0.1, "cmi_input": "pooled", "rounds": 1, "steps_per_round": 1}  # fmt: skip
+    plain = {"config": "plain", "step_ms": 1.0, "round_ms": [1.0]}
+    failed = dict(header, configs=[plain], errors={"cmi_fused": "CUDA error: an illegal memory access"})
+    calls = []
+    monkeypatch.setattr(cmi_op, "run_op_bench", lambda shapes, providers, modes, *a, **k: calls.append(modes[0]) or [])
+    monkeypatch.setattr(e2e, "run_e2e", lambda *args, **kwargs: calls.append("e2e") or failed)
+    argv = ["--quick", "--providers", "eager", "--shapes", "8x40:3:fp32", "6x33:2:fp32", "--output-dir", str(tmp_path)]
+    assert bench_main(argv) == 0
+    assert calls == ["fixed", "fixed", "e2e", "batch", "batch"]
+    calls.clear()
+    assert bench_main([*argv, "--resume"]) == 0  # (the stub's units wrote no rows: all of them again)
+    assert calls == ["fixed", "fixed", "batch", "batch", "e2e"]
 
 
 def test_time_limit_starts_no_unit_after_it(tmp_path, monkeypatch, keep_torch_threads):
