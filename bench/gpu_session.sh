@@ -6,8 +6,9 @@
 #   2. issue 2: the test suite on CUDA tensors (bench/run_gpu_tests.sh; pytest-xdist workers when installed, since
 #      Triton and inductor compiles dominate a first CUDA run; the tests that need no GPU left to CI), for at most
 #      TEST_TIME_LIMIT s (default 200; 0 skips it, e.g. in a second call that only resumes the benchmark);
-#   3. issue 3: bench/run_gpu.sh, the e2e benchmark, then the issue's target shapes first, in the time left (it
-#      resumes: a second call with this call's results put back in bench/results measures only what is missing);
+#   3. issue 3: bench/run_gpu.sh, the issue's target shapes first (fixed centroids, then the e2e benchmark, then
+#      per-batch centroids), in the time left (it resumes: a second call with this call's results put back in
+#      bench/results measures only what is missing);
 #   4. bench.host_overhead (CPU only, about 10 s), if at least 30 s are left: the GPU host's Python speed, to split
 #      the wall rows into host path and launches (bench/NOTES.md item 4).
 #
