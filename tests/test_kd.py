@@ -146,6 +146,10 @@ def test_bad_tensors():
         kd_loss(student, teacher[:, :2], labels)
     with pytest.raises(ValueError, match="student_logits"):
         kd_loss(student[0], teacher[0], labels)
+    with pytest.raises(ValueError, match=r"student_logits must be 2-D \(N, C\) with N >= 1 and C >= 2"):
+        kd_loss(student[:, :1], teacher[:, :1], labels)  # one class: nothing to distil
+    with pytest.raises(ValueError, match="teacher_logits are on meta but student_logits on cpu"):
+        kd_loss(student, teacher.to("meta"), labels)
     with pytest.raises(TypeError, match="labels"):
         kd_loss(student, teacher, labels.float())
     with pytest.raises(ValueError, match="labels must have shape"):

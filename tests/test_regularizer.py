@@ -119,6 +119,40 @@ def test_epoch_mode_uses_previous_epoch_means():
     reg.end_epoch()
     assert torch.allclose(reg.centroids[:2].double(), class_means(softmax(h), y)[:2], atol=1e-6)
     assert torch.equal(reg.centroids[2], epoch2_means[2])
+    assert reg.centroid_valid.all()  # and its validity
+
+
+def test_epoch_mode_uses_stored_centroids_where_every_class_of_the_batch_has_one():
+    """After an epoch without class 2, epoch mode still uses the stored centroids for batches of classes 0 and 1; a
+    batch with class 2 (no centroid yet) takes per-batch centroids."""
+    reg = CMIRegularizer(C, D, "epoch", temperature=T)
+    h, y = make_batches(1)[0]
+    reg(h[y < 2], y[y < 2])
+    reg.end_epoch()
+    assert reg.centroid_valid.tolist() == [True, True, False]
+    stored = reg.centroids.double().clone()
+    h, y = make_batches(1, seed=3)[0]
+    known = y < 2
+    assert torch.allclose(reg(h[known], y[known]).double(), hand_cmi(h[known], y[known], stored), atol=1e-6)
+    assert torch.allclose(reg(h, y).double(), batch_cmi(h, y, T), atol=1e-6)
+
+
+def test_ema_class_missing_from_a_batch_keeps_its_centroid_and_validity():
+    """ema: a class absent from a batch keeps its centroid (not blended towards zero) and stays valid, so that it is
+    blended, not restarted, when it comes back."""
+    momentum = 0.8
+    reg = CMIRegularizer(C, D, "ema", temperature=T, momentum=momentum)
+    (h1, y1), (h2, y2), (h3, y3) = make_batches(3)
+    reg(h1, y1)
+    ema = class_means(softmax(h1), y1)
+    known = y2 != 2
+    reg(h2[known], y2[known])
+    ema[:2] = momentum * ema[:2] + (1 - momentum) * class_means(softmax(h2[known]), y2[known])[:2]
+    assert torch.allclose(reg.centroids.double(), ema, atol=1e-6)
+    assert reg.centroid_valid.all()
+    reg(h3, y3)
+    ema = momentum * ema + (1 - momentum) * class_means(softmax(h3), y3)
+    assert torch.allclose(reg.centroids.double(), ema, atol=1e-6)
 
 
 def test_ema_mode_blends_batch_means():
@@ -279,6 +313,13 @@ def test_frozen_center_l2_computes_the_feature_mean_first_and_keeps_it():
     assert torch.allclose(reg(h, y).double(), hand_cmi(x, y, frozen, 0.2), atol=1e-5)
     assert torch.allclose(reg.feature_mean.double(), mean, atol=1e-6)
     assert torch.allclose(reg.centroids.double(), frozen, atol=1e-6)
+    # Frozen again (e.g. after loading a state): the running feature mean stays, one pass, so an iterator will do.
+    kept = reg.feature_mean.clone()
+    shifted = [(h + 3.0, y) for h, y in make_batches(2, seed=10)]
+    reg.freeze(iter(shifted))
+    assert torch.equal(reg.feature_mean, kept)
+    h_all, y_all = torch.cat([p[0] for p in shifted]), torch.cat([p[1] for p in shifted])
+    assert torch.allclose(reg.centroids.double(), class_means(softmax(centred(h_all, kept), 0.2), y_all), atol=1e-6)
 
 
 def test_eval_mode_keeps_state():
@@ -556,19 +597,29 @@ def test_out_of_range_labels_do_not_count_as_a_class_when_choosing_centroids():
     assert reg._centroids_for(torch.tensor([1, 2, 2])) is reg.centroids
     assert reg._centroids_for(torch.tensor([1, -1, 2, C])) is reg.centroids
     assert reg._centroids_for(torch.tensor([0, 1])) is None
+    reg = CMIRegularizer(C, D, "ema", temperature=T)
+    reg(h, torch.tensor([0, 1] * 4))  # now class C - 1 has none
+    assert reg._centroids_for(torch.tensor([0, 1, C])) is reg.centroids
 
 
 def test_center_l2_in_eval_before_training_centres_on_the_batch_mean():
     """Evaluation before any training step has no running feature mean yet: normalize() centres on the batch's own
-    mean (not the all-zero feature_mean buffer), and the call stores no mean. The offset makes a zero mean visible."""
+    mean (not the all-zero feature_mean buffer, and detached), and the call stores no mean. The offset makes a zero
+    mean visible."""
     reg = CMIRegularizer(C, D, "batch", temperature=0.1, normalization="center_l2")
     reg.eval()
     h, y = make_batches(1, seed=4)[0]
-    h = h + 5.0
-    x = centred(h, h.double().mean(0))
-    assert torch.allclose(reg(h, y).double(), batch_cmi(x, y, 0.1), atol=1e-5)
+    h = (h + 5.0).requires_grad_(True)
+    x = centred(h.detach(), h.detach().double().mean(0))
+    cmi = reg(h, y)
+    assert torch.allclose(cmi.double(), batch_cmi(x, y, 0.1), atol=1e-5)
     assert not reg.feature_mean_valid
     assert torch.equal(reg.feature_mean, torch.zeros(D))
+    # The batch mean is held constant in the gradient, as the running mean (a buffer) is.
+    cmi.backward()
+    h_ref = h.detach().double().requires_grad_(True)
+    batch_cmi(centred(h_ref, h_ref.detach().mean(0)), y, 0.1).backward()
+    assert torch.allclose(h.grad.double(), h_ref.grad, atol=1e-5)
 
 
 def test_eval_mode_keeps_the_center_l2_feature_mean():
