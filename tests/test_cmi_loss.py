@@ -1428,6 +1428,9 @@ BAD_INPUTS = [
     ("integer_features", dict(features=torch.ones(6, 5, dtype=torch.int64)), TypeError, "features"),
     ("labels_length_mismatch", dict(labels=[0, 1, 2, 0, 1]), ValueError, "labels"),
     ("labels_2d", dict(labels=[[0, 1, 2, 0, 1, 2]]), ValueError, "labels"),
+    ("labels_column", dict(labels=[[0], [1], [2], [0], [1], [2]]), ValueError, "labels must have shape"),  # N long
+    ("no_rows", dict(features=torch.ones(0, 5), labels=torch.zeros(0, dtype=torch.long)), ValueError, "at least one"),
+    ("no_columns", dict(features=torch.ones(6, 0)), ValueError, "features must have at least one row and one column"),
     ("centroids_wrong_classes", dict(centroids=torch.full((4, 5), 0.2)), ValueError, "centroids"),
     ("centroids_wrong_dim", dict(centroids=torch.full((3, 4), 0.25)), ValueError, "centroids"),
     ("centroids_integer", dict(centroids=torch.ones(3, 5, dtype=torch.int64)), TypeError, "centroids"),
@@ -1548,13 +1551,15 @@ def test_numpy_integer_num_classes_is_taken_as_int(backend: str):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_centroids_on_another_device_are_refused(backend: str):
-    """A kernel given a pointer of another device would read the wrong memory: the check names centroids (a meta
-    tensor stands in for another device on a CPU-only machine)."""
+def test_centroids_or_labels_on_another_device_are_refused(backend: str):
+    """A kernel given a pointer of another device would read the wrong memory: the check names centroids or labels
+    (a meta tensor stands in for another device on a CPU-only machine)."""
     features = torch.randn(6, 5, device=DEVICE)
     labels = torch.tensor([0, 1, 2, 0, 1, 2], device=DEVICE)
     with pytest.raises(ValueError, match="centroids are on meta"):
         cmi_loss(features, labels, 3, torch.full((3, 5), 0.2, device="meta"), backend=backend)
+    with pytest.raises(ValueError, match="labels are on meta"):
+        cmi_loss(features, labels.to("meta"), 3, backend=backend)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
@@ -1759,6 +1764,53 @@ def test_given_centroids_changed_in_place_before_the_backward(backend: str, requ
         return
     result.loss.backward()
     assert_rel_close(features.grad, ref_h.grad, 1e-5, "gradient against the forward's centroids")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_more_classes_than_rows_floor_zero_centroids_and_never_index_with_a_bad_label(backend: str, request):
+    """C > N (vocabulary-sized centroids) takes its own path (the rows' centroids gathered, then floored at eps):
+    zero centroid entries are floored, not log 0, and labels -1 and C (check_labels=False) are never an index: their
+    rows are NaN and pass no gradient back."""
+    gen = generator_for(request)
+    n, d, c = 5, 8, 10
+    features = make_features(n, d, torch.float32, "contiguous", gen).requires_grad_(True)
+    labels = torch.tensor([0, -1, 3, c, 3], device=DEVICE)
+    centroids = random_centroids(c, d, gen)
+    centroids[:, 2] = 0.0  # below eps in every class
+    centroids = centroids.to(DEVICE)
+    result = cmi_loss(features, labels, c, centroids, eps=1e-3, reduction="none", backend=backend, check_labels=False)
+    ref_rows, ref_sums, ref_counts, ref_h = reference_cmi(features, labels, c, centroids, eps=1e-3, reduction="none")
+    good, bad = [0, 2, 4], [1, 3]
+    assert torch.isnan(result.loss[bad]).all()
+    assert_rel_close(result.loss[good], ref_rows[good], 1e-5, "rows with valid labels")
+    assert_rel_close(result.class_sums, ref_sums, 1e-5, "class_sums")
+    weights = torch.tensor([1.0, 0.0, 2.0, 0.0, 1.0], device=DEVICE)  # the bad rows dropped, as for an ignore label
+    result.loss.backward(weights)
+    ref_rows.backward(weights.double())
+    assert torch.equal(features.grad[bad], torch.zeros(2, d, device=DEVICE))
+    assert_rel_close(features.grad[good], ref_h.grad[good], 1e-5, "gradient of the valid rows")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_label_rows_pass_a_zero_gradient_also_without_class_0(backend: str):
+    """Per-batch centroids with class 0 absent from the batch (count 0): the rows of bad labels still pass back a
+    zero gradient, not NaN, and the others a finite one."""
+    features = torch.randn(6, 5, device=DEVICE, requires_grad=True)
+    labels = torch.tensor([1, 2, -1, 1, 2, 3], device=DEVICE)
+    result = cmi_loss(features, labels, 3, reduction="none", backend=backend, check_labels=False)
+    good = torch.tensor([True, True, False, True, True, False], device=DEVICE)
+    assert torch.equal(result.class_counts[0].double().cpu(), torch.tensor(0.0, dtype=torch.float64))
+    result.loss[good].sum().backward()
+    assert torch.isfinite(features.grad).all()
+    assert torch.equal(features.grad[~good], torch.zeros(2, 5, device=DEVICE))
+
+
+def test_float64_features_give_a_float64_loss_and_float32_statistics():
+    """CMIOutput's class sums and counts are float32 whatever the features (what a caller all-reduces or keeps)."""
+    features = torch.randn(6, 5, dtype=torch.float64, device=DEVICE)
+    result = cmi_loss(features, torch.tensor([0, 1, 2, 0, 1, 2], device=DEVICE), 3, backend="torch")
+    assert result.loss.dtype == torch.float64
+    assert result.class_sums.dtype == torch.float32 and result.class_counts.dtype == torch.float32
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
