@@ -30,6 +30,7 @@ from .options import (
     check_optional_bool,
     check_reduction,
     check_temperature,
+    compute_dtype,
     labels_in_range,
     maybe_validate_labels,
 )
@@ -121,9 +122,9 @@ def kd_loss(
         reduction=reduction,
         check_labels=check_labels,
     )
-    compute_dtype = torch.float64 if torch.float64 in (student_logits.dtype, teacher_logits.dtype) else torch.float32
-    student = student_logits.to(compute_dtype)
-    teacher = teacher_logits.detach().to(compute_dtype)
+    dtype = compute_dtype(student_logits.dtype, teacher_logits.dtype)
+    student = student_logits.to(dtype)
+    teacher = teacher_logits.detach().to(dtype)
 
     log_p_teacher = torch.log_softmax(teacher / temperature, dim=-1)
     log_p_student = torch.log_softmax(student / temperature, dim=-1)

@@ -52,6 +52,11 @@ class CMIOptions:
     deterministic: Optional[bool] = None
 
 
+def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The dtype the torch paths compute in: float64 where an input is float64, float32 otherwise (bf16/fp16/fp32)."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
 def is_integer(value) -> bool:
     """Python's or numpy's integers, not bools (an int subclass that no one means as a count or an index)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)

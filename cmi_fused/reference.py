@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from .options import CMIOptions, CMIOutput, labels_in_range
+from .options import CMIOptions, CMIOutput, compute_dtype, labels_in_range
 
 
 def reduce_rows(row_losses: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -39,10 +39,10 @@ def reduce_rows(row_losses: torch.Tensor, reduction: str) -> torch.Tensor:
 def cmi_loss_torch(
     features: torch.Tensor, labels: torch.Tensor, centroids: Optional[torch.Tensor], options: CMIOptions
 ) -> CMIOutput:
-    compute_dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(features.dtype)
     num_classes = options.num_classes
     n_rows, dim = features.shape
-    scaled = features.to(compute_dtype)
+    scaled = features.to(dtype)
     if options.temperature != 1.0:  # a Python float: the division's full pass is skipped at T = 1, no device sync
         scaled = scaled / options.temperature
     log_f = torch.log_softmax(scaled, dim=-1)
@@ -51,15 +51,15 @@ def cmi_loss_torch(
     labels, valid = labels_in_range(labels, num_classes)
     # Rows with a bad label add into an overflow bin (row C), cut off after: no masking pass over (N, d).
     bins = torch.where(valid, labels, num_classes)
-    sums_and_overflow = torch.zeros(num_classes + 1, dim, dtype=compute_dtype, device=f.device)
+    sums_and_overflow = torch.zeros(num_classes + 1, dim, dtype=dtype, device=f.device)
     sums_and_overflow.index_add_(0, bins, f.detach())
-    counts_and_overflow = torch.zeros(num_classes + 1, dtype=compute_dtype, device=f.device)
-    counts_and_overflow.index_add_(0, bins, torch.ones(n_rows, dtype=compute_dtype, device=f.device))
+    counts_and_overflow = torch.zeros(num_classes + 1, dtype=dtype, device=f.device)
+    counts_and_overflow.index_add_(0, bins, torch.ones(n_rows, dtype=dtype, device=f.device))
     class_sums, class_counts = sums_and_overflow[:num_classes], counts_and_overflow[:num_classes]
 
     if centroids is None:
         centroids = class_sums / class_counts.clamp_min(1.0)[:, None]
-    centroids = centroids.detach().to(compute_dtype)
+    centroids = centroids.detach().to(dtype)
     safe_labels = torch.where(valid, labels, 0)
     # log max(G, eps) of the rows' centroids: over the (C, d) table then gathered, or over the N gathered rows when
     # the classes outnumber them (vocabulary-sized C); the same values either way.

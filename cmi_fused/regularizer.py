@@ -58,6 +58,7 @@ from .options import (
     check_label_tensor,
     check_number,
     check_temperature,
+    compute_dtype,
     labels_in_range,
     maybe_validate_labels,
 )
@@ -223,7 +224,7 @@ class CMIRegularizer(nn.Module):
         """
         if self.normalization == "none":
             return features
-        features = features.to(torch.promote_types(features.dtype, torch.float32))  # fp32, or float64 kept
+        features = features.to(compute_dtype(features.dtype))
         if mean is None:
             mean = self.feature_mean if self._feature_mean_ready else features.detach().mean(0)
         return nn.functional.normalize(features - mean, dim=-1)
