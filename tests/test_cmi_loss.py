@@ -1799,7 +1799,7 @@ def test_bad_label_rows_pass_a_zero_gradient_also_without_class_0(backend: str):
     labels = torch.tensor([1, 2, -1, 1, 2, 3], device=DEVICE)
     result = cmi_loss(features, labels, 3, reduction="none", backend=backend, check_labels=False)
     good = torch.tensor([True, True, False, True, True, False], device=DEVICE)
-    assert torch.equal(result.class_counts[0].double().cpu(), torch.tensor(0.0, dtype=torch.float64))
+    assert result.class_counts[0].item() == 0
     result.loss[good].sum().backward()
     assert torch.isfinite(features.grad).all()
     assert torch.equal(features.grad[~good], torch.zeros(2, 5, device=DEVICE))

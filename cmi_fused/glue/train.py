@@ -97,7 +97,7 @@ class FeatureCapture:
 
 
 class CMITrainer(Trainer):
-    """``Trainer`` whose training loss is ``CE + cmi_weight * CMI(features, labels)``.
+    """``Trainer`` whose training loss is ``CE + config.cmi_weight * CMI(features, labels)``.
 
     Logs ``train_ce`` and ``train_cmi`` (means over the epoch's batches) at every epoch end, calls
     ``regularizer.end_epoch()`` and stores the regulariser state and the run's settings (``config``) in every
@@ -116,7 +116,6 @@ class CMITrainer(Trainer):
         self.regularizer = regularizer.to(self.args.device)
         self.capture = capture
         self.config = config
-        self.cmi_weight = config.cmi_weight
         self.model_accepts_loss_kwargs = False  # the loss below is a per-batch mean
         self._reset_epoch_sums()
         self.add_callback(EpochEndCallback(self))
@@ -133,9 +132,9 @@ class CMITrainer(Trainer):
         features = self.capture.pop()
         loss = ce
         if model.training:
-            if self.cmi_weight != 0:
+            if self.config.cmi_weight != 0:
                 cmi = self.regularizer(features, labels)
-                loss = ce + self.cmi_weight * cmi
+                loss = ce + self.config.cmi_weight * cmi
             else:
                 with torch.no_grad():
                     cmi = self.regularizer(features, labels)
