@@ -458,11 +458,11 @@ def write_json(results: dict, path: str) -> None:
     os.replace(partial, path)
 
 
-def write_report(json_path: str) -> None:
-    """(Re)write the markdown and the PNG next to a results JSON."""
+def write_report(json_path: str, plot: bool = True) -> None:
+    """(Re)write the markdown, and with ``plot`` the PNG it then shows, next to a results JSON."""
     results = read_json(json_path)
     stem = json_path.removesuffix(".json")
-    has_plot = bool(results["rows"]) and plot_speedups(results, stem + ".png")
+    has_plot = plot and bool(results["rows"]) and plot_speedups(results, stem + ".png")
     with open(stem + ".md", "w", encoding="utf-8") as handle:
         handle.write(render_markdown(results, os.path.basename(stem) + ".png" if has_plot else None))
 

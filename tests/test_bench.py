@@ -583,6 +583,27 @@ def test_a_lost_cuda_context_stops_the_run_with_status_3(tmp_path, monkeypatch, 
     assert results["skipped"] == [[6, 33, 10, "bf16", "fixed"]]
 
 
+@pytest.mark.filterwarnings("ignore:no fused-vs-eager")
+def test_only_the_last_save_draws_the_plot(tmp_path, monkeypatch, keep_torch_threads):
+    """The results are saved after every unit (JSON and markdown), the PNG drawn once, at the end; the markdown
+    shows it only then."""
+    drawn, markdown_while_running = [], []
+    monkeypatch.setattr(report, "plot_speedups", lambda results, path: drawn.append(path) or True)
+    measure = cmi_op.run_op_bench
+
+    def recording(*args, **kwargs):
+        markdown_while_running.append(next(tmp_path.glob("*.md")).read_text())
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(cmi_op, "run_op_bench", recording)
+    argv = ["--quick", "--no-e2e", "--providers", "eager", "--output-dir", str(tmp_path), "--modes", "fixed"]
+    assert bench_main([*argv, "--shapes", "8x40:3:fp32", "6x33:10:bf16"]) == 0
+    (json_path,) = tmp_path.glob("*.json")
+    assert drawn == [str(json_path.with_suffix(".png"))]
+    assert len(markdown_while_running) == 2 and not any(".png" in text for text in markdown_while_running)
+    assert json_path.with_suffix(".png").name in json_path.with_suffix(".md").read_text()
+
+
 def test_run_gpu_sh_goes_on_in_a_new_process_after_a_cuda_fault(tmp_path):
     """run_gpu.sh: after `python -m bench` exits with 3, one more process resumes the file in the time left; a second
     status 3 is passed on. python3 is a stub that records its arguments."""
