@@ -1239,3 +1239,60 @@ def test_e2e_block_time_is_ms_per_step(monkeypatch):
     monkeypatch.setattr(e2e, "elapsed_ms", fake_elapsed_ms)
     assert e2e.time_block_ms(seen.append, ["a", "b", "c"], 4, torch.device("cpu")) == 3.0
     assert seen == ["a", "b", "c", "a"]
+
+
+# ------------------------------------------------------------------------------------------------------
+# Added after a second mutation pass over the report and resume code: each test kills a mutant the ones above let
+# survive.
+def test_merge_keeps_the_runs_in_call_order_so_each_row_names_its_own():
+    """runs[i] is invocation i: the file's runs first, then the merged call's, so that a merged row's run index
+    (offset by the file's runs) still names the invocation that measured it."""
+    shape, other = (32, 768, 2, "bf16"), (4096, 768, 2, "bf16")
+    old = synthetic_results("GPU", [make_row(shape, "fixed", "fused", "fwd", "wall", 1.0)])
+    old["runs"] = [{"argv": ["--shapes", "32x768:2"], "copy_tbps": 3.0}]
+    new = synthetic_results("GPU", [make_row(other, "fixed", "fused", "fwd", "wall", 2.0)])
+    new["runs"] = [{"argv": ["--shapes", "4096x768:2"], "copy_tbps": 2.9}]
+    merged = report.merge_results(old, new)
+    assert merged["runs"] == old["runs"] + new["runs"]
+    for row in merged["rows"]:
+        assert merged["runs"][row["run"]]["argv"] == ["--shapes", f"{row['N']}x768:2"], row
+
+
+def test_markdown_shows_error_rows_and_lists_their_errors():
+    """A failed case reads "error" in the every-row table (not "–", as a provider that was not run), and its message
+    is listed once under "## Errors" (its device and wall rows carry the same one)."""
+    shape = (4096, 768, 2, "bf16")
+    error = "RuntimeError: triton compile failed (simulated)"
+    rows = [make_row(shape, "fixed", "eager", "fwd_bwd", "wall", 0.5)] + [
+        dict(make_row(shape, "fixed", "fused", "fwd_bwd", timing, None), error=error) for timing in ("device", "wall")
+    ]
+    table = report.all_rows_table(rows)
+    assert "| 4096x768 C=2 bf16 | fixed | fwd_bwd | wall | 0.5000 | error | – | – |" in table
+    assert "| 4096x768 C=2 bf16 | fixed | fwd_bwd | device | – | error | – | – |" in table
+    markdown = report.render_markdown(synthetic_results("GPU", rows))
+    assert f"\n## Errors\n\n- `fused`: {error}\n" in markdown and markdown.count(error) == 1
+
+
+@pytest.mark.filterwarnings("ignore:no fused-vs-eager")
+def test_resume_runs_the_e2e_step_before_a_failed_unit_of_the_first_mode(tmp_path, monkeypatch, keep_torch_threads):
+    """The e2e step goes after the first mode's units still to measure, not after the units that failed before: a
+    failed unit goes last, since it may fault the CUDA context again and end the process before the e2e step."""
+    measure = cmi_op.run_op_bench
+
+    def fail_the_bf16_shape(shapes, providers, modes, *args, **kwargs):
+        rows = measure(shapes, providers, modes, *args, **kwargs)
+        if shapes[0].n_rows == 6:
+            rows = [dict(row, ms=None, error="RuntimeError: CUDA error: an illegal memory access") for row in rows]
+        return rows
+
+    monkeypatch.setattr(cmi_op, "run_op_bench", fail_the_bf16_shape)
+    argv = ["--quick", "--providers", "eager", "--modes", "fixed", "--output-dir", str(tmp_path)]
+    argv += ["--shapes", "8x40:3:fp32", "6x33:10:bf16"]
+    assert bench_main([*argv, "--no-e2e"]) == 0  # 6x33 fails, 8x40 is done, no e2e section yet
+    calls = []
+    monkeypatch.setattr(
+        cmi_op, "run_op_bench", lambda shapes, providers, modes, *a, **k: calls.append((shapes[0].n_rows, *modes)) or []
+    )
+    monkeypatch.setattr(e2e, "run_e2e", lambda *args, **kwargs: calls.append("e2e") or {"error": "stub"})
+    assert bench_main([*argv, "--resume"]) == 0
+    assert calls == ["e2e", (6, "fixed")]

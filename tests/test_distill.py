@@ -860,3 +860,50 @@ def test_a_teacher_whose_head_orders_the_labels_otherwise_is_refused(tmp_path):
     ).save_pretrained(model_dir)
     with pytest.raises(ValueError, match="--teacher .*: its head orders the labels"):
         load_teacher(model_dir, get_task("mrpc"))
+
+
+# ------------------------------------------------------------------------------------------------------
+# Added after a mutation pass over the distillation loop and teacher handling: each test kills a mutant the ones above
+# let survive.
+def test_teacher_logits_come_from_the_teacher_in_eval_mode(glue_dir, tmp_path):
+    """A teacher handed over in training mode (dropout on) gives its eval-mode logits, the same on every call, with
+    no graph; it is left frozen."""
+    teacher_dir = save_tiny_bert(tmp_path / "teacher")
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    teacher = AutoModelForSequenceClassification.from_pretrained(teacher_dir, hidden_dropout_prob=0.5)
+    dataset = tokenize_split(load_task("mrpc", glue_dir).train, tokenizer, 64)
+    expected = teacher_logits_for(teacher.eval(), dataset, tokenizer, 8)
+    got = teacher_logits_for(teacher.train(), dataset, tokenizer, 8)
+    assert got.shape == (len(dataset), 2) and got.dtype == torch.float32 and not got.requires_grad
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert not teacher.training and not any(param.requires_grad for param in teacher.parameters())
+
+
+def test_each_epochs_logged_means_are_of_that_epoch_alone(teachers, glue_dir, tmp_path):
+    """train_ce and train_kl of epoch 2 are the means over epoch 2's steps: the sums start again at each epoch end."""
+    trainer, _ = kd_trainer(teachers["none"], glue_dir, tmp_path, cache=True)
+    logged = []
+    trainer.log = lambda values, *args, **kwargs: logged.append(values)
+    for ce, kl, steps in ((1.0, 0.5, 2.0), (0.6, 0.2, 4.0)):  # epoch 1: 2 steps, epoch 2: 4 steps
+        trainer._epoch_sums += torch.tensor([ce, kl, steps], device=trainer.args.device)
+        trainer.callback_handler.on_epoch_end(trainer.args, trainer.state, trainer.control)
+    assert logged == [
+        pytest.approx({"train_ce": 0.5, "train_kl": 0.25}),
+        pytest.approx({"train_ce": 0.15, "train_kl": 0.05}),
+    ]
+
+
+@pytest.mark.parametrize("cmi", [0.0, float("nan")])
+def test_select_teacher_refuses_a_training_set_cmi_that_is_not_positive(cmi, monkeypatch):
+    """The metric / CMI ratio needs CMI > 0: a CMI of 0 (or NaN, from a diverged run) is refused by name, not turned
+    into a ZeroDivisionError or a NaN ratio that max() would rank arbitrarily."""
+
+    def stub(run, data_dir=None, batch_size=64):
+        return {
+            "metric": "f1", "best": {"f1": 0.8}, "train_set_cmi": cmi if run == "bad" else 0.5,
+            "config": {"cmi": "max", "cmi_lambda": 0.1},
+        }  # fmt: skip
+
+    monkeypatch.setattr(distill, "training_set_cmi", stub)
+    with pytest.raises(ValueError, match=r"--runs: bad has training-set CMI .*needs CMI > 0"):
+        select_teacher(["good", "bad"])
