@@ -314,6 +314,31 @@ def test_sweep_summarises_each_runs_best_epoch_not_its_last(glue_dir, tmp_path):
     assert regularised["paired_diffs"] == pytest.approx([0.0, 0.0])
 
 
+def test_a_sweep_lists_its_lambdas_in_increasing_order(glue_dir, tmp_path):
+    """sweep.json and both tables of sweep.md list CE first, then the lambdas from the smallest, however --lambdas
+    orders them (a repeated one once)."""
+
+    def fake_train(config, data):
+        history = fake_history(0.5 + config.cmi_lambda)
+        return {"config": dataclasses.asdict(config), "best_epoch": 1, "best": history[0]["eval"], "history": history}
+
+    base = TrainConfig("mrpc", "m", str(tmp_path / "sweep"), data_dir=glue_dir, cmi="min")
+    summary = run_sweep(base, [0.5, 0.1, 0.5], [0], train_fn=fake_train)
+    assert [row["arm"] for row in summary["lambdas"]] == [0.0, 0.1, 0.5]
+    assert [run["lambda"] for run in summary["runs"]] == [0.0, 0.1, 0.5]
+    rows = [line for line in (tmp_path / "sweep" / "sweep.md").read_text().splitlines() if line.startswith("| 0")]
+    assert [row.split(" | ")[0] for row in rows] == ["| 0.0", "| 0.1", "| 0.5"] * 2
+
+
+def test_a_sweep_without_a_cmi_direction_is_refused(glue_dir, tmp_path):
+    """--cmi none with a lambda > 0 would train plain CE under every lambda and summarise it as a CMI arm: refused
+    before any run."""
+    base = TrainConfig("mrpc", "m", str(tmp_path / "sweep"), data_dir=glue_dir, cmi="none")
+    with pytest.raises(ValueError, match="--cmi must be min or max"):
+        run_sweep(base, [0.5], [0], train_fn=lambda config, data: pytest.fail("a run was trained"))
+    assert not (tmp_path / "sweep").exists()
+
+
 def test_sweeps_side_by_side_share_their_runs(glue_dir, tmp_path, monkeypatch):
     """Sweeps into one --output-dir split by lambdas (README): a run whose lock another sweep holds is put off while
     this one trains the rest, then read back once finished there; one that sweep gave up unfinished is trained here.
@@ -496,6 +521,17 @@ def test_summarize_arms_hand_values():
     assert skewed[0]["median"] == pytest.approx(0.6) and skewed[0]["mean"] == pytest.approx(2 / 3)
     assert skewed[1]["paired_diffs"] == pytest.approx([0.0, 0.1, 0.4])
     assert skewed[1]["diff_median"] == pytest.approx(0.1)
+
+
+def test_summarize_arms_pairs_only_the_seeds_the_baseline_has():
+    """An arm's seeds without a baseline run are summarised but not paired: no difference, win or loss for them, and
+    the table says n/a where no seed pairs."""
+    rows = summarize_arms({0.0: {0: 0.5, 1: 0.6}, 0.1: {1: 0.7, 2: 0.9}, 0.2: {5: 0.4}}, 0.0)
+    assert rows[1]["seeds"] == [1, 2] and rows[1]["paired_diffs"] == pytest.approx([0.1])
+    assert (rows[1]["wins"], rows[1]["losses"]) == (1, 0)
+    assert rows[2]["paired_diffs"] == [] and "wins" not in rows[2]
+    lines = format_sweep_markdown("t", "f1", rows, "lambda", "CE").splitlines()
+    assert "| 0.2 | 1 | 40.00 | 40.00 | 40.00 ± 0.00 | n/a | n/a | 0/0 | n/a |" in lines
 
 
 @pytest.mark.parametrize(
@@ -1048,6 +1084,41 @@ def test_weights_inside_the_runs_own_checkpoints_are_refused(tmp_path):
     config = TrainConfig("mrpc", "m", str(tmp_path), batch_size=np.int64(8), max_seq_length=np.int32(64))
     assert json.loads(json.dumps(dataclasses.asdict(config)))["batch_size"] == 8
     assert type(config.batch_size) is int and type(config.max_seq_length) is int
+
+
+def test_only_the_checkpoints_of_output_dir_itself_are_refused(tmp_path):
+    """The run removes output_dir/checkpoint-<step> folders and nothing else: weights inside one (a subfolder too) are
+    refused, but another run's checkpoint-500 (where the Trainer leaves weights), a checkpoint-* folder deeper in
+    output_dir and a folder named like a checkpoint but not one are weights like any other."""
+    out = tmp_path / "out"
+    elsewhere = tmp_path / "other-run" / "checkpoint-500"
+    deeper, not_one = out / "teachers" / "checkpoint-3", out / "checkpoint-8-best"
+    for folder in (elsewhere, deeper, not_one, out / "checkpoint-8" / "student"):
+        folder.mkdir(parents=True)
+    for path in (elsewhere, deeper, not_one):
+        TrainConfig("mrpc", str(path), str(out))
+        DistillConfig("mrpc", "m", str(out), teacher=str(path), student=str(path))
+    with pytest.raises(ValueError, match="model .* lies in checkpoint-8 of output_dir"):
+        TrainConfig("mrpc", str(out / "checkpoint-8" / "student"), str(out))
+
+
+def test_the_teacher_as_output_dir_is_refused_however_it_is_spelled(tmp_path, monkeypatch):
+    """The student would replace a teacher in output_dir: refused for any path to that directory (a trailing
+    separator, a "." component, a relative path, a symbolic link), not only for the same string."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "link").symlink_to(out, target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    for teacher in (str(out) + os.sep, os.path.join(str(out), "."), "out", str(tmp_path / "link")):
+        with pytest.raises(ValueError, match="is output_dir, where the student would replace it"):
+            DistillConfig("mrpc", "m", str(out), teacher=teacher)
+
+
+@pytest.mark.parametrize("epochs", [0, 0.0, -1])
+def test_no_epochs_is_refused(epochs, tmp_path):
+    """A run of no epochs would have no evaluation to choose its best epoch from: refused before anything loads."""
+    with pytest.raises(ValueError, match="epochs must be a positive whole number"):
+        TrainConfig("mrpc", "m", str(tmp_path), epochs=epochs)
 
 
 @pytest.fixture

@@ -1,6 +1,8 @@
 """GLUE loaders on small fixture TSVs in each task's official format, errors, and the scikit-learn metrics."""
 
 import os
+import re
+import warnings
 
 import datasets
 import numpy as np
@@ -8,7 +10,7 @@ import pytest
 
 from cmi_fused.glue import data as glue_data
 from cmi_fused.glue.data import GlueDataError, load_task, tokenize_split
-from cmi_fused.glue.metrics import build_compute_metrics, glue_metrics
+from cmi_fused.glue.metrics import build_compute_metrics, glue_metrics, task_metric_names
 from cmi_fused.glue.tasks import TASKS, get_task, task_key
 
 MNLI_TRAIN_HEADER = (
@@ -398,3 +400,87 @@ def test_task_names_as_glue_writes_them():
     """get_task takes a task as GLUE writes it (SST-2, MRPC, CoLA) or as the command line does (sst2)."""
     assert task_key("SST-2") == "sst2" and get_task("SST-2") is TASKS["sst2"]
     assert get_task("MRPC") is TASKS["mrpc"] and get_task("CoLA") is TASKS["cola"] and get_task("sst2") is TASKS["sst2"]
+
+
+@pytest.mark.parametrize("raw_label", ["-1", "positive", "1.0", ""])
+def test_a_label_that_is_not_a_class_id_names_the_line(raw_label, tmp_path):
+    """SST-2, CoLA, MRPC, QQP and WNLI store class ids: anything else (a negative id, a name, a float, an empty
+    field) is refused with its line, not read as some class."""
+    (tmp_path / "SST-2").mkdir()
+    for name in ("train.tsv", "dev.tsv"):
+        (tmp_path / "SST-2" / name).write_text(f"sentence\tlabel\na fine film \t1\na dull film \t{raw_label}\n")
+    message = f"train.tsv:3: label '{raw_label}' is not an integer in [0, 2) (sst2)"
+    with pytest.raises(GlueDataError, match=re.escape(message)):
+        load_task("sst2", str(tmp_path))
+
+
+def test_mnli_labels_are_the_gold_label_not_the_first_annotators(tmp_path):
+    """MNLI dev rows carry five annotators' labels (label1..label5) and the consensus gold_label; where the first
+    annotator disagreed with the consensus, the row's label is gold_label's."""
+    write_task(tmp_path, "mnli")
+    row = mnli_row(0, "The new rights are nice.", "Everyone likes.", "neutral", True).split("\t")
+    row[MNLI_DEV_HEADER.split("\t").index("label1")] = "contradiction"
+    (tmp_path / "MNLI" / "dev_matched.tsv").write_text(MNLI_DEV_HEADER + "\n" + "\t".join(row) + "\n")
+    assert list(load_task("mnli", str(tmp_path)).eval["matched"]["label"]) == [1]
+
+
+def test_each_task_selects_by_its_glue_metric():
+    """The metric a run's best epoch is chosen by and a sweep summarises (results.json's ``metric``): GLUE's main
+    metric of each task, and one its evaluation reports."""
+    expected = {
+        "cola": "matthews_correlation",
+        "sst2": "accuracy",
+        "mrpc": "f1",
+        "qqp": "f1",
+        "qnli": "accuracy",
+        "rte": "accuracy",
+        "wnli": "accuracy",
+        "mnli": "matched_accuracy",
+    }
+    assert {name: task.metric for name, task in TASKS.items()} == expected
+    for name, task in TASKS.items():
+        splits = task.eval_split_names
+        reported = [f"{s}_{m}" if len(splits) > 1 else m for s in splits for m in task_metric_names(name)]
+        assert task.metric in reported, name
+
+
+def test_metrics_follow_the_task_as_glue_writes_it(tmp_path):
+    """load_task("MRPC") scores as load_task("mrpc") does: F1 and accuracy, not the accuracy of an unknown task."""
+    data = load_task("MRPC", str(write_task(tmp_path, "mrpc")))
+
+    class Prediction:
+        predictions = np.array([[0.0, 1.0], [1.0, 0.0]])
+        label_ids = np.array([1, 1])
+
+    assert data.compute_metrics(Prediction()) == pytest.approx({"f1": 2 / 3, "accuracy": 0.5})
+
+
+def test_compute_metrics_takes_the_logits_of_a_tuple_of_outputs():
+    """A model that returns more than logits (hidden states, attentions) gives the Trainer a tuple: logits first."""
+
+    class WithHiddenStates:
+        predictions = (np.array([[0.0, 1.0], [2.0, 0.0]]), np.zeros((2, 3, 4)))
+        label_ids = np.array([1, 1])
+
+    assert build_compute_metrics("rte")(WithHiddenStates()) == pytest.approx({"accuracy": 0.5})
+
+
+def test_f1_without_any_positive_is_zero():
+    """A split with no positive label, all predicted negative (a small --max-eval-samples slice): F1 is 0 (sklearn's
+    default for an undefined F1, as GLUE reports), not 1."""
+    assert glue_metrics("mrpc", np.array([0, 0, 0]), np.array([0, 0, 0])) == {"f1": 0.0, "accuracy": 1.0}
+
+
+def test_max_seq_length_at_the_models_maximum_is_not_lowered_with_a_warning(tmp_path):
+    """Only a max_seq_length above model_max_length warns: the maximum itself is used as it is."""
+    from transformers import BertTokenizerFast
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "he", "said", "stated", "."]) + "\n")
+    tokenizer = BertTokenizerFast(str(vocab), do_lower_case=True)
+    tokenizer.model_max_length = 7
+    split = load_task("mrpc", str(write_task(tmp_path, "mrpc"))).eval["validation"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        encoded = tokenize_split(split, tokenizer, max_seq_length=7)
+    assert max(len(ids) for ids in encoded["input_ids"]) == 7
