@@ -354,10 +354,14 @@ def test_tokenize_split_pairs_and_truncation(tmp_path):
     for too_short in (3, 0, -5):
         with pytest.raises(ValueError, match="max_seq_length must exceed the 3 special tokens of a pair"):
             tokenize_split(data.eval["validation"], tokenizer, max_seq_length=too_short)
-    # Above the model's maximum: lowered to it with a warning, as run_glue.py does.
+    # Above the model's maximum: lowered to it with a warning, as run_glue.py does; the maximum itself, as it is.
     tokenizer.model_max_length = 7
     with pytest.warns(UserWarning, match="model_max_length 7: using 7"):
         encoded = tokenize_split(data.eval["validation"], tokenizer, max_seq_length=16)
+    assert max(len(ids) for ids in encoded["input_ids"]) == 7
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        encoded = tokenize_split(data.eval["validation"], tokenizer, max_seq_length=7)
     assert max(len(ids) for ids in encoded["input_ids"]) == 7
 
 
@@ -376,6 +380,9 @@ def test_metrics_match_hand_computed_values():
 
 
 def test_compute_metrics_takes_the_argmax():
+    """Of the logits, or of the first of a tuple of outputs (a model that also returns hidden states or attentions
+    gives the Trainer a tuple)."""
+
     class Prediction:
         predictions = np.array([[0.1, 0.7, 0.2], [2.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
         label_ids = np.array([1, 0, 0])
@@ -384,8 +391,13 @@ def test_compute_metrics_takes_the_argmax():
         predictions = np.array([[0.0, 1.0], [2.0, 0.0], [0.0, 3.0], [1.0, 0.0]])
         label_ids = np.array([1, 0, 1, 1])
 
+    class WithHiddenStates:
+        predictions = (np.array([[0.0, 1.0], [2.0, 0.0]]), np.zeros((2, 3, 4)))
+        label_ids = np.array([1, 1])
+
     assert build_compute_metrics("mnli")(Prediction()) == pytest.approx({"accuracy": 2 / 3})
     assert build_compute_metrics("rte")(NotSquare()) == pytest.approx({"accuracy": 0.75})
+    assert build_compute_metrics("rte")(WithHiddenStates()) == pytest.approx({"accuracy": 0.5})
 
 
 def test_label_names_are_read_without_surrounding_whitespace(tmp_path):
@@ -455,32 +467,7 @@ def test_metrics_follow_the_task_as_glue_writes_it(tmp_path):
     assert data.compute_metrics(Prediction()) == pytest.approx({"f1": 2 / 3, "accuracy": 0.5})
 
 
-def test_compute_metrics_takes_the_logits_of_a_tuple_of_outputs():
-    """A model that returns more than logits (hidden states, attentions) gives the Trainer a tuple: logits first."""
-
-    class WithHiddenStates:
-        predictions = (np.array([[0.0, 1.0], [2.0, 0.0]]), np.zeros((2, 3, 4)))
-        label_ids = np.array([1, 1])
-
-    assert build_compute_metrics("rte")(WithHiddenStates()) == pytest.approx({"accuracy": 0.5})
-
-
 def test_f1_without_any_positive_is_zero():
     """A split with no positive label, all predicted negative (a small --max-eval-samples slice): F1 is 0 (sklearn's
     default for an undefined F1, as GLUE reports), not 1."""
     assert glue_metrics("mrpc", np.array([0, 0, 0]), np.array([0, 0, 0])) == {"f1": 0.0, "accuracy": 1.0}
-
-
-def test_max_seq_length_at_the_models_maximum_is_not_lowered_with_a_warning(tmp_path):
-    """Only a max_seq_length above model_max_length warns: the maximum itself is used as it is."""
-    from transformers import BertTokenizerFast
-
-    vocab = tmp_path / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "he", "said", "stated", "."]) + "\n")
-    tokenizer = BertTokenizerFast(str(vocab), do_lower_case=True)
-    tokenizer.model_max_length = 7
-    split = load_task("mrpc", str(write_task(tmp_path, "mrpc"))).eval["validation"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        encoded = tokenize_split(split, tokenizer, max_seq_length=7)
-    assert max(len(ids) for ids in encoded["input_ids"]) == 7
