@@ -478,6 +478,31 @@ def test_every_setting_that_changes_what_a_run_computes_blocks_reuse(tmp_path):
         assert reuse_or_run(dataclasses.replace(base, **{name: value}), never) == finished
 
 
+def test_a_setting_an_older_run_did_not_record_counts_as_its_default(tmp_path):
+    """A results.json written before a setting existed ran as that setting's default does: it is reused under the
+    default and refused under another value, not reused whatever the setting is now."""
+    base = TrainConfig("mrpc", "m", str(tmp_path / "run"), cmi="min", cmi_lambda=0.1)
+    os.makedirs(base.output_dir)
+
+    def finished_without(*keys):
+        config = {key: value for key, value in dataclasses.asdict(base).items() if key not in keys}
+        finished = {"config": config, "best": {"f1": 0.5}, "best_epoch": 1, "history": []}
+        with open(os.path.join(base.output_dir, RESULTS_FILE), "w") as handle:
+            json.dump(finished, handle)
+        return finished
+
+    def never():
+        raise AssertionError("a finished run was retrained")
+
+    finished = finished_without("weight_decay")
+    assert reuse_or_run(base, never) == finished  # weight_decay at its default, as that run trained
+    with pytest.raises(ValueError, match=r"weight_decay: not recorded there \(so the default 0\.0\), 0\.01 now"):
+        reuse_or_run(dataclasses.replace(base, weight_decay=0.01), never)
+    finished_without("model")  # a setting without a default is never taken for the one asked for
+    with pytest.raises(ValueError, match=r"model: not recorded there, 'm' now"):
+        reuse_or_run(base, never)
+
+
 def test_run_directories_of_different_lambdas_differ():
     assert run_dir("out", 0.0, 1) == os.path.join("out", "lambda_0", "seed_1")
     assert run_dir("out", 0.05, 0) == os.path.join("out", "lambda_0.05", "seed_0")

@@ -55,10 +55,22 @@ WHERE_AND_HOW = frozenset(
 
 def changed_settings(config: TrainConfig, stored: dict) -> str:
     """``"name: stored there, config's now; ..."`` for each setting outside :data:`WHERE_AND_HOW` in which ``config``
-    differs from ``stored`` (a config as ``results.json`` stores it), or ``""``."""
+    differs from ``stored`` (a config as ``results.json`` stores it), or ``""``.
+
+    A setting ``stored`` lacks was added after that run was made, which then ran as the setting's default does: it
+    differs when ``config`` sets another value (a setting without a default always does)."""
     wanted = json.loads(json.dumps(dataclasses.asdict(config)))  # as results.json stores it (tuples as lists)
-    differing = sorted(key for key in wanted.keys() & stored.keys() - WHERE_AND_HOW if wanted[key] != stored[key])
-    return "; ".join(f"{key}: {stored[key]!r} there, {wanted[key]!r} now" for key in differing)
+    defaults = {field.name: field.default for field in dataclasses.fields(config)}  # plain values, as stored
+    changes = []
+    for key in sorted(wanted.keys() - WHERE_AND_HOW):
+        if key in stored:
+            if wanted[key] != stored[key]:
+                changes.append(f"{key}: {stored[key]!r} there, {wanted[key]!r} now")
+        elif defaults[key] is dataclasses.MISSING:
+            changes.append(f"{key}: not recorded there, {wanted[key]!r} now")
+        elif wanted[key] != defaults[key]:
+            changes.append(f"{key}: not recorded there (so the default {defaults[key]!r}), {wanted[key]!r} now")
+    return "; ".join(changes)
 
 
 @dataclasses.dataclass
