@@ -721,6 +721,27 @@ def test_backward_kernel_writes_its_rows_and_nothing_past_them():
     assert_rel_close(grad_out[:n], ref_h.grad, 1e-5, "gradient rows")
 
 
+def test_log_table_kernel_writes_columns_below_d_and_nothing_else():
+    """White-box: the log-centroid table kernel writes log max(G, eps) into columns [0, d) of each class row and not
+    one element more, here into a NaN-poisoned table of C + 1 rows (d = 40: BLOCK_D 64 passes the row length 48, into
+    the next class's row). The interpreter runs programs one after the other, so a store past a row's end would be
+    overwritten by the next class's program (on a GPU it races with it) and shows only in the padding and the last
+    row."""
+    pytest.importorskip("triton")
+    from kernels.cmi import stats_row_len
+    from kernels.cmi_forward import launch_meta
+    from kernels.cmi_log_centroids import cmi_log_centroids_kernel
+
+    c, d = 3, 40
+    centroids = random_centroids(c, d, torch.Generator().manual_seed(0), zero_entries=True).to(DEVICE)
+    table = torch.full((c + 1, stats_row_len(d)), float("nan"), device=DEVICE)
+    cmi_log_centroids_kernel[(c,)](
+        centroids, *centroids.stride(), None, 0, table, table.stride(0), d, 1e-12, HAS_CENTROIDS=True, **launch_meta(d)
+    )
+    torch.testing.assert_close(table[:c, :d], centroids.clamp_min(1e-12).log())
+    assert torch.isnan(table[:, d:]).all() and torch.isnan(table[c]).all(), "the table kernel stored past column d"
+
+
 @pytest.mark.parametrize("backend", [*BACKENDS, "triton_table"])
 @pytest.mark.parametrize("centroid_mode", ["fixed", "batch"])
 def test_eps_other_than_the_default_is_the_floor(backend: str, centroid_mode: str, request):
@@ -1177,7 +1198,8 @@ def test_slot_accumulator_does_not_outlive_the_forward(centroid_mode, request):
 
 @pytest.mark.parametrize(
     "n_rows, num_classes, with_table",
-    [(32, 2, False), (256, 3, False), (1024, 2, True), (4096, 2, True), (8192, 1000, True), (16384, 30522, False)],
+    [(32, 2, False), (256, 3, False), (1024, 2, True), (4096, 2, True), (8192, 1000, True), (16384, 30522, False)]
+    + [(4096, 1024, True), (4095, 1024, False)],  # N >= 4 C at its edge
 )
 def test_log_table_policy(n_rows, num_classes, with_table):
     """The log-centroid table (one more launch) only where each class row serves >= 4 rows of a large batch."""
@@ -1209,7 +1231,8 @@ def test_forward_returns_the_log_table_it_used(centroid_mode, log_table_forced, 
 
 # Logits h / T whose row max is large: the log-sum-exp m + l rounds to the ulp of m (1e-3 at 1e4), so log f must be
 # taken as (z - m) - l. Offset: a shift that changes nothing mathematically, single-chunk and chunked (d 4097, the
-# online log-sum-exp); small_t: ordinary features at T 2^-10, whose nearly one-hot rows leave the gradient to
+# online log-sum-exp; a negative one too, where a running max started at 0 instead of -inf underflows every
+# exp(z - m) to 0); small_t: ordinary features at T 2^-10, whose nearly one-hot rows leave the gradient to
 # cancellation (about 1e-1 off in float32 on either backend), so only the rows and sums are compared there. T is a
 # power of two so that h / T is exact in fp32: at T 1e-3 (as here before) rounding z = h / T moves f by ~1e-4 where two
 # entries of a row are close, the conditioning of the input, not the op (class sums 1.8e-5 off for one draw of inputs).
@@ -1217,6 +1240,7 @@ def test_forward_returns_the_log_table_it_used(centroid_mode, log_table_forced, 
 LARGE_LOGIT_CASES = {
     "offset": dict(shift=1e4, temperature=1.0, d=64, compare_grad=True),
     "chunked_offset": dict(shift=1e4, temperature=1.0, d=4097, compare_grad=True),
+    "chunked_negative_offset": dict(shift=-1e4, temperature=1.0, d=4097, compare_grad=True),
     "small_t": dict(shift=0.0, temperature=2.0**-10, d=384, compare_grad=False),
 }
 

@@ -7,7 +7,8 @@ compile too and may spill a few bytes: ptxas caps some of them at 40-64 register
 keeps 8-16 bytes on the stack, a trade it makes on purpose and differently per version and arch. The compiles use
 the launchers' options (``compile_options``: multiply-add contraction on, whatever Triton's default; that every
 launch passes them is checked in ``test_cmi_loss.py``). The compiled backward also rounds its bf16 / fp16 gradient to
-nearest, which triton's interpreter does not do for bf16.
+nearest, which triton's interpreter does not do for bf16, and the forward adds into the shared class-statistics slot
+with relaxed atomics and into a program's own slot with none, which the interpreter cannot tell apart.
 """
 
 import json
@@ -94,3 +95,31 @@ def test_the_compiled_gradient_store_rounds_to_nearest():
     for key, conversions in found.items():
         width = "bf16" if key.startswith("bf16") else "f16"
         assert conversions and all(c.startswith(f"cvt.rn.{width}") for c in conversions), (key, conversions)
+
+
+# Compiles the forward's class-statistics use (sm_90, both layouts) into per-program slots and into the shared slot
+# (USE_ATOMICS) and prints the PTX's atomic and fence instructions, one list per (atomics, layout).
+ATOMICS_SCRIPT = """
+import json, re
+from bench import kernel_resources as kr
+from kernels.cmi_forward import cmi_forward_kernel
+_, none_args, flags = {use[0]: use for use in kr.FORWARD_USES}["batch_stats"]
+found = {}
+for atomics in (False, True):
+    specialised = dict(flags, USE_ATOMICS=atomics, BLOCK_D=1024, SINGLE_CHUNK=True)
+    for layout in kr.LAYOUTS:
+        ptx = kr._compile(cmi_forward_kernel, kr.FORWARD_TYPES, none_args, specialised, 90, layout).asm["ptx"]
+        found[f"{atomics} {layout}"] = sorted(set(re.findall(r"\\b(?:red|atom|fence|membar)[.a-z0-9]*", ptx)))
+print(json.dumps(found))
+"""
+
+
+def test_only_the_shared_slot_is_added_to_with_relaxed_atomics():
+    """The forward adds into the one shared slot (USE_ATOMICS) with relaxed fp32 reductions and no fence (README,
+    "Relaxed atomics"), and into a program's own slot with none (its only writer). The interpreter runs programs one
+    after another, so plain load/add/store into the shared slot, a race on a GPU, passes every CPU test of the op."""
+    found, _ = compile_in_python(["-c", ATOMICS_SCRIPT])
+    for layout in ("aligned", "generic"):
+        assert found[f"False {layout}"] == [], found
+        atomics = found[f"True {layout}"]
+        assert atomics and all(name.startswith("red.global.gpu.relaxed.add") for name in atomics), found
