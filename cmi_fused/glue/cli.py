@@ -132,7 +132,13 @@ def add_cmi_args(parser: argparse.ArgumentParser, default_cmi: str = "none") -> 
         default="pooled",
         help="pooled: the classifier input; cls: last hidden state of the first token",
     )
-    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=1.0,
+        help="T of f = softmax(feature / T); pick it for the features' scale: at T 1 small features (a pretrained "
+        "pooler's) leave f nearly uniform and the CMI term near 0 (README: 0.1 in its runs)",
+    )
     parser.add_argument("--normalization", choices=NORMALIZATIONS, default="none")
     parser.add_argument("--momentum", type=float, default=0.9, help="EMA momentum of --centroids ema")
 
