@@ -14,6 +14,7 @@ with relaxed atomics and into a program's own slot with none, which the interpre
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -109,7 +110,7 @@ for atomics in (False, True):
     specialised = dict(flags, USE_ATOMICS=atomics, BLOCK_D=1024, SINGLE_CHUNK=True)
     for layout in kr.LAYOUTS:
         ptx = kr._compile(cmi_forward_kernel, kr.FORWARD_TYPES, none_args, specialised, 90, layout).asm["ptx"]
-        found[f"{atomics} {layout}"] = sorted(set(re.findall(r"\\b(?:red|atom|fence|membar)[.a-z0-9]*", ptx)))
+        found[f"{atomics} {layout}"] = sorted(set(re.findall(r"\\b(?:red|atom|fence|membar)[._a-z0-9]*", ptx)))
 print(json.dumps(found))
 """
 
@@ -122,4 +123,5 @@ def test_only_the_shared_slot_is_added_to_with_relaxed_atomics():
     for layout in ("aligned", "generic"):
         assert found[f"False {layout}"] == [], found
         atomics = found[f"True {layout}"]
-        assert atomics and all(name.startswith("red.global.gpu.relaxed.add") for name in atomics), found
+        # triton 3.9 writes red (no result), 3.6 atom with an unused result: both relaxed, neither fenced
+        assert atomics and all(re.match(r"(red|atom)\.global\.gpu\.relaxed\.add", name) for name in atomics), found
