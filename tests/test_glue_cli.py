@@ -8,6 +8,8 @@ import math
 import operator
 import os
 import platform
+import runpy
+import shlex
 import shutil
 import subprocess
 import sys
@@ -687,6 +689,10 @@ def test_training_loss_and_its_gradient_are_ce_plus_signed_lambda_cmi(tiny_bert,
     (cmi_grad,) = torch.autograd.grad(sign * 30.0 * cmi_term, weight)
     atol = 1e-2 * float(cmi_grad.abs().max()) + 1e-5 * float(ce_grad.abs().max())
     torch.testing.assert_close(weight.grad - ce_grad, cmi_grad, rtol=0, atol=atol)  # what the CMI term adds
+    logged = []
+    trainer.log = lambda values, *args, **kwargs: logged.append(values)
+    trainer.end_epoch()  # train_ce is the CE term's mean, not the loss's (which holds the CMI term too)
+    assert logged == [pytest.approx({"train_ce": ce.item(), "train_cmi": cmi_term.item()}, rel=1e-6)]
 
 
 def test_logged_epoch_means_cover_their_own_epoch(tiny_bert, glue_dir, tmp_path):
@@ -744,6 +750,9 @@ def test_roberta_style_head_feature_is_the_out_proj_input():
         model(input_ids=input_ids)
         cls = model.roberta(input_ids=input_ids).last_hidden_state[:, 0]
         torch.testing.assert_close(capture.pop(), torch.tanh(model.classifier.dense(cls)))
+    no_head = "--feature pooled: cannot find the classifier layer of Module .*; use --feature cls"
+    with pytest.raises(ValueError, match=no_head):
+        FeatureCapture(torch.nn.Module(), "pooled")
 
 
 def test_one_process_with_several_gpus_is_refused(tiny_bert, tmp_path, monkeypatch):
@@ -854,6 +863,29 @@ def test_a_command_leaves_the_process_group_it_joined(tmp_path, monkeypatch):
         torch.distributed.destroy_process_group()
 
 
+def test_console_main_skips_finalisation_only_in_a_multi_process_launch(monkeypatch):
+    """``cmi-glue`` (and ``python -m cmi_fused.glue``) runs main, then exits at once (os._exit(0), logging flushed)
+    only in a rank of a multi-process launch (WORLD_SIZE > 1): a single process ends as any Python program does."""
+    from cmi_fused.glue import cli
+
+    calls = []
+    monkeypatch.setattr(cli, "main", lambda: calls.append("main"))
+    monkeypatch.setattr(cli.logging, "shutdown", lambda: calls.append("logging shutdown"))
+    monkeypatch.setattr(cli.os, "_exit", lambda status: calls.append(("exit", status)))
+    for world_size, expected in ((None, ["main"]), ("1", ["main"]), ("2", ["main", "logging shutdown", ("exit", 0)])):
+        if world_size is None:
+            monkeypatch.delenv("WORLD_SIZE", raising=False)
+        else:
+            monkeypatch.setenv("WORLD_SIZE", world_size)
+        calls.clear()
+        cli.console_main()
+        assert calls == expected, world_size
+    monkeypatch.setattr(cli, "console_main", lambda: calls.append("console_main"))
+    calls.clear()
+    runpy.run_module("cmi_fused.glue", run_name="__main__")
+    assert calls == ["console_main"]
+
+
 def test_feature_capture_is_the_classifier_input(tmp_path):
     torch.manual_seed(0)
     bert = BertForSequenceClassification(
@@ -877,7 +909,7 @@ def test_feature_capture_is_the_classifier_input(tmp_path):
 
 
 def test_bad_arguments_say_what_to_pass(tiny_bert, glue_dir, tmp_path, capsys):
-    with pytest.raises(OSError, match="pass a local directory"):
+    with pytest.raises(OSError, match="could not load --model '.*no-model' .*pass a local directory"):
         main(["train", *common_args(str(tmp_path / "no-model"), glue_dir, tmp_path / "x")])
     with pytest.raises(SystemExit):
         build_parser().parse_args(["sweep", *common_args(tiny_bert, glue_dir, tmp_path / "x"), "--lambdas", "0,a"])
@@ -1080,12 +1112,23 @@ def test_checkpoints_are_listed_not_globbed(tmp_path):
     for folder in (run / "checkpoint-4", run / "checkpoint-8", neighbour / "checkpoint-4"):
         folder.mkdir(parents=True)
     (run / "checkpoint-notes.txt").write_text("not a checkpoint")
+    (run / "checkpoint-8-best").mkdir()  # named like one, not one
+    (run / "checkpoint-12").write_text("a file, not a checkpoint folder")
     assert sorted(glue_train.run_checkpoints(str(run))) == [str(run / "checkpoint-4"), str(run / "checkpoint-8")]
     assert glue_train.run_checkpoints(str(tmp_path / "missing")) == []
     glue_train.remove_checkpoints(mock.Mock(is_world_process_zero=lambda: True), str(tmp_path / "run?"))
     assert (neighbour / "checkpoint-4").is_dir() and (run / "checkpoint-4").is_dir()
     glue_train.remove_checkpoints(mock.Mock(is_world_process_zero=lambda: True), str(run))
-    assert sorted(path.name for path in run.iterdir()) == ["checkpoint-notes.txt"]
+    assert sorted(path.name for path in run.iterdir()) == ["checkpoint-12", "checkpoint-8-best", "checkpoint-notes.txt"]
+
+
+def test_trained_task_is_a_task_name_or_none(tmp_path):
+    """A run directory's task as its results.json names it; None where there is no such file, it is not JSON (a
+    write cut short) or it names no task as a string."""
+    assert glue_train.trained_task(str(tmp_path)) is None
+    for text, task in (('{"task": "MRPC"}', "MRPC"), ('{"task": "mrpc', None), ('{"task": 3}', None), ("[]", None)):
+        (tmp_path / RESULTS_FILE).write_text(text)
+        assert glue_train.trained_task(str(tmp_path)) == task, text
 
 
 def test_weights_inside_the_runs_own_checkpoints_are_refused(tmp_path):
@@ -1180,7 +1223,8 @@ def test_resume_continues_from_the_last_checkpoint_as_if_never_stopped(
     resumed.mkdir()
     shutil.copytree(straight / "checkpoint-4", resumed / "checkpoint-4")  # as if stopped after epoch 1
     main(["train", *(arg.format("resumed") for arg in args), "--resume"])
-    assert "checkpoint-12" in os.listdir(resumed)  # the last checkpoint is kept next to the best
+    kept = [name for name in os.listdir(resumed) if name.startswith("checkpoint-")]
+    assert "checkpoint-12" in kept and len(kept) == 2, kept  # the last checkpoint is kept next to the best, no more
 
     def last_state(run):
         weights = load_file(run / "checkpoint-12" / "model.safetensors")
@@ -1228,6 +1272,28 @@ def test_logged_epoch_means_are_over_every_process(tiny_bert, glue_dir, tmp_path
     monkeypatch.setattr(glue_train, "all_reduce_sum", lambda totals: (totals + other.to(totals.device),))
     trainer.end_epoch()
     assert logged == [pytest.approx({"train_ce": (ce + 3.0) / 2, "train_cmi": (cmi + 1.0) / 2}, rel=1e-5)]
+
+
+def test_sweep_command_reports_each_lambda_and_records_its_command(tmp_path, monkeypatch, capsys):
+    """cmi-glue sweep's summary: a paired diff for each lambda paired with the baseline (not the baseline's own, nor
+    one without pairs); sweep.md's command quotes what the shell would split (an --output-dir with a space)."""
+    seen = []
+
+    def summarised_sweep(config, lambdas, seeds, command):
+        seen.append(command)
+        values = {0.0: {0: 0.8, 1: 0.6}, 0.1: {0: 0.9, 1: 0.7}, 0.5: {2: 0.7}}  # lambda 0.5: no seed in common
+        return {"metric": "f1", "lambdas": summarize_arms(values, 0.0)}
+
+    monkeypatch.setattr("cmi_fused.glue.sweep.run_sweep", summarised_sweep)
+    argv = ["sweep", "--task", "mrpc", "--model", "m", "--output-dir", str(tmp_path / "my runs")]
+    main(argv)
+    assert capsys.readouterr().out.splitlines() == [
+        "lambda 0: median f1 0.7000",
+        "lambda 0.1: median f1 0.8000, paired diff median +0.1000",
+        "lambda 0.5: median f1 0.7000",
+        f"table in {tmp_path / 'my runs'}/sweep.md",
+    ]
+    assert seen == ["cmi-glue " + shlex.join(argv)] and shlex.split(seen[0])[1:] == argv
 
 
 def test_sweep_table_rows_hand_values():
