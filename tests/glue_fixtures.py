@@ -2,6 +2,8 @@
 
 import contextlib
 import gc
+import json
+import os
 import random
 
 import pytest
@@ -67,3 +69,19 @@ def cycle_collector_off():
         yield
     finally:
         gc.enable()
+
+
+def write_finished_run(output_dir: str, config: dict) -> dict:
+    """A finished run's ``results.json`` in ``output_dir`` (made if missing), its settings ``config``; what it holds."""
+    from cmi_fused.glue.train import RESULTS_FILE  # here, not at conftest's import of this module: Trainer is slow
+
+    os.makedirs(output_dir, exist_ok=True)
+    finished = {"config": config, "best": {"f1": 0.5}, "best_epoch": 1, "history": []}
+    with open(os.path.join(output_dir, RESULTS_FILE), "w") as handle:
+        json.dump(finished, handle)
+    return finished
+
+
+def never_retrained():
+    """The ``run`` of a ``reuse_or_run`` call that must read the finished run back, not train it."""
+    raise AssertionError("a finished run was retrained")

@@ -58,7 +58,7 @@ from cmi_fused.glue.distill_cli import (  # noqa: E402
 from cmi_fused.glue.sweep import reuse_or_run  # noqa: E402
 from cmi_fused.glue.tasks import get_task  # noqa: E402
 from cmi_fused.glue.train import REGULARIZER_FILE, RESULTS_FILE, build_training_arguments, train  # noqa: E402
-from glue_fixtures import cycle_collector_off, save_tiny_bert  # noqa: E402
+from glue_fixtures import cycle_collector_off, never_retrained, save_tiny_bert, write_finished_run  # noqa: E402
 
 NUM_TEACHER_LAYERS = 4
 
@@ -331,18 +331,12 @@ def test_distillation_settings_block_reuse(tmp_path):
     """A finished distillation run is reused only if teacher, student and KD settings are the same; caching the
     teacher's logits changes only how it runs."""
     base = DistillConfig("mrpc", "t", str(tmp_path / "run"), teacher="t")
-    os.makedirs(base.output_dir)
-    finished = {"config": dataclasses.asdict(base), "best": {"f1": 0.5}, "best_epoch": 1, "history": []}
-    (tmp_path / "run" / RESULTS_FILE).write_text(json.dumps(finished))
-
-    def never():
-        raise AssertionError("a finished run was retrained")
-
+    finished = write_finished_run(base.output_dir, dataclasses.asdict(base))
     changed = {"teacher": "u", "student": "s", "student_layers": [0, 2], "alpha": 0.9, "kd_temperature": 4.0}
     for name, value in changed.items():
         with pytest.raises(ValueError, match=rf"\b{name}: "):
-            reuse_or_run(dataclasses.replace(base, **{name: value}), never)
-    assert reuse_or_run(dataclasses.replace(base, cache_teacher_logits=True), never) == finished
+            reuse_or_run(dataclasses.replace(base, **{name: value}), never_retrained)
+    assert reuse_or_run(dataclasses.replace(base, cache_teacher_logits=True), never_retrained) == finished
 
 
 def test_distill_sweep_defaults_start_with_the_ce_baseline():

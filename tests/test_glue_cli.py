@@ -71,7 +71,7 @@ from cmi_fused.glue.train import (
     load_model_and_tokenizer,
     train,
 )
-from glue_fixtures import cycle_collector_off, save_tiny_bert
+from glue_fixtures import cycle_collector_off, never_retrained, save_tiny_bert, write_finished_run
 
 HIDDEN = 32
 
@@ -464,45 +464,30 @@ def test_every_setting_that_changes_what_a_run_computes_blocks_reuse(tmp_path):
     }  # fmt: skip
     assert set(changed) | where_and_how == {field.name for field in dataclasses.fields(TrainConfig)}
     base = TrainConfig("mrpc", "m", str(tmp_path / "run"), cmi="min", cmi_lambda=0.1)
-    os.makedirs(base.output_dir)
-    finished = {"config": dataclasses.asdict(base), "best": {"f1": 0.5}, "best_epoch": 1, "history": []}
-    with open(os.path.join(base.output_dir, RESULTS_FILE), "w") as handle:
-        json.dump(finished, handle)
-
-    def never():
-        raise AssertionError("a finished run was retrained")
-
+    finished = write_finished_run(base.output_dir, dataclasses.asdict(base))
     for name, value in changed.items():
         with pytest.raises(ValueError, match=rf"\b{name}: "):
-            reuse_or_run(dataclasses.replace(base, **{name: value}), never)
+            reuse_or_run(dataclasses.replace(base, **{name: value}), never_retrained)
     for name, value in {"data_dir": "/elsewhere", "eval_batch_size": 99, "keep_checkpoints": True,
                         "full_determinism": True}.items():  # fmt: skip
-        assert reuse_or_run(dataclasses.replace(base, **{name: value}), never) == finished
+        assert reuse_or_run(dataclasses.replace(base, **{name: value}), never_retrained) == finished
 
 
 def test_a_setting_an_older_run_did_not_record_counts_as_its_default(tmp_path):
     """A results.json written before a setting existed ran as that setting's default does: it is reused under the
     default and refused under another value, not reused whatever the setting is now."""
     base = TrainConfig("mrpc", "m", str(tmp_path / "run"), cmi="min", cmi_lambda=0.1)
-    os.makedirs(base.output_dir)
 
-    def finished_without(*keys):
-        config = {key: value for key, value in dataclasses.asdict(base).items() if key not in keys}
-        finished = {"config": config, "best": {"f1": 0.5}, "best_epoch": 1, "history": []}
-        with open(os.path.join(base.output_dir, RESULTS_FILE), "w") as handle:
-            json.dump(finished, handle)
-        return finished
-
-    def never():
-        raise AssertionError("a finished run was retrained")
+    def finished_without(key):
+        return write_finished_run(base.output_dir, {k: v for k, v in dataclasses.asdict(base).items() if k != key})
 
     finished = finished_without("weight_decay")
-    assert reuse_or_run(base, never) == finished  # weight_decay at its default, as that run trained
+    assert reuse_or_run(base, never_retrained) == finished  # weight_decay at its default, as that run trained
     with pytest.raises(ValueError, match=r"weight_decay: not recorded there \(so the default 0\.0\), 0\.01 now"):
-        reuse_or_run(dataclasses.replace(base, weight_decay=0.01), never)
+        reuse_or_run(dataclasses.replace(base, weight_decay=0.01), never_retrained)
     finished_without("model")  # a setting without a default is never taken for the one asked for
     with pytest.raises(ValueError, match=r"model: not recorded there, 'm' now"):
-        reuse_or_run(base, never)
+        reuse_or_run(base, never_retrained)
 
 
 def test_run_directories_of_different_lambdas_differ():
