@@ -798,13 +798,15 @@ print(sorted(name for name in {heavy} if name in sys.modules))
 
 def test_help_and_usage_errors_load_no_heavy_library(tmp_path):
     """``--help`` and a refused setting are answered before transformers, datasets or scikit-learn load (5 of the 7 s
-    that ``cmi-glue --help`` took here): the CLI imports a command's driver only to run it. A fresh interpreter,
-    since this one has them loaded."""
+    that ``cmi-glue --help`` took here): the CLI imports a command's driver only to run it, and turns off the
+    libraries' progress bars (``--disable-tqdm``) only once the settings pass. A fresh interpreter, since this one has
+    them loaded."""
     out = tmp_path / "run"
     argvs = [
         "--help",
         "distill --help",
         f"train --task mrpc --model m --output-dir {out} --cmi-lambda -1",
+        f"train --task mrpc --model m --output-dir {out} --temperature 0 --disable-tqdm",
         f"sweep --task mrpc --model m --output-dir {out} --warmup-ratio 1",
         f"distill --task mrpc --teacher {out} --output-dir {out} --alpha 2",
         f"distill-sweep --task mrpc --teacher {out} --output-dir {out} --kd-temperatures 0",
@@ -814,6 +816,7 @@ def test_help_and_usage_errors_load_no_heavy_library(tmp_path):
     errors = [line for line in result.stderr.splitlines() if ": error: " in line]
     assert [error.split(": error: ")[1].split()[0] for error in errors] == [
         "--cmi-lambda",
+        "--temperature",
         "--warmup-ratio",
         "--alpha",
         "argument",

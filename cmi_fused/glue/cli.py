@@ -154,7 +154,19 @@ def config_from_args(args: argparse.Namespace, config_class=TrainConfig, **overr
     (fields the parser lacks keep their defaults)."""
     fields = {name: getattr(args, name) for name in config_class.__dataclass_fields__ if hasattr(args, name)}
     fields.update(overrides)
-    return build_config(config_class, fields, args)
+    config = build_config(config_class, fields, args)
+    if config.disable_tqdm:  # after the checks: turning the bars off imports datasets and transformers
+        disable_progress_bars()
+    return config
+
+
+def disable_progress_bars() -> None:
+    """``--disable-tqdm`` beyond the Trainer's bars: tokenising, weight loading and saving."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def build_config(config_class, fields: dict, args: argparse.Namespace):
@@ -378,12 +390,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
-    if getattr(args, "disable_tqdm", False):  # also the tokenising, weight-loading and saving bars
-        import datasets
-        import transformers
-
-        datasets.disable_progress_bars()
-        transformers.utils.logging.disable_progress_bar()
     grouped_before = process_group_initialized()
     args.func(args)
     if not grouped_before and process_group_initialized():
