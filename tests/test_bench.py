@@ -872,6 +872,14 @@ def test_h100_target_table_is_the_issues():
     assert report.H100_DEVICE_TARGET_MS == SHAPES_TARGETS
 
 
+def test_bench_readme_lists_the_issues_targets():
+    """bench/README.md's "Targets" table, which readers without the issue go by, is the issue's table."""
+    with open(os.path.join(REPO_ROOT, "bench", "README.md")) as handle:
+        section = handle.read().split("## Targets (issue 3)")[1].split("\n## ")[0]
+    table = re.findall(r"^\| (\d+)x(\d+) C=(\d+) \| <= ([0-9.]+) \|$", section, flags=re.MULTILINE)
+    assert {(int(n), int(d), int(c)): float(ms) for n, d, c, ms in table} == SHAPES_TARGETS
+
+
 def test_markdown_says_the_h100_targets_are_reference_only_on_another_gpu():
     shape = (4096, 768, 2, "bf16")
     rows = [make_row(shape, "fixed", "fused", "fwd_bwd", "device", 0.03)]
