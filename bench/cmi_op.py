@@ -63,6 +63,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PROVIDERS = ("fused", "eager", "compile", "fused_compiled", "noop")
 # fused_compiled only on request: its compiles cost device time and the op is the same custom op as fused.
 DEFAULT_PROVIDERS = ("fused", "eager", "compile", "noop")
+TRITON_PROVIDERS = ("fused", "fused_compiled")  # the providers that launch this package's kernels
 COMPILED_PROVIDERS = ("compile", "fused_compiled")
 MODES = ("fixed", "batch")
 PASSES = ("fwd", "bwd", "fwd_bwd")
@@ -619,10 +620,10 @@ def run_op_bench(
     """
     timings = device_timings(timings, device)
     unavailable = {}
-    if any(p in ("fused", "fused_compiled") for p in providers):
+    if any(p in TRITON_PROVIDERS for p in providers):
         reason = fused_unavailable_reason()
         if reason:
-            unavailable = {"fused": reason, "fused_compiled": reason}
+            unavailable = dict.fromkeys(TRITON_PROVIDERS, reason)
     l2_bytes = l2_cache_bytes(device)
     generator = torch.Generator(device=device).manual_seed(seed)
 

@@ -36,7 +36,7 @@ timeout --signal=INT --kill-after=15 "$hard_limit" \
     python3 -m bench $resume --time-limit "$time_limit" --output-dir "$output_dir" "$@" || status=$?
 # Status 3: a CUDA fault left that process unable to run anything (bench/__main__.py) after saving what it had
 # measured. One new process goes on in the time left (SECONDS counts from this script's start), resuming the file:
-# the shapes and modes not measured first, the failed ones last.
+# the shapes and modes not measured first, the failed ones last (in those, the fused providers after the torch ones).
 if [ "$status" = 3 ] && [ $(( hard_limit - SECONDS )) -gt 60 ]; then
     echo "run_gpu.sh: CUDA fault; the rest in a new process"
     status=0

@@ -700,6 +700,36 @@ def test_resume_measures_failed_rows_again(tmp_path, monkeypatch, keep_torch_thr
     assert [row for row in resumed["rows"] if row["N"] == 8] == [row for row in first["rows"] if row["N"] == 8]
 
 
+@pytest.mark.filterwarnings("ignore:no fused-vs-eager")
+def test_resume_runs_a_failed_units_fused_providers_last(tmp_path, monkeypatch, keep_torch_threads):
+    """A unit that failed may have faulted the CUDA context in a Triton kernel, which fails every later case of the
+    process: resumed, its torch providers run before the fused ones; units that did not fail keep the given order."""
+    measure, calls = cmi_op.run_op_bench, []
+
+    def fail_the_bf16_shape_once(shapes, providers, modes, *args, **kwargs):
+        calls.append((shapes[0].n_rows, tuple(providers)))
+        if shapes[0].n_rows == 6 and len(calls) == 2:  # as a fault in the fused case ends its unit
+            keys = cmi_op.grid_row_keys(shapes[0], providers, modes, *args[:3])
+            return [
+                dict(zip(report.ROW_KEY, key, strict=True), ms=None, error="RuntimeError: illegal memory access")
+                for key in keys
+            ]
+        return measure(shapes, providers, modes, *args, **kwargs)
+
+    monkeypatch.setattr(cmi_op, "run_op_bench", fail_the_bf16_shape_once)
+    argv = ["--quick", "--no-e2e", "--providers", "fused", "eager", "noop", "--modes", "fixed", "--passes", "fwd_bwd"]
+    argv += ["--timings", "wall", "--output-dir", str(tmp_path), "--shapes", "8x40:3:fp32", "6x33:10:bf16"]
+    assert bench_main(argv) == 0
+    assert bench_main([*argv, "4x24:2:fp32", "--resume"]) == 0  # a new shape too: measured before the failed unit
+    assert calls == [
+        (8, ("fused", "eager", "noop")),
+        (6, ("fused", "eager", "noop")),
+        (4, ("fused", "eager", "noop")),
+        (6, ("eager", "noop", "fused")),
+    ]
+    assert not [row for row in read_results(tmp_path)["rows"] if row.get("error")]
+
+
 def test_report_without_matplotlib_writes_markdown_and_warns(tmp_path, monkeypatch):
     shape = (32, 768, 2, "bf16")
     results = synthetic_results(
