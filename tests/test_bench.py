@@ -1334,3 +1334,248 @@ def test_resume_runs_the_e2e_step_before_a_failed_unit_of_the_first_mode(tmp_pat
     monkeypatch.setattr(e2e, "run_e2e", lambda *args, **kwargs: calls.append("e2e") or {"error": "stub"})
     assert bench_main([*argv, "--resume"]) == 0
     assert calls == ["e2e", (6, "fixed")]
+
+
+# ------------------------------------------------------------------------------------------------------
+# Added after a mutation pass over bench/e2e.py and the CPU paths of bench/cmi_op.py: each test kills a mutant the
+# ones above let survive.
+def test_e2e_train_step_adds_the_weighted_cmi_of_its_own_backend(monkeypatch):
+    """cmi_eager steps with the torch backend, cmi_fused with the triton one, each adding cmi_weight x the CMI of the
+    pooled output (per-batch centroids, the batch's labels); plain adds none. A stand-in CMI returns a probe whose
+    gradient is the weight the step gave it."""
+    from types import SimpleNamespace
+
+    from transformers import BertConfig
+
+    settings = dataclasses.replace(e2e.E2ESettings.quick(), cmi_weight=0.25)
+    config = BertConfig(**settings.model_overrides)
+    calls = []
+
+    def fake_cmi_loss(features, labels, num_classes, centroids=None, **options):
+        probe = torch.zeros((), requires_grad=True)
+        calls.append(dict(features=features, labels=labels, num_classes=num_classes, centroids=centroids, probe=probe,
+                          **options))  # fmt: skip
+        return SimpleNamespace(loss=probe)
+
+    monkeypatch.setattr(e2e, "cmi_loss", fake_cmi_loss)
+    device = torch.device("cpu")
+    batch = (
+        torch.randint(0, config.vocab_size, (settings.batch_size, settings.seq_len)),
+        torch.ones(settings.batch_size, settings.seq_len, dtype=torch.long),
+        torch.randint(0, settings.num_labels, (settings.batch_size,)),
+    )
+    for config_name in e2e.CONFIGS:
+        calls.clear()
+        model = e2e.BertClassifier(config, settings.num_labels)
+        e2e.make_train_step(model, config_name, settings, device)(batch)
+        if config_name == "plain":
+            assert calls == []
+            continue
+        (call,) = calls
+        assert call["backend"] == {"cmi_eager": "torch", "cmi_fused": "triton"}[config_name]
+        assert call["features"].shape == (settings.batch_size, config.hidden_size) and call["centroids"] is None
+        assert call["labels"] is batch[2] and call["num_classes"] == settings.num_labels
+        assert call["probe"].grad.item() == pytest.approx(0.25)
+
+
+def test_e2e_warms_up_and_times_its_own_model_copy_per_config_in_rotating_order(monkeypatch):
+    """Every config starts from a copy of the same initial model (not one model trained by all three), runs
+    warmup_steps untimed steps, and is timed once per round in the rotating order; a fused_error keeps cmi_fused out
+    with that error."""
+    models, warmups, timed = {}, {}, []
+
+    def fake_make_train_step(model, config_name, settings, device):
+        models[config_name], warmups[config_name] = model, 0
+
+        def step(batch):
+            warmups[config_name] += 1
+
+        step.config_name = config_name
+        return step
+
+    def fake_time_block_ms(step, batches, count, device):
+        timed.append(step.config_name)
+        return 1.0
+
+    monkeypatch.setattr(e2e, "make_train_step", fake_make_train_step)
+    monkeypatch.setattr(e2e, "time_block_ms", fake_time_block_ms)
+    settings = dataclasses.replace(e2e.E2ESettings.quick(), rounds=3, warmup_steps=3)
+    section = e2e.run_e2e(settings, torch.device("cpu"), fused_error=None, log=lambda message: None)
+    assert section["errors"] == {} and warmups == dict.fromkeys(e2e.CONFIGS, 3)
+    assert timed == [name for round_index in range(3) for name in timing.rotated(e2e.CONFIGS, round_index)]
+    assert len({id(model) for model in models.values()}) == len(e2e.CONFIGS)
+    states = [model.state_dict() for model in models.values()]
+    assert all(torch.equal(states[0][key], state[key]) for state in states[1:] for key in states[0])
+
+    for record in (models, warmups, timed):
+        record.clear()
+    section = e2e.run_e2e(settings, torch.device("cpu"), fused_error="ImportError: no triton", log=lambda m: None)
+    assert section["errors"] == {"cmi_fused": "ImportError: no triton"} and "cmi_fused" not in warmups
+    assert [entry["config"] for entry in section["configs"]] == ["plain", "cmi_eager"]
+
+
+@pytest.mark.parametrize("text", ["8x0:2", "8x8:0", "8x8:-1:fp32", "4096x768:2:int8"])
+def test_parse_shape_rejects_an_empty_dimension_and_quotes_the_entry(text):
+    """N, D and C must each be >= 1 (C too: no class to condition on), the dtype one of DTYPES; the message quotes the
+    entry."""
+    with pytest.raises(ValueError, match=re.escape(repr(text))):
+        cmi_op.parse_shape(text)
+
+
+def test_input_sets_count_the_centroids_only_with_fixed_centroids():
+    """16384x768 bf16 is 25 MB, its vocabulary-sized C = 30522 fp32 centroids 94 MB more: 2 x 50 MiB of L2 takes five
+    sets without centroids (batch mode) and one with them."""
+    vocab = cmi_op.Shape(16384, 768, 30522, "bf16")
+    assert cmi_op.num_input_sets(vocab, "batch", 50 * 2**20, 16) == 5
+    assert cmi_op.num_input_sets(vocab, "fixed", 50 * 2**20, 16) == 1
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
+def test_make_inputs_are_what_the_rows_say(dtype):
+    """Features of the shape's dtype (what the row's dtype says was timed), leaves with requires_grad; labels in
+    [0, C); fixed centroids positive fp32 rows summing to 1; batch mode none; each set drawn afresh."""
+    shape = cmi_op.Shape(7, 12, 5, dtype)
+    generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    fixed = cmi_op.make_inputs(shape, "fixed", 3, torch.device("cpu"), generator)
+    assert len(fixed) == 3
+    for item in fixed:
+        assert item.features.dtype == shape.torch_dtype and item.features.shape == (7, 12)
+        assert item.features.is_leaf and item.features.requires_grad
+        assert item.labels.dtype == torch.int64 and item.labels.min() >= 0 and item.labels.max() < 5
+        assert item.centroids.dtype == torch.float32 and item.centroids.shape == (5, 12)
+        assert (item.centroids > 0).all()
+        torch.testing.assert_close(item.centroids.sum(dim=1), torch.ones(5))
+    assert not torch.equal(fixed[0].features, fixed[1].features)
+    (batch,) = cmi_op.make_inputs(shape, "batch", 1, torch.device("cpu"), generator)
+    assert batch.centroids is None and batch.features.dtype == shape.torch_dtype
+
+
+@pytest.mark.parametrize("pass_name", ["fwd_bwd", "bwd"])
+def test_wall_steps_start_without_a_gradient(pass_name):
+    """Each timed eager step (loss.backward()) starts from h.grad = None: a gradient left from the step before would
+    add an accumulating add to the time (and the gradient would be the sum of the steps')."""
+    shape = cmi_op.Shape(6, 9, 2, "fp32")
+    generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    inputs = cmi_op.make_inputs(shape, "fixed", 2, torch.device("cpu"), generator)
+    loss_fn = cmi_op.make_loss_fn("eager", shape.num_classes)
+    item = inputs[1]
+    (expected,) = torch.autograd.grad(loss_fn(item.features, item.labels, item.centroids), item.features)
+    prepare, run = cmi_op.build_step(loss_fn, inputs, pass_name, for_graph=False)
+    for _ in range(3):
+        prepare(1)
+        run(1)
+    torch.testing.assert_close(item.features.grad, expected)
+
+
+def test_wall_timing_rotates_the_input_sets_and_times_only_the_run(monkeypatch):
+    """Rep r runs on input set r mod num_sets (the sets together exceed the L2 cache), and prepare (clearing h.grad,
+    the forward of a bwd pass) stays outside the clock."""
+    events, clock_running = [], []
+
+    def fake_elapsed_ms(fn, device):
+        clock_running.append(True)
+        fn()
+        clock_running.pop()
+        return 1.0
+
+    monkeypatch.setattr(cmi_op, "elapsed_ms", fake_elapsed_ms)
+    times = cmi_op.Timer(torch.device("cpu")).wall_ms(
+        lambda k: events.append(("prepare", k, bool(clock_running))),
+        lambda k: events.append(("run", k, bool(clock_running))),
+        num_sets=3,
+        reps=5,
+    )
+    assert times == [1.0] * 5
+    assert events == [(name, k, name == "run") for k in (0, 1, 2, 0, 1) for name in ("prepare", "run")]
+
+
+def test_reps_fill_the_budget_within_the_bounds():
+    assert cmi_op.reps_for(3.0, 200.0, 20, 200) == 67  # ceil(200 / 3): at least the budget
+    assert cmi_op.reps_for(50.0, 200.0, 20, 200) == 20  # a slow step still gets the minimum
+    assert cmi_op.reps_for(0.1, 200.0, 20, 200) == 200  # a fast one no more than the maximum
+    assert cmi_op.reps_for(0.0, 200.0, 3, 5) == 5  # an estimate of 0 ms (a coarse clock) is no division by zero
+
+
+def test_grid_of_passes_and_timings():
+    """noop runs only as fwd_bwd, and not at all when fwd_bwd is not asked for; device timing only on CUDA (a CUDA
+    device: torch.device needs no GPU to say its type). grid_row_keys, which --resume compares with the file, agrees."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert cmi_op.provider_passes("noop", cmi_op.PASSES) == ("fwd_bwd",)
+    assert cmi_op.provider_passes("noop", ("fwd", "bwd")) == ()
+    assert cmi_op.provider_passes("eager", ["fwd", "bwd"]) == ("fwd", "bwd")
+    assert cmi_op.device_timings(cmi_op.TIMINGS, cuda) == ("device", "wall")
+    assert cmi_op.device_timings(cmi_op.TIMINGS, cpu) == ("wall",)
+    shape = cmi_op.Shape(8, 40, 3, "fp32")
+    keys = cmi_op.grid_row_keys(shape, ("eager", "noop"), ("fixed",), ("fwd",), cmi_op.TIMINGS, cpu)
+    assert keys == {(8, 40, 3, "fp32", "fixed", "eager", "fwd", "wall")}
+    keys = cmi_op.grid_row_keys(shape, ("noop",), cmi_op.MODES, cmi_op.PASSES, cmi_op.TIMINGS, cuda)
+    assert keys == {(8, 40, 3, "fp32", mode, "noop", "fwd_bwd", t) for mode in cmi_op.MODES for t in cmi_op.TIMINGS}
+
+
+def test_a_unit_failing_after_some_cases_keeps_their_rows(monkeypatch):
+    """A unit that fails between its cases (here: building the second provider's loss, outside bench_case) keeps the
+    rows written so far and gives every row still missing the error, each row once, with the fields of any row."""
+    make_loss_fn = cmi_op.make_loss_fn
+
+    def failing_for_noop(provider, num_classes):
+        if provider == "noop":
+            raise RuntimeError("CUDA error: an illegal memory access (simulated)")
+        return make_loss_fn(provider, num_classes)
+
+    monkeypatch.setattr(cmi_op, "make_loss_fn", failing_for_noop)
+    rows = cmi_op.run_op_bench(
+        [cmi_op.Shape(6, 9, 2, "fp32")], ("eager", "noop"), ("fixed",), cmi_op.PASSES, ("wall",),
+        torch.device("cpu"), cmi_op.Budget.quick(), copy_tbps=None, log=lambda message: None,
+    )  # fmt: skip
+    assert sorted((row["provider"], row["pass"]) for row in rows) == [
+        ("eager", "bwd"), ("eager", "fwd"), ("eager", "fwd_bwd"), ("noop", "fwd_bwd"),
+    ]  # fmt: skip
+    assert all(row["ms"] > 0 and "error" not in row for row in rows if row["provider"] == "eager")
+    (failed,) = [row for row in rows if row["provider"] == "noop"]
+    assert failed["ms"] is None and failed["peak_mb"] is None and "illegal memory access" in failed["error"]
+    assert set(failed) >= ROW_KEYS
+
+
+def test_inputs_come_from_the_runs_seed(monkeypatch):
+    """--seed reaches the inputs (add_launch_counts builds them again from that seed)."""
+    seeds = []
+    make_inputs = cmi_op.make_inputs
+
+    def recording(shape, mode, count, device, generator):
+        seeds.append(generator.initial_seed())
+        return make_inputs(shape, mode, count, device, generator)
+
+    monkeypatch.setattr(cmi_op, "make_inputs", recording)
+    cmi_op.run_op_bench(
+        [cmi_op.Shape(6, 9, 2, "fp32")], ("noop",), ("fixed",), ("fwd_bwd",), ("wall",), torch.device("cpu"),
+        cmi_op.Budget.quick(), copy_tbps=None, seed=7, log=lambda message: None,
+    )  # fmt: skip
+    assert seeds == [7]
+
+
+def test_a_case_that_cannot_run_gets_an_error_row_per_timing():
+    shape = cmi_op.Shape(6, 9, 2, "fp32")
+    inputs = cmi_op.make_inputs(shape, "fixed", 2, torch.device("cpu"), torch.Generator().manual_seed(0))
+
+    def broken(*args):
+        raise RuntimeError("no kernel image for this device")
+
+    rows = cmi_op.bench_case(
+        shape, "fixed", "fused", "fwd", ("device", "wall"), inputs, broken, torch.device("cpu"),
+        cmi_op.Budget.quick(), 3.0,
+    )  # fmt: skip
+    assert [row["timing"] for row in rows] == ["device", "wall"]
+    for row in rows:
+        assert row["ms"] is None and row["peak_mb"] is None and row["input_sets"] == 2
+        assert row["error"] == "RuntimeError: no kernel image for this device" and set(row) >= ROW_KEYS
+
+
+def test_error_text_leaves_out_a_suppressed_context():
+    """``raise ... from None`` says the first error is not the cause: only the error itself is reported."""
+    try:
+        try:
+            raise KeyError("lookup")
+        except KeyError:
+            raise ValueError("bad entry") from None
+    except ValueError as error:
+        assert cmi_op.error_text(error) == "ValueError: bad entry"

@@ -1890,3 +1890,27 @@ def test_unchecked_out_of_range_labels_give_nan_rows(
     ref_rows[good].mul(grad_rows[good].double()).sum().backward()
     assert torch.equal(features.grad[bad_rows], torch.zeros(len(bad_rows), d, device=DEVICE))
     assert_rel_close(features.grad[good], ref_h.grad[good], 1e-5, "gradient of the rows with valid labels")
+
+
+def test_documented_defaults_and_given_options_reach_the_checks(monkeypatch):
+    """cmi_loss hands check_inputs the defaults its docstring gives (check_labels=None: no label check, so no
+    device sync, on CUDA unless asked) and every option given, unchanged. Added after a mutation pass over loss.py."""
+    import importlib
+
+    loss_module = importlib.import_module("cmi_fused.loss")
+    recorded = []
+    real_check_inputs = loss_module.check_inputs
+
+    def recording(*args, **kwargs):
+        recorded.append(kwargs)
+        return real_check_inputs(*args, **kwargs)
+
+    monkeypatch.setattr(loss_module, "check_inputs", recording)
+    features, labels = torch.randn(6, 5, device=DEVICE), torch.tensor([0, 1, 2, 0, 1, 2], device=DEVICE)
+    cmi_loss(features, labels, 3, backend="torch")
+    assert recorded[-1] == dict(
+        temperature=1.0, reduction="mean", eps=1e-12, backend="torch", deterministic=None, check_labels=None
+    )
+    given = dict(temperature=2.0, reduction="none", eps=1e-6, backend="torch", deterministic=False, check_labels=True)
+    cmi_loss(features, labels, 3, **given)
+    assert recorded[-1] == given

@@ -973,6 +973,26 @@ def test_help_shows_the_defaults(command, shown, hidden, capsys):
         assert fragment not in text
 
 
+def test_help_formatter_shows_a_default_only_where_there_is_one_to_show():
+    """The shared --help layout (cmi_fused.cli_help) on a parser of its own: an option's default is shown, with or
+    without a help text, 0 included; a positional's default, a required option's, a flag's False and a None are
+    not. Added after a mutation pass over cli_help.py."""
+    from cmi_fused.cli_help import DefaultsHelpFormatter
+
+    parser = argparse.ArgumentParser(prog="p", formatter_class=DefaultsHelpFormatter)
+    parser.add_argument("path", nargs="?", default="results.json", help="a file")
+    parser.add_argument("--need", required=True, default="given", help="needed")
+    parser.add_argument("--rounds", type=int, default=0)
+    parser.add_argument("--rate", type=float, default=0.5, help="a rate")
+    parser.add_argument("--flag", action="store_true", help="a flag")
+    parser.add_argument("--name", help="a name")
+    text = " ".join(parser.format_help().split())
+    assert "--rounds ROUNDS default: 0" in text and "--rate RATE a rate (default: 0.5)" in text
+    assert "path a file" in text and "--need NEED needed --rounds" in text
+    assert "--flag a flag --name NAME a name" in text
+    assert "results.json" not in text and "given" not in text and "None" not in text and "False" not in text
+
+
 def test_seed_fixes_a_fresh_classification_head(glue_dir, tmp_path, monkeypatch):
     """An encoder without a head (like the offline MiniLM) gets a new head: --seed, not the process's RNG state
     before the run, decides it, so the runs of a sweep are paired on their initialisation."""

@@ -94,3 +94,53 @@ def test_every_step_starts_without_a_gradient(monkeypatch):
         step()
         step()
     assert starts_clear == [True] * 8
+
+
+# Added after a mutation pass over bench/host_overhead.py: each test kills a mutant the ones above let survive.
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_each_step_runs_its_provider_in_its_mode_and_dtype(monkeypatch, dtype):
+    """The fixed-centroid steps get the given centroids, "fused batch" none (per-batch centroids), all of them
+    features of the asked dtype."""
+    seen = {}
+
+    def recording_loss_fn(provider, num_classes):
+        def loss(features, labels, centroids):
+            seen.setdefault(provider, []).append((centroids is None, features.dtype, tuple(features.shape)))
+            return features.float().sum()
+
+        return loss
+
+    monkeypatch.setattr(bench.host_overhead, "make_loss_fn", recording_loss_fn)
+    step_fns = steps(4, 8, 2, dtype)
+    for name in ("fused fixed", "fused batch", "eager fixed"):
+        step_fns[name]()
+    assert seen == {"fused": [(False, dtype, (4, 8)), (True, dtype, (4, 8))], "eager": [(False, dtype, (4, 8))]}
+
+
+def test_cli_defaults_are_the_issues_32x768_bf16_step_on_an_h100_grid(tmp_path, monkeypatch):
+    """Without options it times issue 3's 32x768 C=2 bf16 step with the grid of an H100 SXM (132 SMs), as
+    gpu_session.sh runs it; --sms reaches the stub."""
+    stubbed = []
+    real_stub = bench.host_overhead.launches_stubbed
+
+    def recording_stub(sms):
+        stubbed.append(sms)
+        return real_stub(sms)
+
+    monkeypatch.setattr(bench.host_overhead, "launches_stubbed", recording_stub)
+    out = tmp_path / "host.json"
+    main(["--rounds", "1", "--iters", "1", "--json", str(out)])
+    written = json.loads(out.read_text())
+    assert written["shape"] == "32x768 C=2 bfloat16" and written["sms"] == 132 and stubbed == [132]
+    main(["--rows", "4", "--dim", "8", "--sms", "8", "--rounds", "1", "--iters", "1"])
+    assert stubbed == [132, 8]
+
+
+def test_measure_rotates_the_order_each_round():
+    """Interleaved rounds, the order rotated by one each round, so that clock drift does not always hit the same
+    provider."""
+    order = []
+    step_fns = {name: (lambda name=name: order.append(name)) for name in ("noop", "fused fixed", "eager fixed")}
+    measure(step_fns, rounds=3, iters=1)
+    assert order[3:] == ["noop", "fused fixed", "eager fixed", "fused fixed", "eager fixed", "noop",
+                         "eager fixed", "noop", "fused fixed"]  # fmt: skip

@@ -125,3 +125,78 @@ def test_only_the_shared_slot_is_added_to_with_relaxed_atomics():
         atomics = found[f"True {layout}"]
         # triton 3.9 writes red (no result), 3.6 atom with an unused result: both relaxed, neither fenced
         assert atomics and all(re.match(r"(red|atom)\.global\.gpu\.relaxed\.add", name) for name in atomics), found
+
+
+# ------------------------------------------------------------------------------------------------------
+# Added after a mutation pass over bench/kernel_resources.py: what it hands to the compiler and how it reports, with
+# the compiler replaced by a stand-in (no compile: fast, and the same under the interpreter).
+class StandInCompiled:
+    metadata = type("Metadata", (), {"enable_fp_fusion": True})()
+
+
+@pytest.fixture
+def compiles_recorded(monkeypatch):
+    """``kernel_resources.report`` with ``triton.compile`` and the cuobjdump step stubbed: ``(rows, sources)``, the
+    ASTSource of each row in order."""
+    from bench import kernel_resources
+
+    sources = []
+
+    def fake_compile(source, target, options):
+        sources.append(source)
+        return StandInCompiled()
+
+    monkeypatch.setattr(kernel_resources.triton, "compile", fake_compile)
+    monkeypatch.setattr(kernel_resources, "_resources", lambda compiled: {"reg": 1, "stack": 0, "local": 0})
+    rows = kernel_resources.report(90)
+    return rows, sources
+
+
+def test_generic_layout_specialises_nothing_of_the_callers_tensors(compiles_recorded):
+    """The aligned layout compiles what training runs (unit column strides as constants, the caller's pointers and row
+    strides 16-divisible); the generic one assumes none of it (any strides, e.g. a column slice), only of the launchers'
+    own buffers. The forward rows are named by SINGLE_CHUNK: chunked rows loop over d > 4096."""
+    from bench import kernel_resources as kr
+
+    rows, sources = compiles_recorded
+    assert rows and len(rows) == len(sources)
+    for row, source in zip(rows, sources, strict=True):
+        names = source.fn.arg_names
+        constants = {names[index]: value for (index,), value in source.constants.items()}
+        divisible = {names[index] for (index,) in source.attrs}
+        strides = {name for name in kr.UNIT_STRIDES if name in names}
+        callers = {name for name in kr.CALLER_ALIGNED if name in names and name not in constants}
+        if row["layout"] == "aligned":
+            assert all(constants.get(name) == 1 for name in strides), (row, constants)
+            assert callers <= divisible, row
+        else:
+            assert not strides & set(constants) and not callers & divisible, (row, constants, divisible)
+        assert divisible <= set(kr.OWN_ALIGNED) | set(kr.CALLER_ALIGNED)
+        if row["kernel"].startswith("forward"):
+            assert (row["kernel"] == "forward") == constants["SINGLE_CHUNK"] and row["block_d"] == constants["BLOCK_D"]
+
+
+def test_table_columns_and_default_arch(monkeypatch, capsys):
+    """Without --arch it reports the H100's sm_90; each resource lands in its own column of the table."""
+    from bench import kernel_resources
+
+    archs = []
+    row = dict(kernel="forward", use="fixed", centroids="fp32", layout="aligned", atomics=False, block_d=1024,
+               fp_fusion=True, reg=40, local=8, stack=16, shared=4)  # fmt: skip
+    monkeypatch.setattr(kernel_resources, "report", lambda arch: archs.append(arch) or [row])
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert kernel_resources.main([]) == 0
+    out = capsys.readouterr().out
+    assert archs == [90] and out.startswith("sm_90, triton")
+    assert "| registers | local (spill) bytes | stack | shared |" in out
+    assert "| forward | fixed | fp32 | aligned | False | 1024 | 40 | 8 | 16 | 4 |" in out
+
+
+def test_refuses_to_run_under_the_interpreter(monkeypatch, capsys):
+    from bench import kernel_resources
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(kernel_resources, "report", lambda arch: pytest.fail("compiled under the interpreter"))
+    with pytest.raises(SystemExit) as exit_info:
+        kernel_resources.main([])
+    assert exit_info.value.code == 2 and "unset TRITON_INTERPRET" in capsys.readouterr().err
