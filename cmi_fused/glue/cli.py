@@ -151,7 +151,8 @@ def report(*lines: str) -> None:
 
 def config_from_args(args: argparse.Namespace, config_class=TrainConfig, **overrides):
     """A ``config_class`` (:class:`TrainConfig` or :class:`DistillConfig`) from parsed arguments and ``overrides``
-    (fields the parser lacks keep their defaults)."""
+    (fields the parser lacks keep their defaults). With ``disable_tqdm`` it also turns the libraries' progress bars off,
+    once the settings have passed."""
     fields = {name: getattr(args, name) for name in config_class.__dataclass_fields__ if hasattr(args, name)}
     fields.update(overrides)
     config = build_config(config_class, fields, args)
