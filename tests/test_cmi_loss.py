@@ -1898,19 +1898,13 @@ def test_documented_defaults_and_given_options_reach_the_checks(monkeypatch):
     import importlib
 
     loss_module = importlib.import_module("cmi_fused.loss")
-    recorded = []
-    real_check_inputs = loss_module.check_inputs
-
-    def recording(*args, **kwargs):
-        recorded.append(kwargs)
-        return real_check_inputs(*args, **kwargs)
-
-    monkeypatch.setattr(loss_module, "check_inputs", recording)
+    check_inputs = mock.Mock(wraps=loss_module.check_inputs)
+    monkeypatch.setattr(loss_module, "check_inputs", check_inputs)
     features, labels = torch.randn(6, 5, device=DEVICE), torch.tensor([0, 1, 2, 0, 1, 2], device=DEVICE)
     cmi_loss(features, labels, 3, backend="torch")
-    assert recorded[-1] == dict(
+    assert check_inputs.call_args.kwargs == dict(
         temperature=1.0, reduction="mean", eps=1e-12, backend="torch", deterministic=None, check_labels=None
     )
     given = dict(temperature=2.0, reduction="none", eps=1e-6, backend="torch", deterministic=False, check_labels=True)
     cmi_loss(features, labels, 3, **given)
-    assert recorded[-1] == given
+    assert check_inputs.call_args.kwargs == given

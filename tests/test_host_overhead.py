@@ -4,6 +4,7 @@ times themselves are not checked."""
 
 import json
 import time
+from unittest import mock
 
 import pytest
 import torch
@@ -27,6 +28,19 @@ def test_stub_counts_every_launch_of_a_step_and_is_undone():
         assert launches == {"cmi_forward_kernel": 3, "cmi_backward_kernel": 2, "cmi_log_centroids_kernel": 2}
     assert (programs, interpreted) == (kernels.cmi.INTERPRETER_PROGRAMS, kernels.cmi.KERNELS_INTERPRETED)
     assert {name: getattr(kernels.cmi, name) for name in KERNELS} == real_kernels
+
+
+def loss_fns_recording(record):
+    """A stand-in for ``make_loss_fn``: each loss calls ``record(provider, features, centroids)``, then sums."""
+
+    def make_loss_fn(provider, num_classes):
+        def loss(features, labels, centroids):
+            record(provider, features, centroids)
+            return features.float().sum()
+
+        return loss
+
+    return make_loss_fn
 
 
 def test_runs_where_the_interpreter_rejects_the_numpy(monkeypatch):
@@ -82,14 +96,10 @@ def test_every_step_starts_without_a_gradient(monkeypatch):
     """As python -m bench's step: a gradient left from the step before would add an accumulating add to the time."""
     starts_clear = []
 
-    def recording_loss_fn(provider, num_classes):
-        def loss(features, labels, centroids):
-            starts_clear.append(features.grad is None)
-            return features.float().sum()
+    def record(provider, features, centroids):
+        starts_clear.append(features.grad is None)
 
-        return loss
-
-    monkeypatch.setattr(bench.host_overhead, "make_loss_fn", recording_loss_fn)
+    monkeypatch.setattr(bench.host_overhead, "make_loss_fn", loss_fns_recording(record))
     for step in steps(4, 8, 2, torch.float32).values():
         step()
         step()
@@ -103,14 +113,10 @@ def test_each_step_runs_its_provider_in_its_mode_and_dtype(monkeypatch, dtype):
     features of the asked dtype."""
     seen = {}
 
-    def recording_loss_fn(provider, num_classes):
-        def loss(features, labels, centroids):
-            seen.setdefault(provider, []).append((centroids is None, features.dtype, tuple(features.shape)))
-            return features.float().sum()
+    def record(provider, features, centroids):
+        seen.setdefault(provider, []).append((centroids is None, features.dtype, tuple(features.shape)))
 
-        return loss
-
-    monkeypatch.setattr(bench.host_overhead, "make_loss_fn", recording_loss_fn)
+    monkeypatch.setattr(bench.host_overhead, "make_loss_fn", loss_fns_recording(record))
     step_fns = steps(4, 8, 2, dtype)
     for name in ("fused fixed", "fused batch", "eager fixed"):
         step_fns[name]()
@@ -120,20 +126,16 @@ def test_each_step_runs_its_provider_in_its_mode_and_dtype(monkeypatch, dtype):
 def test_cli_defaults_are_the_issues_32x768_bf16_step_on_an_h100_grid(tmp_path, monkeypatch):
     """Without options it times issue 3's 32x768 C=2 bf16 step with the grid of an H100 SXM (132 SMs), as
     gpu_session.sh runs it; --sms reaches the stub."""
-    stubbed = []
-    real_stub = bench.host_overhead.launches_stubbed
-
-    def recording_stub(sms):
-        stubbed.append(sms)
-        return real_stub(sms)
-
-    monkeypatch.setattr(bench.host_overhead, "launches_stubbed", recording_stub)
+    stub = mock.Mock(wraps=bench.host_overhead.launches_stubbed)
+    monkeypatch.setattr(bench.host_overhead, "launches_stubbed", stub)
     out = tmp_path / "host.json"
     main(["--rounds", "1", "--iters", "1", "--json", str(out)])
     written = json.loads(out.read_text())
-    assert written["shape"] == "32x768 C=2 bfloat16" and written["sms"] == 132 and stubbed == [132]
+    assert (
+        written["shape"] == "32x768 C=2 bfloat16" and written["sms"] == 132 and stub.call_args_list == [mock.call(132)]
+    )
     main(["--rows", "4", "--dim", "8", "--sms", "8", "--rounds", "1", "--iters", "1"])
-    assert stubbed == [132, 8]
+    assert stub.call_args_list == [mock.call(132), mock.call(8)]
 
 
 def test_measure_rotates_the_order_each_round():

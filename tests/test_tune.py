@@ -3,6 +3,7 @@ CPU smoke run writes a row per variant, round and pass. The timings themselves a
 
 import json
 import os
+from unittest import mock
 
 import pytest
 import torch
@@ -145,19 +146,14 @@ def test_tune_always_measures_main_and_rotates_the_order(tmp_path, monkeypatch):
 
 
 def test_tune_measures_the_fused_op_with_the_variants_deterministic(monkeypatch):
-    kwargs = []
-    real = tune.cmi_loss
-
-    def recording_cmi_loss(*args, **kw):
-        kwargs.append(kw)
-        return real(*args, **kw)
-
-    monkeypatch.setattr(tune, "cmi_loss", recording_cmi_loss)
+    cmi_loss = mock.Mock(wraps=tune.cmi_loss)
+    monkeypatch.setattr(tune, "cmi_loss", cmi_loss)
     # the device tune runs on: the fused op takes CPU tensors only in the interpreter, which a GPU host does not set
     shape, device = cmi_op.Shape(8, 40, 3, "fp32"), torch.device("cuda" if torch.cuda.is_available() else "cpu")
     inputs = cmi_op.make_inputs(shape, "fixed", 1, device, torch.Generator(device=device).manual_seed(0))
     budget = cmi_op.Budget.quick()
     assert tune.measure(tune.VARIANTS_BY_NAME["atomics"], shape, "fwd", "wall", inputs, device, budget) > 0
+    kwargs = [call.kwargs for call in cmi_loss.call_args_list]
     assert kwargs and all(kw["deterministic"] is False and kw["backend"] == "triton" for kw in kwargs)
 
 
